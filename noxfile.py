@@ -1,0 +1,24 @@
+"""Test sessions. Each engine adapter is tested in its own virtual environment (their pins conflict).
+
+    pip install nox && nox            # every suite, as CI runs it
+    nox -s core                       # one suite
+    nox -R -s core                    # reuse an existing environment
+"""
+
+from __future__ import annotations
+
+import nox
+
+nox.options.sessions = ["core"]
+nox.options.error_on_missing_interpreters = True
+
+PYTHON = "3.11"
+TORCH = "torch==2.13.0"  # installed first: a bare torch requirement would pull a CUDA build
+
+
+@nox.session(python=PYTHON)
+def core(session: nox.Session) -> None:
+    """The core package, analysis, baselines, distributed (gloo) and the demo's quick mode."""
+    session.install(TORCH)
+    session.install("-e", ".[test,analysis,demo]")
+    session.run("pytest", "tests/core", *session.posargs)
