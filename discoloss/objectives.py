@@ -1,0 +1,308 @@
+"""Discriminative objectives of DisCO and their per-response weights.
+
+Per question q with positives P_q (reward > threshold) and negatives N_q (arXiv 2505.12366,
+eq. 8 and 10)::
+
+    DisCO-b:  J_q = mean_{i in P_q} s_i - mean_{j in N_q} s_j
+    DisCO:    J_q = mean_{i in P_q} s_i - tau * log( mean_{j in N_q} exp(s_j / tau) )
+
+J = sum_q J_q / G, where G counts all distinct questions of the batch (``normalize="all"``, as
+the published code does) or only those with both a positive and a negative (``"valid"``).
+Questions without a positive or without a negative contribute 0.
+
+The gradient is a per-response weighted sum of score gradients (DESIGN.md section 2),
+grad J = sum_i w_i grad s_i, with::
+
+    w_i = 1 / (|P_q| G)                               i in P_q
+    w_j = -1 / (|N_q| G)                              j in N_q, DisCO-b
+    w_j = -softmax_{k in N_q}(s_k / tau)_j / G        j in N_q, DisCO
+
+All group operations are index/scatter ops over buffers of size B: ragged groups in any order,
+no Python loop, no sort-and-view, no host sync.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import torch
+from torch import Tensor
+
+from discoloss._checks import (
+    Check,
+    check_batch,
+    check_device,
+    check_number,
+    check_option,
+    check_tensor,
+    first_index,
+    raise_if_failed,
+)
+from discoloss._types import NORMALIZES, OBJECTIVES, Normalize, Objective
+
+__all__ = ["discriminative_objective", "discriminative_weights"]
+
+
+class GroupIndex(NamedTuple):
+    """Dense group ids.
+
+    dense: (B,) int64 in [0, num_groups); equal group ids map to equal dense ids.
+    num_groups: 0-d int64 tensor, the number of distinct group ids (never a Python int, so
+      computing it needs no host sync).
+    """
+
+    dense: Tensor
+    num_groups: Tensor
+
+
+def dense_group_ids(group_ids: Tensor) -> GroupIndex:
+    """Map arbitrary integer group ids to dense ids without a host sync.
+
+    Sort the ids, flag where the sorted id changes, cumsum the flags, scatter back.
+    """
+    sorted_ids, order = torch.sort(group_ids)
+    new = torch.ones_like(sorted_ids, dtype=torch.bool)
+    new[1:] = sorted_ids[1:] != sorted_ids[:-1]
+    dense_sorted = torch.cumsum(new, 0) - 1
+    dense = torch.empty_like(dense_sorted).scatter_(0, order, dense_sorted)
+    return GroupIndex(dense, new.sum())
+
+
+class DiscriminativeTerms(NamedTuple):
+    """Everything computed from the scores' group structure.
+
+    objective: 0-d J (differentiable wrt the scores).
+    weights: (B,) dJ/ds, detached.
+    per_group: (B,) J_q for dense group q (0 for unused slots and groups without signal).
+    n_pos, n_neg: (B,) per-group counts of positives / negatives.
+    valid: (B,) per-group flag: has both a positive and a negative.
+    num_groups, num_valid: 0-d counts; denom: 0-d normaliser G (float).
+    effective_negatives: 0-d, mean over groups with signal of 1 / sum_j q_j^2, where q are the
+      normalised weights on the group's negatives (|N_q| for DisCO-b).
+    """
+
+    objective: Tensor
+    weights: Tensor
+    per_group: Tensor
+    n_pos: Tensor
+    n_neg: Tensor
+    valid: Tensor
+    num_groups: Tensor
+    num_valid: Tensor
+    denom: Tensor
+    effective_negatives: Tensor
+
+
+def discriminative_terms(
+    scores: Tensor,
+    positive: Tensor,
+    index: GroupIndex,
+    *,
+    objective: str,
+    tau: float,
+    normalize: str,
+    num_groups: Tensor | None = None,
+) -> DiscriminativeTerms:
+    """Core of the objective; inputs already validated.
+
+    ``num_groups`` overrides G (for ``normalize="all"``) with a count from a larger batch, so
+    that pieces of a batch add up to the batch objective.
+    """
+    f = scores.dtype
+    dense = index.dense
+    b = scores.shape[0]
+    negative = ~positive
+    zeros = torch.zeros(b, dtype=f, device=scores.device)
+    n_pos = zeros.index_add(0, dense, positive.to(f))
+    n_neg = zeros.index_add(0, dense, negative.to(f))
+    valid = (n_pos > 0) & (n_neg > 0)
+    valid_r = valid[dense]
+    inv_pos = 1.0 / n_pos.clamp_min(1.0)
+    inv_neg = 1.0 / n_neg.clamp_min(1.0)
+    mean_pos = zeros.index_add(0, dense, torch.where(positive, scores, 0.0)) * inv_pos
+
+    if objective == "disco_b":
+        neg_term = zeros.index_add(0, dense, torch.where(negative, scores, 0.0)) * inv_neg
+        q = torch.where(negative, inv_neg[dense], 0.0)
+    else:
+        z = scores / tau
+        # Shift by the per-group max over negatives. The shift cancels exactly in the value and
+        # the gradient, so it is detached.
+        zmax = torch.full((b,), -math.inf, dtype=f, device=scores.device).scatter_reduce(
+            0, dense, torch.where(negative, z.detach(), -math.inf), "amax", include_self=True
+        )
+        zmax = torch.where(n_neg > 0, zmax, 0.0)
+        # exp of -inf (positives) is 0 with zero gradient; no inf * 0 in the backward pass.
+        e = torch.exp(torch.where(negative, z - zmax[dense], -math.inf))
+        s = zeros.index_add(0, dense, e)
+        s_safe = torch.where(n_neg > 0, s, 1.0)
+        neg_term = tau * (zmax + torch.log(s_safe * inv_neg))
+        q = (e / s_safe[dense]).detach()
+
+    per_group = torch.where(valid, mean_pos - neg_term, 0.0)
+    num_valid = valid.sum()
+    if normalize == "valid":
+        count = num_valid
+    else:
+        count = index.num_groups if num_groups is None else num_groups
+    denom = count.to(f).clamp_min(1.0)
+    obj = per_group.sum() / denom
+
+    w = torch.where(positive, inv_pos[dense], -q)
+    weights = (torch.where(valid_r, w, 0.0) / denom).detach()
+    sq = zeros.index_add(0, dense, q * q)
+    ess = torch.where(valid, 1.0 / sq.clamp_min(torch.finfo(f).tiny), 0.0).sum()
+    effective_negatives = (ess / num_valid.clamp_min(1).to(f)).detach()
+    return DiscriminativeTerms(
+        objective=obj,
+        weights=weights,
+        per_group=per_group,
+        n_pos=n_pos,
+        n_neg=n_neg,
+        valid=valid,
+        num_groups=index.num_groups,
+        num_valid=num_valid,
+        denom=denom,
+        effective_negatives=effective_negatives,
+    )
+
+
+def check_response_inputs(
+    rewards: Tensor, group_ids: Tensor, batch: tuple[str, Tensor]
+) -> None:
+    """Metadata checks of rewards and group ids against a (B, ...) tensor named ``batch[0]``."""
+    check_tensor("rewards", rewards, ndim=1, kind="real")
+    check_tensor("group_ids", group_ids, ndim=1, kind="int")
+    names = (batch[0], "rewards", "group_ids")
+    tensors = (batch[1], rewards, group_ids)
+    check_batch(names, tensors)
+    check_device(names, tensors)
+
+
+def reward_checks(rewards: Tensor) -> list[Check]:
+    if not rewards.dtype.is_floating_point:
+        return []
+    return [
+        (
+            rewards.isfinite().all(),
+            lambda: f"rewards: non-finite value {rewards[first_index(~rewards.isfinite())].item()!r}"
+            f" at response {first_index(~rewards.isfinite())}; every reward must be finite to be "
+            "labelled positive or negative",
+        )
+    ]
+
+
+def check_objective_options(objective: str, tau: float, threshold: float, normalize: str) -> tuple[
+    float, float
+]:
+    check_option("objective", objective, OBJECTIVES)
+    check_option("normalize", normalize, NORMALIZES)
+    tau = check_number("tau", tau, positive=True)
+    threshold = check_number("threshold", threshold)
+    return tau, threshold
+
+
+def _prepare(
+    scores: Tensor,
+    rewards: Tensor,
+    group_ids: Tensor,
+    objective: str,
+    tau: float,
+    threshold: float,
+    normalize: str,
+    validate: bool,
+) -> DiscriminativeTerms:
+    tau, threshold = check_objective_options(objective, tau, threshold, normalize)
+    check_tensor("scores", scores, ndim=1, kind="float")
+    check_response_inputs(rewards, group_ids, ("scores", scores))
+    if validate:
+        checks = reward_checks(rewards)
+        sd = scores.detach()
+        checks.append(
+            (
+                sd.isfinite().all(),
+                lambda: f"scores: non-finite value at response {first_index(~sd.isfinite())}",
+            )
+        )
+        raise_if_failed(checks)
+    s = scores if scores.dtype == torch.float64 else scores.float()
+    return discriminative_terms(
+        s,
+        rewards > threshold,
+        dense_group_ids(group_ids),
+        objective=objective,
+        tau=tau,
+        normalize=normalize,
+    )
+
+
+def discriminative_objective(
+    scores: Tensor,
+    rewards: Tensor,
+    group_ids: Tensor,
+    *,
+    objective: Objective = "disco",
+    tau: float = 10.0,
+    threshold: float = 0.5,
+    normalize: Normalize = "all",
+    validate: bool = True,
+) -> Tensor:
+    r"""DisCO's discriminative objective J (to be maximised), arXiv 2505.12366 eq. 8 / 10.
+
+    .. math::
+
+        J = \frac{1}{G}\sum_q \Big[\frac{1}{|P_q|}\sum_{i\in P_q} s_i
+            - \tau \log\frac{1}{|N_q|}\sum_{j\in N_q} e^{s_j/\tau}\Big]
+        \quad(\text{DisCO}),\qquad
+        J = \frac{1}{G}\sum_q \Big[\overline{s}_{P_q} - \overline{s}_{N_q}\Big]
+        \quad(\text{DisCO-b})
+
+    The log-mean-exp is computed exactly and stably (shifted by the per-group max), so the
+    returned value is the objective itself.
+
+    Args:
+      scores: (B,) sequence scores (e.g. from :func:`sequence_scores`), differentiable.
+      rewards: (B,) rewards; a response is positive iff reward > ``threshold``.
+      group_ids: (B,) integer tensor: the question each response answers. Any order, any
+        values, any group sizes.
+      objective: ``"disco"`` (log-mean-exp over negatives) or ``"disco_b"`` (mean).
+      tau: temperature of the log-mean-exp, > 0 (unused by ``"disco_b"``).
+      threshold: reward threshold of the positive label.
+      normalize: ``"all"`` divides by the number of distinct groups, ``"valid"`` by the number
+        of groups with at least one positive and one negative.
+      validate: check values (one host sync).
+
+    Returns:
+      0-d tensor J, float32 (float64 for float64 scores).
+    """
+    return _prepare(scores, rewards, group_ids, objective, tau, threshold, normalize, validate)[0]
+
+
+def discriminative_weights(
+    scores: Tensor,
+    rewards: Tensor,
+    group_ids: Tensor,
+    *,
+    objective: Objective = "disco",
+    tau: float = 10.0,
+    threshold: float = 0.5,
+    normalize: Normalize = "all",
+    validate: bool = True,
+) -> Tensor:
+    r"""Per-response discriminative weights :math:`w = \partial J / \partial s` (no gradient).
+
+    .. math::
+
+        w_i = \frac{1}{|P_q|\,G}\ (i\in P_q),\qquad
+        w_j = -\frac{1}{G}\,\frac{e^{s_j/\tau}}{\sum_{k\in N_q} e^{s_k/\tau}}\ (j\in N_q,
+        \text{DisCO}),\qquad w_j = -\frac{1}{|N_q|\,G}\ (\text{DisCO-b})
+
+    and 0 for responses of questions without signal. Per question with signal the positive
+    weights sum to +1/G and the negative ones to -1/G: no difficulty bias. Given w, any subset
+    of the responses contributes ``(w * s).sum()`` to the gradient of J, which is how DisCO is
+    split across micro-batches (see :mod:`discoloss.accumulation`).
+
+    Same arguments as :func:`discriminative_objective`. Returns a (B,) detached tensor.
+    """
+    return _prepare(scores, rewards, group_ids, objective, tau, threshold, normalize, validate)[1]

@@ -1,0 +1,249 @@
+"""Sequence scores: length-normalised token means of the current policy's log-probs.
+
+DisCO (arXiv 2505.12366, section 3) scores a response o of length |o| with a non-clipping
+function of the current policy pi_theta::
+
+    log_likelihood:    s(o) = (1/|o|) * sum_t log pi_theta(o_t | q, o_<t)
+    likelihood_ratio:  s(o) = (1/|o|) * sum_t pi_theta(o_t | q, o_<t) / pi_old(o_t | q, o_<t)
+
+Everything the loss needs from the (B, T) token tensors is a handful of per-response sums, so
+the token tensors are read once and reduced at once (DESIGN.md section 7). The private
+``token_sums`` computes them with a custom autograd function whose backward writes the gradient
+with a single (B, T) allocation.
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import torch
+from torch import Tensor
+
+from discoloss._checks import (
+    Check,
+    check_batch,
+    check_device,
+    check_option,
+    check_same_shape,
+    check_tensor,
+    first_index,
+    raise_if_failed,
+)
+from discoloss._types import SCORES, Score
+
+__all__ = ["sequence_scores"]
+
+
+def _accum_dtype(dtype: torch.dtype) -> torch.dtype:
+    """float64 stays float64 (for gradcheck); everything else is reduced in float32."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+class TokenSums(NamedTuple):
+    """Per-response reductions of the token tensors, each of shape (B,).
+
+    lengths:  number of response tokens |o_i| (no gradient).
+    log_prob: sum_t m_t * log_probs (differentiable wrt log_probs).
+    old_log_prob: sum_t m_t * old_log_probs (no gradient).
+    expm1_log_ratio: sum_t m_t * (exp(log_probs - old_log_probs) - 1), or None when neither the
+        likelihood-ratio score nor the k3 estimator needs it (saves the most expensive pass).
+    """
+
+    lengths: Tensor
+    log_prob: Tensor
+    old_log_prob: Tensor
+    expm1_log_ratio: Tensor | None
+
+
+class _MaskedTokenSums(torch.autograd.Function):
+    """(log_probs, old_log_probs, mask) -> (sum m*lp, sum m*old, sum m*expm1(lp - old)).
+
+    Padding positions (mask False) may hold anything, inf and nan included: they are excluded
+    with ``where`` (never multiplied by 0) and receive exactly zero gradient.
+    """
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: Any, log_probs: Tensor, old_log_probs: Tensor, mask: Tensor, need_ratio: bool
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        acc = _accum_dtype(log_probs.dtype)
+        zero = torch.zeros((), dtype=log_probs.dtype, device=log_probs.device)
+        s_lp = torch.where(mask, log_probs, zero).sum(-1, dtype=acc)
+        zero_old = torch.zeros((), dtype=old_log_probs.dtype, device=old_log_probs.device)
+        s_old = torch.where(mask, old_log_probs, zero_old).sum(-1, dtype=acc)
+        if need_ratio:
+            d = log_probs.to(acc) - old_log_probs.to(acc)
+            torch.expm1(d, out=d)
+            d.masked_fill_(~mask, 0.0)
+            s_e = d.sum(-1)
+            del d
+        else:
+            s_e = s_lp.new_zeros(s_lp.shape)
+        ctx.need_ratio = need_ratio
+        ctx.lp_dtype = log_probs.dtype
+        if need_ratio:
+            ctx.save_for_backward(log_probs, old_log_probs, mask)
+        else:
+            ctx.save_for_backward(mask)
+        ctx.mark_non_differentiable(s_old)
+        return s_lp, s_old, s_e
+
+    @staticmethod
+    def backward(  # type: ignore[override]
+        ctx: Any, g_lp: Tensor | None, g_old: Tensor | None, g_e: Tensor | None
+    ) -> tuple[Tensor | None, None, None, None]:
+        if not ctx.needs_input_grad[0]:
+            return None, None, None, None
+        if ctx.need_ratio:
+            log_probs, old_log_probs, mask = ctx.saved_tensors
+        else:
+            (mask,) = ctx.saved_tensors
+        dtype = ctx.lp_dtype
+        if ctx.need_ratio and g_e is not None:
+            acc = _accum_dtype(dtype)
+            t = log_probs.to(acc) - old_log_probs.to(acc)
+            t.exp_()
+            t.mul_(g_e.to(acc).unsqueeze(-1))
+            if g_lp is not None:
+                t.add_(g_lp.to(acc).unsqueeze(-1))
+            grad = torch.where(mask, t.to(dtype), torch.zeros((), dtype=dtype, device=t.device))
+        else:
+            if g_lp is None:
+                return None, None, None, None
+            coef = g_lp.to(dtype).unsqueeze(-1)
+            grad = torch.where(mask, coef, torch.zeros((), dtype=dtype, device=coef.device))
+        return grad, None, None, None
+
+
+def as_bool_mask(mask: Tensor) -> Tensor:
+    return mask if mask.dtype == torch.bool else mask != 0
+
+
+def check_token_inputs(
+    log_probs: Tensor, old_log_probs: Tensor | None, mask: Tensor
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Metadata checks of the (B, T) inputs; returns (log_probs, old_log_probs, mask)."""
+    check_tensor("log_probs", log_probs, ndim=2, kind="float")
+    if old_log_probs is None:
+        old_log_probs = log_probs.detach()
+    check_tensor("old_log_probs", old_log_probs, ndim=2, kind="float")
+    check_tensor("mask", mask, ndim=2, kind="mask")
+    names = ("log_probs", "old_log_probs", "mask")
+    check_same_shape(names, (log_probs, old_log_probs, mask))
+    check_device(names, (log_probs, old_log_probs, mask))
+    check_batch(names, (log_probs, old_log_probs, mask))
+    if log_probs.shape[1] == 0:
+        raise ValueError("log_probs has 0 token positions (shape (B, 0)); responses cannot be empty")
+    return log_probs, old_log_probs, mask
+
+
+def token_sums(
+    log_probs: Tensor,
+    old_log_probs: Tensor,
+    mask: Tensor,
+    *,
+    need_ratio: bool,
+    validate: bool,
+) -> tuple[TokenSums, list[Check]]:
+    """Reduce the token tensors to per-response sums (inputs already metadata-checked).
+
+    Returns the sums and the value checks to run (empty when ``validate`` is False), so that
+    the caller can evaluate all of its checks with one host sync.
+    """
+    bmask = as_bool_mask(mask)
+    acc = _accum_dtype(log_probs.dtype)
+    lengths = bmask.sum(-1, dtype=acc)
+    s_lp, s_old, s_e = _MaskedTokenSums.apply(
+        log_probs, old_log_probs.detach(), bmask, need_ratio
+    )
+    sums = TokenSums(lengths, s_lp, s_old, s_e if need_ratio else None)
+    checks: list[Check] = []
+    if validate:
+        if mask.dtype != torch.bool:
+            checks.append(
+                (
+                    ((mask == 0) | (mask == 1)).all(),
+                    lambda: "mask must hold only 0 and 1 (or be a bool tensor); found other values",
+                )
+            )
+        checks.append(
+            (
+                (lengths > 0).all(),
+                lambda: f"mask: response {first_index(lengths == 0)} has no response token; "
+                "every response needs at least one",
+            )
+        )
+        checks.append(
+            (
+                s_lp.detach().isfinite().all(),
+                lambda: "log_probs: non-finite value at a response token of response "
+                f"{first_index(~s_lp.detach().isfinite())}",
+            )
+        )
+        checks.append(
+            (
+                s_old.isfinite().all(),
+                lambda: "old_log_probs: non-finite value at a response token of response "
+                f"{first_index(~s_old.isfinite())}",
+            )
+        )
+        if need_ratio:
+            se = s_e.detach()
+            checks.append(
+                (
+                    se.isfinite().all(),
+                    lambda: "exp(log_probs - old_log_probs) overflows at a response token of "
+                    f"response {first_index(~se.isfinite())}: the likelihood ratio is too large "
+                    "to represent",
+                )
+            )
+    return sums, checks
+
+
+def scores_from_sums(sums: TokenSums, score: str) -> Tensor:
+    """(B,) sequence scores from the per-response sums (float32, or float64 for float64 input)."""
+    lengths = sums.lengths.clamp_min(1.0)  # an empty response is an error under validation
+    if score == "log_likelihood":
+        return sums.log_prob / lengths
+    assert sums.expm1_log_ratio is not None
+    return 1.0 + sums.expm1_log_ratio / lengths
+
+
+def sequence_scores(
+    log_probs: Tensor,
+    old_log_probs: Tensor | None,
+    mask: Tensor,
+    *,
+    score: Score = "log_likelihood",
+    validate: bool = True,
+) -> Tensor:
+    r"""Length-normalised sequence scores of DisCO (arXiv 2505.12366, eq. 6 and 7).
+
+    .. math::
+
+        s_{ll}(o) = \frac{1}{|o|}\sum_t \log\pi_\theta(o_t\mid q, o_{<t}), \qquad
+        s_{lr}(o) = \frac{1}{|o|}\sum_t \frac{\pi_\theta(o_t\mid q, o_{<t})}
+                                             {\pi_{old}(o_t\mid q, o_{<t})}
+
+    Args:
+      log_probs: (B, T) token log-probs under the current policy (differentiable).
+      old_log_probs: (B, T) token log-probs under the sampling policy (never differentiated).
+        May be None for ``score="log_likelihood"``, which does not use it.
+      mask: (B, T) bool or 0/1 tensor, True at response tokens. Padding positions may hold any
+        value (inf and nan included): they are ignored and get zero gradient.
+      score: ``"log_likelihood"`` or ``"likelihood_ratio"``.
+      validate: check values (one host sync); metadata is always checked.
+
+    Returns:
+      (B,) scores, float32 (float64 for float64 inputs). Half-precision inputs are reduced in
+      float32.
+    """
+    check_option("score", score, SCORES)
+    if old_log_probs is None and score != "log_likelihood":
+        raise ValueError(f"old_log_probs is required for score={score!r}")
+    log_probs, old_log_probs, mask = check_token_inputs(log_probs, old_log_probs, mask)
+    sums, checks = token_sums(
+        log_probs, old_log_probs, mask, need_ratio=score == "likelihood_ratio", validate=validate
+    )
+    raise_if_failed(checks)
+    return scores_from_sums(sums, score)
