@@ -1,0 +1,120 @@
+"""Smoke test of the benchmark suite: imports, argument parsing, and that the reference-style
+published loss it measures against computes what DisCO computes. Nothing here is timed.
+
+What must agree between ``benchmarks.reference.reference_disco_loss`` (the published code's
+pattern) and ``discoloss.disco_loss(normalize="all", kl_estimator="k1")`` on binary rewards and
+equal group sizes:
+
+* the gradient with respect to log_probs (up to the published ``E / (E.detach() + eps)`` factor,
+  E >= 1 after the max shift, so to ~eps relative), for both scores and both objectives;
+* the KL value;
+* DisCO-b: the objective value;
+* DisCO: the objective values differ by exactly the DRO term the published code replaces by a
+  constant, J_ref = J + (1/Q) sum_{q with signal} (tau * log mean_{N_q} exp(s/tau) - tau);
+* the penalty values differ by design: reference max(beta (kl - delta), 0) * kl, ours
+  beta/2 * max(kl - delta, 0)^2 (same gradient).
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from benchmarks.measure import floor_bytes, make_inputs
+from benchmarks.reference import reference_disco_loss
+from benchmarks.run import parse_args, tables_markdown, target_lines, Row
+from discoloss import disco_loss, sequence_scores
+
+GROUP = 8
+
+
+def _batch(seed: int, *, kl_shift: float) -> tuple[torch.Tensor, ...]:
+    g = torch.Generator().manual_seed(seed)
+    q, t = 6, 37
+    b = q * GROUP
+    lengths = torch.randint(1, t + 1, (b,), generator=g)
+    mask = torch.arange(t) < lengths[:, None]
+    lp = -2.0 * torch.rand(b, t, generator=g, dtype=torch.float64)
+    old = lp + kl_shift + 0.1 * torch.randn(b, t, generator=g, dtype=torch.float64)
+    lp = torch.where(mask, lp, 0.0)
+    rewards = (torch.rand(b, generator=g) < 0.5).double()
+    ids = torch.arange(b) // GROUP
+    rewards[ids == 0] = 1.0  # a question without a negative
+    rewards[ids == 1] = 0.0  # a question without a positive
+    perm = torch.randperm(b, generator=g)
+    return lp[perm], old[perm], mask[perm], rewards[perm], (ids * 7 + 3)[perm]
+
+
+def _dro_gap(scores: torch.Tensor, rewards: torch.Tensor, ids: torch.Tensor, tau: float) -> float:
+    """(1/Q) sum over questions with signal of tau * log mean_{N_q} exp(s/tau) - tau, by loop."""
+    total, questions = 0.0, ids.unique().tolist()
+    for q in questions:
+        sel = ids == q
+        r, s = rewards[sel], scores[sel]
+        if (r == 1).any() and (r == 0).any():
+            neg = s[r == 0].tolist()
+            total += tau * math.log(sum(math.exp(x / tau) for x in neg) / len(neg)) - tau
+    return total / len(questions)
+
+
+@pytest.mark.parametrize("objective", ["disco", "disco_b"])
+@pytest.mark.parametrize("score", ["log_likelihood", "likelihood_ratio"])
+@pytest.mark.parametrize("kl_shift", [0.05, -0.05])  # penalty active / inactive
+def test_reference_matches_disco_loss(objective: str, score: str, kl_shift: float) -> None:
+    lp, old, mask, rewards, ids = _batch(1, kl_shift=kl_shift)
+    x_ref = lp.clone().requires_grad_(True)
+    ref = reference_disco_loss(
+        x_ref, old, mask.double(), rewards, ids, group_size=GROUP, score=score, objective=objective  # type: ignore[arg-type]
+    )
+    ref.loss.backward()
+    x = lp.clone().requires_grad_(True)
+    out = disco_loss(x, old, mask, rewards, ids, score=score, objective=objective)  # type: ignore[arg-type]
+    out.loss.backward()
+
+    assert x.grad is not None and x_ref.grad is not None
+    assert x.grad.abs().max() > 0
+    torch.testing.assert_close(x_ref.grad, x.grad, rtol=1e-7, atol=1e-12)
+    torch.testing.assert_close(ref.kl, out.kl, rtol=1e-9, atol=1e-12)  # 1e-8 in its denominator
+    assert (out.kl > 1e-4) == (kl_shift > 0)
+
+    tau = 10.0 if score == "log_likelihood" else 1.0
+    if objective == "disco_b":
+        torch.testing.assert_close(ref.objective, out.objective, rtol=1e-7, atol=1e-8)
+    else:
+        s = sequence_scores(lp, old, mask, score=score)  # type: ignore[arg-type]
+        gap = _dro_gap(s, rewards, ids, tau)
+        assert abs(gap) > 1e-3  # the two values really differ
+        torch.testing.assert_close(
+            ref.objective.item(), out.objective.item() + gap, rtol=1e-7, atol=1e-9
+        )
+    kl = out.kl.item()
+    ref_penalty = max(1e3 * (kl - 1e-4), 0.0) * kl
+    torch.testing.assert_close(ref.loss.item(), -ref.objective.item() + ref_penalty)
+    torch.testing.assert_close(out.penalty.item(), 0.5 * 1e3 * max(kl - 1e-4, 0.0) ** 2)
+
+
+def test_benchmark_inputs_and_report() -> None:
+    x = make_inputs(16, 32, dtype=torch.float32, device=torch.device("cpu"), seed=3)
+    assert x.log_probs.shape == (16, 32) and x.log_probs.requires_grad
+    assert x.mask.dtype == torch.bool and bool(x.mask.any(-1).all())
+    assert torch.equal(x.mask_float.bool(), x.mask)
+    assert torch.bincount(x.group_ids).tolist() == [8, 8]
+    assert set(x.rewards.tolist()) <= {0.0, 1.0}
+    out = disco_loss(x.log_probs, x.old_log_probs, x.mask, x.rewards, x.group_ids)
+    assert out.kl.item() > 1e-4  # the penalty path is exercised
+    assert floor_bytes(16, 32, torch.float32) == 16 * 32 * 13
+
+    args = parse_args(["--quick", "--dtypes", "float32", "--methods", "disco,reference"])
+    assert args.sizes and args.min_rounds >= 1
+    row = Row(device="cpu", dtype="float32", batch=1024, tokens=4096, rounds=3)
+    row.time_ms = {"disco": 1.0, "reference": 4.0}
+    row.ratio = {"reference": 0.25}
+    row.peak_mib = {"disco": 16.0, "reference": 64.0}
+    row.floor_ms = 0.5
+    table = tables_markdown([row], ["disco", "reference"])
+    assert "| 1024 | 4096 |" in table and "0.25" in table
+    assert any("MET" in line for line in target_lines([row]))
+    with pytest.raises(SystemExit):
+        parse_args(["--dtypes", "float8"])
