@@ -118,3 +118,25 @@ def test_benchmark_inputs_and_report() -> None:
     assert any("MET" in line for line in target_lines([row]))
     with pytest.raises(SystemExit):
         parse_args(["--dtypes", "float8"])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
+def test_cpu_zero_padding_is_where_bit_for_bit(dtype: torch.dtype) -> None:
+    """The CPU fast path of the token sums (found by these benchmarks) selects like ``where``."""
+    from discoloss.scores import zero_padding
+
+    g = torch.Generator().manual_seed(0)
+    mask = torch.rand(9, 70, generator=g) < 0.6
+    x = torch.randn(9, 70, generator=g).to(dtype)
+    x[~mask] = torch.tensor([float("nan"), float("inf"), -float("inf"), -0.0, 5.0]).to(dtype)[
+        torch.arange(int((~mask).sum())) % 5
+    ]
+    x[0, 0], mask[0, 0] = -0.0, True  # a kept negative zero stays -0.0
+    zero = torch.zeros((), dtype=dtype)
+    for a, m in ((x, mask), (x.t(), mask.t()), (x[:, :1], mask)):  # strided; (B, 1) broadcast
+        want = torch.where(m, a, zero)
+        got = zero_padding(a, m)
+        reused = zero_padding(a, m, reuse=torch.full_like(want, 7.0))
+        for out in (got, reused):
+            assert out.shape == want.shape and out.dtype == dtype
+            assert torch.equal(out.contiguous().view(torch.uint8), want.contiguous().view(torch.uint8))
