@@ -140,3 +140,43 @@ def test_cpu_zero_padding_is_where_bit_for_bit(dtype: torch.dtype) -> None:
         for out in (got, reused):
             assert out.shape == want.shape and out.dtype == dtype
             assert torch.equal(out.contiguous().view(torch.uint8), want.contiguous().view(torch.uint8))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("block", [64, 1 << 20])
+def test_cpu_blocked_token_sums_match_whole_tensor_ops(
+    dtype: torch.dtype, block: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Blocks of rows give the sums and gradients of whole-tensor ``where`` ops, bit for bit."""
+    import discoloss.scores as scores
+
+    monkeypatch.setattr(scores, "CPU_BLOCK", block)
+    g = torch.Generator().manual_seed(1)
+    b, t = 37, 50  # 64 positions per block: 2-row blocks, the 1-row tail joins the last
+    mask = torch.arange(t) < torch.randint(1, t + 1, (b,), generator=g)[:, None]
+    lp = torch.where(mask, -3 * torch.rand(b, t, generator=g), float("nan")).to(dtype)
+    old = (lp.float() + 0.05 * torch.randn(b, t, generator=g)).to(dtype)
+    zero = torch.zeros((), dtype=dtype)
+    acc = torch.float32
+    for need_ratio in (False, True):
+        x = lp.clone().requires_grad_(True)
+        sums, _ = scores.token_sums(x, old, mask, need_ratio=need_ratio, validate=False)
+        w_lp = torch.randn(b, generator=g)
+        w_e = torch.randn(b, generator=g)
+        total = (w_lp * sums.log_prob).sum()
+        if need_ratio:
+            assert sums.expm1_log_ratio is not None
+            total = total + (w_e * sums.expm1_log_ratio).sum()
+        total.backward()
+        assert x.grad is not None
+        assert torch.equal(sums.lengths, mask.sum(-1).to(acc))
+        assert torch.equal(sums.log_prob, torch.where(mask, lp, zero).sum(-1, dtype=acc))
+        assert torch.equal(sums.old_log_prob, torch.where(mask, old, zero).sum(-1, dtype=acc))
+        if need_ratio:
+            d = torch.expm1(lp.to(acc) - old.to(acc))
+            assert torch.equal(sums.expm1_log_ratio, torch.where(mask, d, 0.0).sum(-1))
+            coef = torch.exp(lp.to(acc) - old.to(acc)) * w_e[:, None] + w_lp[:, None]
+            want = torch.where(mask, coef.to(dtype), zero)
+        else:
+            want = torch.where(mask, w_lp.to(dtype)[:, None], zero)
+        assert torch.equal(x.grad, want)
