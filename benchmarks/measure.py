@@ -107,15 +107,20 @@ def run_fwd_bwd(loss_fn: Callable[[Inputs], Tensor], inputs: Inputs) -> None:
     loss_fn(inputs).backward()
 
 
-def time_call(loss_fn: Callable[[Inputs], Tensor], inputs: Inputs) -> float:
-    """Wall time in seconds of one forward+backward (device work included)."""
+def time_call(loss_fn: Callable[[Inputs], Tensor], inputs: Inputs) -> tuple[float, float]:
+    """(wall, cpu) seconds of one forward+backward, device work included in the wall time.
+
+    cpu is this process's CPU time (all threads, user + system): unlike the wall time it does
+    not grow while other processes hold the cores, so it cross-checks ratios on a busy machine
+    (it does include the threads' spin-waits and the kernel's page-fault work)."""
     device = inputs.log_probs.device
     inputs.log_probs.grad = None
     _sync(device)
+    c0 = time.process_time()
     t0 = time.perf_counter()
     loss_fn(inputs).backward()
     _sync(device)
-    return time.perf_counter() - t0
+    return time.perf_counter() - t0, time.process_time() - c0
 
 
 def _cpu_peak_from_profiler(prof: torch.profiler.profile) -> int:

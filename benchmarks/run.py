@@ -118,6 +118,7 @@ class Row:
     rounds: int = 0
     time_ms: dict[str, float] = field(default_factory=dict)  # median per method
     ratio: dict[str, float] = field(default_factory=dict)  # median of per-round disco/other
+    cpu_ratio: dict[str, float] = field(default_factory=dict)  # the same on process CPU time
     peak_mib: dict[str, float] = field(default_factory=dict)
     floor_ms: float = float("nan")  # floor bytes / measured copy bandwidth
     skipped: str = ""
@@ -164,13 +165,15 @@ def bench_config(
     for name in names:
         row.peak_mib[name] = peak_extra_memory(losses[name], inputs) / MiB
     times: dict[str, list[float]] = {n: [] for n in names}
+    cpu: dict[str, list[float]] = {n: [] for n in names}
     spent = 0.0
     r = 0
     while r < max_rounds and (r < min_rounds or spent < min_time):
         order = names[r % len(names) :] + names[: r % len(names)]
         for name in order:
-            t = time_call(losses[name], inputs)
+            t, c = time_call(losses[name], inputs)
             times[name].append(t)
+            cpu[name].append(c)
             spent += t
         r += 1
     inputs.log_probs.grad = None
@@ -182,6 +185,9 @@ def bench_config(
             if other != "disco":
                 row.ratio[other] = median(
                     [a / b for a, b in zip(times["disco"], times[other], strict=True)]
+                )
+                row.cpu_ratio[other] = median(
+                    [a / max(b, 1e-9) for a, b in zip(cpu["disco"], cpu[other], strict=True)]
                 )
     row.floor_ms = 1e3 * floor_bytes(row.batch, row.tokens, dtype) / bandwidth
 
@@ -203,6 +209,8 @@ def tables_markdown(rows: Sequence[Row], methods: Sequence[str]) -> str:
         head += [f"{m} ms" for m in methods]
         if "disco" in methods:
             head += [f"disco/{m} time" for m in others]
+            if device == "cpu":
+                head += [f"disco/{m} cpu-time" for m in others]
         head += [f"{m} MiB" for m in methods]
         if "disco" in methods:
             head += [f"disco/{m} mem" for m in others]
@@ -222,6 +230,8 @@ def tables_markdown(rows: Sequence[Row], methods: Sequence[str]) -> str:
             cells += [_fmt(r.time_ms.get(m)) for m in methods]
             if "disco" in methods:
                 cells += [_fmt(r.ratio.get(m), ".2f") for m in others]
+                if device == "cpu":
+                    cells += [_fmt(r.cpu_ratio.get(m), ".2f") for m in others]
             cells += [_fmt(r.peak_mib.get(m)) for m in methods]
             if "disco" in methods:
                 d = r.peak_mib.get("disco")
