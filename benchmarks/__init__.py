@@ -1,1 +1,4 @@
-"""Benchmarks of discoloss against the published DisCO loss and GRPO (``python -m benchmarks.run``)."""
+"""Benchmarks of discoloss against the published DisCO loss and GRPO.
+
+python -m benchmarks.run --help
+"""

@@ -164,9 +164,10 @@ def peak_extra_memory(loss_fn: Callable[[Inputs], Tensor], inputs: Inputs) -> in
         _sync(device)
         return torch.cuda.max_memory_allocated(device) - base
     activities = [torch.profiler.ProfilerActivity.CPU]
-    with _quiet_stderr(), torch.profiler.profile(
-        activities=activities, profile_memory=True
-    ) as prof:
+    with (
+        _quiet_stderr(),
+        torch.profiler.profile(activities=activities, profile_memory=True) as prof,
+    ):
         run_fwd_bwd(loss_fn, inputs)
     return _cpu_peak_from_profiler(prof)
 

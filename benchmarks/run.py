@@ -64,7 +64,12 @@ def _disco(score: str) -> Callable[[Inputs], Tensor]:
 
     def f(x: Inputs) -> Tensor:
         return disco_loss(
-            x.log_probs, x.old_log_probs, x.mask, x.rewards, x.group_ids, score=score  # type: ignore[arg-type]
+            x.log_probs,
+            x.old_log_probs,
+            x.mask,
+            x.rewards,
+            x.group_ids,
+            score=score,  # type: ignore[arg-type]
         ).loss
 
     return f
@@ -362,7 +367,7 @@ def plot(rows: Sequence[Row], methods: Sequence[str], path: Path) -> bool:
 
 
 def parse_sizes(text: str) -> list[tuple[int, int]]:
-    """"256x1024,1024x4096" -> [(256, 1024), (1024, 4096)]."""
+    """ "256x1024,1024x4096" -> [(256, 1024), (1024, 4096)]."""
     sizes = []
     for part in text.split(","):
         try:

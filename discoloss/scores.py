@@ -189,7 +189,11 @@ class _MaskedTokenSums(torch.autograd.Function):
 
     @staticmethod
     def backward(  # type: ignore[override]
-        ctx: Any, g_len: Tensor | None, g_lp: Tensor | None, g_old: Tensor | None, g_e: Tensor | None
+        ctx: Any,
+        g_len: Tensor | None,
+        g_lp: Tensor | None,
+        g_old: Tensor | None,
+        g_e: Tensor | None,
     ) -> tuple[Tensor | None, None, None, None]:
         if not ctx.needs_input_grad[0]:
             return None, None, None, None

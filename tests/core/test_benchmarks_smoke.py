@@ -24,7 +24,7 @@ import torch
 
 from benchmarks.measure import floor_bytes, make_inputs
 from benchmarks.reference import reference_disco_loss
-from benchmarks.run import parse_args, tables_markdown, target_lines, Row
+from benchmarks.run import Row, parse_args, tables_markdown, target_lines
 from discoloss import disco_loss, sequence_scores
 
 GROUP = 8
@@ -66,7 +66,14 @@ def test_reference_matches_disco_loss(objective: str, score: str, kl_shift: floa
     lp, old, mask, rewards, ids = _batch(1, kl_shift=kl_shift)
     x_ref = lp.clone().requires_grad_(True)
     ref = reference_disco_loss(
-        x_ref, old, mask.double(), rewards, ids, group_size=GROUP, score=score, objective=objective  # type: ignore[arg-type]
+        x_ref,
+        old,
+        mask.double(),
+        rewards,
+        ids,
+        group_size=GROUP,
+        score=score,
+        objective=objective,  # type: ignore[arg-type]
     )
     ref.loss.backward()
     x = lp.clone().requires_grad_(True)
@@ -139,7 +146,9 @@ def test_cpu_zero_padding_is_where_bit_for_bit(dtype: torch.dtype) -> None:
         reused = zero_padding(a, m, reuse=torch.full_like(want, 7.0))
         for out in (got, reused):
             assert out.shape == want.shape and out.dtype == dtype
-            assert torch.equal(out.contiguous().view(torch.uint8), want.contiguous().view(torch.uint8))
+            assert torch.equal(
+                out.contiguous().view(torch.uint8), want.contiguous().view(torch.uint8)
+            )
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
