@@ -143,9 +143,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if steps
         else "no step column"
     )
-    print(
-        f"source: {', '.join(src['files'][:3])}{' ...' if len(src['files']) > 3 else ''} ({step_txt})"
-    )
+    files = ", ".join(src["files"][:3]) + (" ..." if len(src["files"]) > 3 else "")
+    print(f"source: {files} ({step_txt})")
     print(f"rewards: column {src['columns']['reward']!r}; questions: {src['grouping']}")
     print()
     print(report.to_table(per_question=args.per_question, max_rows=args.max_questions))
