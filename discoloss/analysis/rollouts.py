@@ -64,7 +64,8 @@ def _files(path: Path, step: str | None) -> tuple[list[Path], str | None]:
     if path.is_file():
         return [path], None
     candidates = sorted(
-        p for p in path.iterdir() if p.is_file() and p.suffix.lower() in (".jsonl", ".parquet")
+        (p for p in path.iterdir() if p.is_file() and p.suffix.lower() in (".jsonl", ".parquet")),
+        key=lambda p: (not p.stem.isdigit(), int(p.stem) if p.stem.isdigit() else 0, p.name),
     )
     if not candidates:
         raise RolloutError(f"{path}: directory holds no .jsonl or .parquet file")
