@@ -133,8 +133,10 @@ class DisCOTrainer(GRPOTrainer):
         "id": "2505.12366",
         "citation": textwrap.dedent("""\
             @article{li2025disco,
-                title        = {{DisCO: Reinforcing Large Reasoning Models with Discriminative Constrained Optimization}},
-                author       = {Gang Li and Ming Lin and Tomer Galanti and Zhengzhong Tu and Tianbao Yang},
+                title        = {{DisCO: Reinforcing Large Reasoning Models with
+                                 Discriminative Constrained Optimization}},
+                author       = {Gang Li and Ming Lin and Tomer Galanti and Zhengzhong Tu
+                                and Tianbao Yang},
                 year         = 2025,
                 eprint       = {arXiv:2505.12366},
             }"""),
@@ -322,8 +324,9 @@ class DisCOTrainer(GRPOTrainer):
             steps = self.current_gradient_accumulation_steps if training else 1
             loss = loss + self.router_aux_loss_coef * aux_loss / steps
 
-        self._record_metric_rows(per_token_logps, old, mask, entropies, piece.penalty_term,
-                                 ref_kl_sum, inputs)
+        self._record_metric_rows(
+            per_token_logps, old, mask, entropies, piece.penalty_term, ref_kl_sum, inputs
+        )
         if not training:
             self._flush_disco_metrics("eval")
         return loss
@@ -349,7 +352,11 @@ class DisCOTrainer(GRPOTrainer):
         args: DisCOConfig = self.args
         with torch.no_grad():
             st = response_stats(
-                log_probs.detach(), old, mask, score=args.score, kl_estimator=args.kl_estimator,
+                log_probs.detach(),
+                old,
+                mask,
+                score=args.score,
+                kl_estimator=args.kl_estimator,
                 validate=False,
             )
             rows = torch.stack(

@@ -7,10 +7,9 @@ import dataclasses
 from typing import Any
 
 import pytest
+from discoloss.adapters.trl import GRPO_ONLY_OPTIONS, DisCOConfig, DisCOTrainer
 from trl import GRPOConfig
 from trl_support import load_example, tiny_config
-
-from discoloss.adapters.trl import GRPO_ONLY_OPTIONS, DisCOConfig, DisCOTrainer
 
 
 def test_defaults_are_disco_loss_defaults(tmp_path: Any) -> None:
@@ -98,8 +97,17 @@ def test_config_round_trips_through_the_cli_parser(tmp_path: Any) -> None:
 
     (config,) = HfArgumentParser(DisCOConfig).parse_args_into_dataclasses(
         [
-            "--output_dir", str(tmp_path), "--use_cpu", "--bf16", "false",
-            "--objective", "disco_b", "--disco_beta", "500", "--tau", "2.0",
+            "--output_dir",
+            str(tmp_path),
+            "--use_cpu",
+            "--bf16",
+            "false",
+            "--objective",
+            "disco_b",
+            "--disco_beta",
+            "500",
+            "--tau",
+            "2.0",
         ]
     )
     assert (config.objective, config.disco_beta, config.tau) == ("disco_b", 500.0, 2.0)

@@ -30,8 +30,14 @@ def test_example_script_trains(tmp_path: Any) -> None:
             if isinstance(value, float):
                 assert math.isfinite(value), (key, entry)
     for key in (
-        "loss", "entropy", "disco/objective", "disco/kl", "disco/penalty", "disco/penalty_local",
-        "disco/constraint_active", "disco/frac_groups_with_signal",
+        "loss",
+        "entropy",
+        "disco/objective",
+        "disco/kl",
+        "disco/penalty",
+        "disco/penalty_local",
+        "disco/constraint_active",
+        "disco/frac_groups_with_signal",
     ):
         assert all(key in e for e in steps), key
     assert "train_loss" in logs[-1] and math.isfinite(logs[-1]["train_loss"])
@@ -63,11 +69,20 @@ def test_model_from_disk_reference_kl_and_unscorable_completions(tmp_path: Any) 
         scores = ex.parity_reward(completions, answer)
         return [s if c[:1].isdigit() else None for c, s in zip(completions, scores)]
 
-    config = tiny_config(str(tmp_path / "out"), beta=0.04, allow_reference_kl=True, max_steps=2,
-                         num_iterations=2, max_completion_length=6)
+    config = tiny_config(
+        str(tmp_path / "out"),
+        beta=0.04,
+        allow_reference_kl=True,
+        max_steps=2,
+        num_iterations=2,
+        max_completion_length=6,
+    )
     trainer = RecordingTrainer(  # the model as a path: TRL loads it and its reference copy
-        model=str(model_dir), reward_funcs=partial_reward, args=config,
-        train_dataset=ex.build_dataset(), processing_class=ex.build_tokenizer(),
+        model=str(model_dir),
+        reward_funcs=partial_reward,
+        args=config,
+        train_dataset=ex.build_dataset(),
+        processing_class=ex.build_tokenizer(),
     )
     assert trainer.ref_model is not None
     trainer.train()

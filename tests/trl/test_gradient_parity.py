@@ -15,72 +15,21 @@ import pytest
 import torch
 from torch import Tensor
 from trl_support import (
+    assert_grads_close,
+    assert_masked_close,
+    check_generation_batch,
+    concat,
     hinge,
-    load_example,
     make_recording_trainer,
     naive_kl_sum,
     naive_scores,
     naive_weights,
-    prompt_answers,
     reference_model,
     tiny_config,
     token_log_probs,
 )
 
 from discoloss import disco_loss
-
-TENSOR_KEYS = (
-    "prompt_ids",
-    "prompt_mask",
-    "completion_ids",
-    "completion_mask",
-    "old_per_token_logps",
-    "disco_rewards",
-    "disco_group_ids",
-)
-
-
-def concat(mbs: list[dict[str, Any]]) -> dict[str, Tensor]:
-    """Rows of several micro-batches, padded to a common completion width."""
-    width = max(mb["completion_ids"].size(1) for mb in mbs)
-    plen = max(mb["prompt_ids"].size(1) for mb in mbs)
-    out: dict[str, list[Tensor]] = {k: [] for k in TENSOR_KEYS}
-    for mb in mbs:
-        for k in TENSOR_KEYS:
-            v = mb[k]
-            if k.startswith("prompt"):
-                v = torch.nn.functional.pad(v, (plen - v.size(1), 0))
-            elif v.dim() == 2:
-                v = torch.nn.functional.pad(v, (0, width - v.size(1)))
-            out[k].append(v)
-    return {k: torch.cat(v) for k, v in out.items()}
-
-
-def check_generation_batch(trainer: Any, rows: dict[str, Tensor], num_generations: int) -> Tensor:
-    """Rewards recomputed from the decoded text; group ids consistent with the prompts."""
-    ex = load_example()
-    tok = trainer.processing_class
-    prompts, answers = prompt_answers(tok, rows)
-    completions = tok.batch_decode(rows["completion_ids"], skip_special_tokens=True)
-    rewards = torch.tensor(ex.parity_reward(completions, answers), dtype=torch.float64)
-    torch.testing.assert_close(rows["disco_rewards"], rewards)
-    groups = rows["disco_group_ids"]
-    for g in groups.unique():
-        members = [p for p, gg in zip(prompts, groups.tolist()) if gg == g]
-        assert len(members) == num_generations and len(set(members)) == 1
-    return rewards
-
-
-def assert_masked_close(actual: Tensor, expected: Tensor, mask: Tensor) -> None:
-    m = mask.bool()
-    torch.testing.assert_close(actual[m], expected[m], rtol=1e-5, atol=1e-5)
-
-
-def assert_grads_close(actual: dict[str, Tensor], model: torch.nn.Module) -> None:
-    expected = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
-    assert expected.keys() == actual.keys()
-    for name in expected:
-        torch.testing.assert_close(actual[name], expected[name], rtol=2e-4, atol=2e-6, msg=name)
 
 
 def grads_differ(actual: dict[str, Tensor], model: torch.nn.Module) -> float:
@@ -163,7 +112,9 @@ def test_every_update_matches_reference(
         old = token_log_probs(reference_model(rec.params[0]), gen)
     assert_masked_close(gen["old_per_token_logps"], old, mask)
     tau = 10.0 if score == "log_likelihood" else 1.0
-    w = naive_weights(naive_scores(old, old, mask, score), rewards, groups, objective=objective, tau=tau)
+    w = naive_weights(
+        naive_scores(old, old, mask, score), rewards, groups, objective=objective, tau=tau
+    )
 
     for step in range(steps):
         model = reference_model(rec.params[step])
@@ -199,20 +150,27 @@ def test_penalty_is_the_local_approximation(tmp_path: Any) -> None:
     b = config.per_device_train_batch_size
     with torch.no_grad():
         old = token_log_probs(reference_model(rec.params[0]), gen)
-    w = naive_weights(naive_scores(old, old, mask, "log_likelihood"), rewards, groups,
-                      objective="disco", tau=10.0)
+    w = naive_weights(
+        naive_scores(old, old, mask, "log_likelihood"), rewards, groups, objective="disco", tau=10.0
+    )
 
     model = reference_model(rec.params[1])
     logp = token_log_probs(model, gen)
     n = mask.sum()
     objective = (w * naive_scores(logp, old, mask, "log_likelihood")).sum()
-    kl_mbs = [naive_kl_sum(logp[r], old[r], mask[r], "k3") / mask[r].sum()
-              for r in (slice(0, b), slice(b, 2 * b))]
+    kl_mbs = [
+        naive_kl_sum(logp[r], old[r], mask[r], "k3") / mask[r].sum()
+        for r in (slice(0, b), slice(b, 2 * b))
+    ]
     kl = naive_kl_sum(logp, old, mask, "k3") / n
-    assert float(kl.detach()) > 1e-4, "constraint inactive: the test would not distinguish the two penalties"
+    assert float(kl.detach()) > 1e-4, (
+        "constraint inactive: the test would not distinguish the two penalties"
+    )
     assert abs(float((kl_mbs[0] - kl_mbs[1]).detach())) > 1e-3
-    local = sum(mask[r].sum() / n * hinge(x, 1e-4, 1e3)
-                for r, x in zip((slice(0, b), slice(b, 2 * b)), kl_mbs))
+    local = sum(
+        mask[r].sum() / n * hinge(x, 1e-4, 1e3)
+        for r, x in zip((slice(0, b), slice(b, 2 * b)), kl_mbs)
+    )
     exact = hinge(kl, 1e-4, 1e3)
     assert local >= exact
 

@@ -16,10 +16,9 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import torch  # noqa: E402
 import trl  # noqa: E402,F401  (the engine itself: a missing TRL must fail, never skip)
+from discoloss.adapters.trl import DisCOConfig, DisCOTrainer  # noqa: E402
 from torch import Tensor  # noqa: E402
 from transformers import TrainerCallback  # noqa: E402
-
-from discoloss.adapters.trl import DisCOConfig, DisCOTrainer  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]
 EXAMPLE = ROOT / "adapters" / "trl" / "examples" / "train_disco_trl.py"
@@ -70,7 +69,9 @@ class RecordingTrainer(DisCOTrainer):
         self.micro_batches: list[dict[str, Any]] = []
 
     def _compute_loss(self, model: Any, inputs: dict[str, Any]) -> Tensor:
-        record = {k: (v.detach().clone() if isinstance(v, Tensor) else v) for k, v in inputs.items()}
+        record = {
+            k: (v.detach().clone() if isinstance(v, Tensor) else v) for k, v in inputs.items()
+        }
         record["optimizer_step"] = self.state.global_step
         self.micro_batches.append(record)
         return super()._compute_loss(model, inputs)
@@ -83,7 +84,9 @@ class GradRecorder(TrainerCallback):
         self.params: list[dict[str, Tensor]] = []
         self.grads: list[dict[str, Tensor]] = []
 
-    def on_step_begin(self, args: Any, state: Any, control: Any, model: Any = None, **kw: Any) -> None:
+    def on_step_begin(
+        self, args: Any, state: Any, control: Any, model: Any = None, **kw: Any
+    ) -> None:
         self.params.append({n: p.detach().clone() for n, p in model.named_parameters()})
 
     def on_pre_optimizer_step(
@@ -94,9 +97,9 @@ class GradRecorder(TrainerCallback):
         )
 
 
-def make_recording_trainer(config: DisCOConfig, reward_funcs: Any = None) -> tuple[
-    RecordingTrainer, GradRecorder
-]:
+def make_recording_trainer(
+    config: DisCOConfig, reward_funcs: Any = None
+) -> tuple[RecordingTrainer, GradRecorder]:
     ex = load_example()
     recorder = GradRecorder()
     trainer = RecordingTrainer(
@@ -136,7 +139,12 @@ def naive_scores(logp: Tensor, old: Tensor, mask: Tensor, score: str) -> Tensor:
 
 
 def naive_weights(
-    scores: Tensor, rewards: Tensor, groups: Tensor, *, objective: str, tau: float,
+    scores: Tensor,
+    rewards: Tensor,
+    groups: Tensor,
+    *,
+    objective: str,
+    tau: float,
     threshold: float = 0.5,
 ) -> Tensor:
     """dJ/ds (DESIGN.md section 2), normalised by all groups."""
@@ -170,3 +178,59 @@ def prompt_answers(tokenizer: Any, mb: dict[str, Any]) -> tuple[list[str], list[
     prompts = tokenizer.batch_decode(mb["prompt_ids"], skip_special_tokens=True)
     answers = [str(sum(int(x) for x in p.rstrip("=").split("+"))) for p in prompts]
     return prompts, answers
+
+
+# ---------------------------------------------------------------------- comparisons
+
+TENSOR_KEYS = (
+    "prompt_ids",
+    "prompt_mask",
+    "completion_ids",
+    "completion_mask",
+    "old_per_token_logps",
+    "disco_rewards",
+    "disco_group_ids",
+)
+
+
+def concat(mbs: list[dict[str, Any]]) -> dict[str, Tensor]:
+    """Rows of several micro-batches, padded to a common completion width."""
+    width = max(mb["completion_ids"].size(1) for mb in mbs)
+    plen = max(mb["prompt_ids"].size(1) for mb in mbs)
+    out: dict[str, list[Tensor]] = {k: [] for k in TENSOR_KEYS}
+    for mb in mbs:
+        for k in TENSOR_KEYS:
+            v = mb[k]
+            if k.startswith("prompt"):
+                v = torch.nn.functional.pad(v, (plen - v.size(1), 0))
+            elif v.dim() == 2:
+                v = torch.nn.functional.pad(v, (0, width - v.size(1)))
+            out[k].append(v)
+    return {k: torch.cat(v) for k, v in out.items()}
+
+
+def check_generation_batch(trainer: Any, rows: dict[str, Tensor], num_generations: int) -> Tensor:
+    """Rewards recomputed from the decoded text; group ids consistent with the prompts."""
+    ex = load_example()
+    tok = trainer.processing_class
+    prompts, answers = prompt_answers(tok, rows)
+    completions = tok.batch_decode(rows["completion_ids"], skip_special_tokens=True)
+    rewards = torch.tensor(ex.parity_reward(completions, answers), dtype=torch.float64)
+    torch.testing.assert_close(rows["disco_rewards"], rewards)
+    groups = rows["disco_group_ids"]
+    for g in groups.unique():
+        members = [p for p, gg in zip(prompts, groups.tolist()) if gg == g]
+        assert len(members) == num_generations and len(set(members)) == 1
+    return rewards
+
+
+def assert_masked_close(actual: Tensor, expected: Tensor, mask: Tensor) -> None:
+    m = mask.bool()
+    torch.testing.assert_close(actual[m], expected[m], rtol=1e-5, atol=1e-5)
+
+
+def assert_grads_close(actual: dict[str, Tensor], model: torch.nn.Module) -> None:
+    expected = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+    assert expected.keys() == actual.keys()
+    for name in expected:
+        torch.testing.assert_close(actual[name], expected[name], rtol=2e-4, atol=2e-6, msg=name)
