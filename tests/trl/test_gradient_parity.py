@@ -55,7 +55,7 @@ def test_first_update_equals_disco_loss(tmp_path: Any) -> None:
     assert first & second, "no prompt was split over micro-batches: the test would be vacuous"
 
     rows = concat(mbs)
-    rewards = check_generation_batch(trainer, rows, config.num_generations)
+    rewards = check_generation_batch(trainer.processing_class, rows, config.num_generations)
     assert 0 < (rewards > 0.5).sum() < len(rewards)
     model = reference_model(rec.params[0])
     logp = token_log_probs(model, rows)
@@ -104,7 +104,7 @@ def test_every_update_matches_reference(
     b = config.per_device_train_batch_size
     assert len(mbs) == steps_per_generation * num_iterations and len(rec.grads) == steps
     gen = concat(mbs[:steps_per_generation])  # the chunks of the one generation batch
-    rewards = check_generation_batch(trainer, gen, config.num_generations)
+    rewards = check_generation_batch(trainer.processing_class, gen, config.num_generations)
     groups = gen["disco_group_ids"]
     mask = gen["completion_mask"]
 

@@ -209,10 +209,10 @@ def concat(mbs: list[dict[str, Any]]) -> dict[str, Tensor]:
     return {k: torch.cat(v) for k, v in out.items()}
 
 
-def check_generation_batch(trainer: Any, rows: dict[str, Tensor], num_generations: int) -> Tensor:
+def check_generation_batch(tokenizer: Any, rows: dict[str, Tensor], num_generations: int) -> Tensor:
     """Rewards recomputed from the decoded text; group ids consistent with the prompts."""
     ex = load_example()
-    tok = trainer.processing_class
+    tok = tokenizer
     prompts, answers = prompt_answers(tok, rows)
     completions = tok.batch_decode(rows["completion_ids"], skip_special_tokens=True)
     rewards = torch.tensor(ex.parity_reward(completions, answers), dtype=torch.float64)
