@@ -59,7 +59,8 @@ def test_example_script_trains(tmp_path: Any) -> None:
 
 def test_model_from_disk_reference_kl_and_unscorable_completions(tmp_path: Any) -> None:
     """Model and reference model loaded by TRL from a directory; a reward function that cannot
-    score some completions (returns None): those get weight 0 and the run stays finite."""
+    score some completions (returns None): those get weight 0 and the run stays finite; then
+    an evaluation pass."""
     ex = load_example()
     model_dir = tmp_path / "tiny"
     ex.build_model().save_pretrained(model_dir)
@@ -96,3 +97,8 @@ def test_model_from_disk_reference_kl_and_unscorable_completions(tmp_path: Any) 
     assert unscorable.any() and not unscorable.all()
     assert torch.all(weights[unscorable] == 0.0)
     assert torch.isfinite(weights).all()
+
+    metrics = trainer.evaluate(ex.build_dataset(8, seed=1))  # eval batches: scored, not split
+    for key in ("eval_disco/objective", "eval_disco/kl", "eval_entropy", "eval_loss"):
+        assert math.isfinite(metrics[key]), key
+    assert metrics["eval_disco/kl"] == 0.0  # evaluated at the policy that sampled them
