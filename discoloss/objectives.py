@@ -126,18 +126,21 @@ def discriminative_terms(
         neg_term = zeros.index_add(0, dense, torch.where(negative, scores, 0.0)) * inv_neg
         q = torch.where(negative, inv_neg[dense], 0.0)
     else:
-        z = scores / tau
         # Shift by the per-group max over negatives. The shift cancels exactly in the value and
         # the gradient, so it is detached.
-        zmax = torch.full((b,), -math.inf, dtype=f, device=scores.device).scatter_reduce(
-            0, dense, torch.where(negative, z.detach(), -math.inf), "amax", include_self=True
+        smax = torch.full((b,), -math.inf, dtype=f, device=scores.device).scatter_reduce(
+            0, dense, torch.where(negative, scores.detach(), -math.inf), "amax", include_self=True
         )
-        zmax = torch.where(n_neg > 0, zmax, 0.0)
+        smax = torch.where(n_neg > 0, smax, 0.0)
         # exp of -inf (positives) is 0 with zero gradient; no inf * 0 in the backward pass.
-        e = torch.exp(torch.where(negative, z - zmax[dense], -math.inf))
+        z = torch.where(negative, (scores - smax[dense]) / tau, -math.inf)
+        e = torch.exp(z)
         s = zeros.index_add(0, dense, e)
         s_safe = torch.where(n_neg > 0, s, 1.0)
-        neg_term = tau * (zmax + torch.log(s_safe * inv_neg))
+        # tau * log(mean e) as tau * log1p(mean(e - 1)): with a huge tau every e rounds to 1 and
+        # log(mean e) to 0, while expm1 keeps z itself, so the value still tends to DisCO-b.
+        em1 = zeros.index_add(0, dense, torch.where(negative, torch.expm1(z), 0.0))
+        neg_term = smax + tau * torch.log1p(em1 * inv_neg)
         q = (e / s_safe[dense]).detach()
 
     per_group = torch.where(valid, mean_pos - neg_term, 0.0)
