@@ -117,9 +117,13 @@ def ref_denominator(groups: Groups, normalize: str) -> int:
 
 
 def log_mean_exp(x: Tensor) -> Tensor:
-    """log(mean(exp(x))), shifted by the max so that it is computable for any finite x."""
+    """log(mean(exp(x))) = m + log(1 + mean(exp(x - m) - 1)), m = max(x).
+
+    The shift makes it computable for any finite x; expm1/log1p keep it accurate when all x are
+    nearly equal (x = s / tau with a huge tau), where exp(x - m) would round to 1.
+    """
     m = x.detach().max()
-    return m + torch.log(torch.exp(x - m).sum() / x.numel())
+    return m + torch.log1p(torch.expm1(x - m).sum() / x.numel())
 
 
 def ref_objective(
@@ -262,7 +266,7 @@ def ref_disco(
         "frac_positive": len(pos) / len(s),
         "mean_pos_score": sum(pos) / len(pos) if pos else math.nan,
         "mean_neg_score": sum(neg) / len(neg) if neg else math.nan,
-        "constraint_active": 1.0 if float(kl) > delta else 0.0,
+        "constraint_active": 1.0 if float(kl.detach()) > delta else 0.0,
         "effective_negatives": ref_effective_negatives(
             s, r, g, objective=objective, tau=tau, threshold=threshold
         ),

@@ -99,7 +99,11 @@ def compare(batch: Batch, **options) -> None:
     ref = ref_disco(*batch.args(), **options)
     for name in ("loss", "objective", "kl", "penalty"):
         torch.testing.assert_close(
-            getattr(out, name), getattr(ref, name), rtol=RTOL, atol=ATOL, msg=name
+            getattr(out, name),
+            getattr(ref, name),
+            rtol=RTOL,
+            atol=ATOL,
+            msg=lambda m, n=name: f"{n}: {m}",
         )
     torch.testing.assert_close(leaf.log_probs.grad, ref.grad, rtol=RTOL, atol=ATOL)
 

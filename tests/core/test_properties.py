@@ -73,7 +73,7 @@ def run(batch: Batch, **options) -> tuple[dict[str, torch.Tensor], torch.Tensor]
 def assert_same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
     assert a.keys() == b.keys()
     for k in a:
-        torch.testing.assert_close(a[k].double(), b[k].double(), rtol=RTOL, atol=ATOL, msg=k)
+        torch.testing.assert_close(a[k].double(), b[k].double(), rtol=RTOL, atol=ATOL, msg=lambda m, _n=k: f"{_n}: {m}")
 
 
 @settings(max_examples=examples(30))
