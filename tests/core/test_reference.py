@@ -9,6 +9,7 @@ The reference always runs in float64 on the same (cast up) input values.
 from __future__ import annotations
 
 import itertools
+from dataclasses import replace
 import math
 import zlib
 
@@ -265,3 +266,30 @@ def test_groups_with_equal_total_size_are_not_mixed():
     j = discriminative_objective(scores, rewards, group_ids, objective="disco", tau=2.0)
     lme = math.log(0.5 * (math.exp(-0.5) + math.exp(-1.5)))
     torch.testing.assert_close(j, torch.tensor((-2.5 - 2.0 * lme) / 2, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("objective", OBJECTIVES)
+def test_reward_equal_to_threshold_is_negative(objective):
+    """positive iff reward > threshold: a reward exactly at the threshold is a negative."""
+    batch = random_batch(13, num_groups=6, shift=0.05)
+    gen = torch.Generator().manual_seed(13)
+    rewards = torch.tensor([0.0, 0.5, 1.0], dtype=torch.float64)[
+        torch.randint(0, 3, batch.rewards.shape, generator=gen)
+    ]
+    assert bool((rewards == 0.5).any())
+    check_against_reference(
+        replace(batch, rewards=rewards), torch.float64, objective=objective, threshold=0.5,
+        tau=0.5, delta=0.01, beta=2.0,
+    )
+    # the labels matter: treating 0.5 as positive changes the objective
+    j_half_neg = disco_loss(*batch.args()[:3], rewards, batch.group_ids, objective=objective,
+                            threshold=0.5, tau=0.5).objective
+    j_half_pos = disco_loss(*batch.args()[:3], rewards, batch.group_ids, objective=objective,
+                            threshold=0.25, tau=0.5).objective
+    assert not torch.allclose(j_half_neg, j_half_pos)
+
+
+def test_integer_rewards():
+    batch = random_batch(14, shift=0.05)
+    ints = replace(batch, rewards=batch.rewards.long())
+    check_against_reference(ints, torch.float64, tau=0.5, delta=0.01, beta=2.0)
