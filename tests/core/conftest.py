@@ -251,9 +251,7 @@ def batches(
     lp, old = fill_values(gen, mask, dtype=dtype, shift=shift, noise=0.3, garbage=garbage)
     pos = torch.tensor(labels, dtype=torch.float64)
     rewards = pos if kind == "01" else 2.0 * pos - 1.0
-    group_ids = torch.tensor(
-        [g for g, n in zip(ids, sizes) for _ in range(n)], dtype=torch.int64
-    )
+    group_ids = torch.tensor([g for g, n in zip(ids, sizes) for _ in range(n)], dtype=torch.int64)
     p = torch.tensor(perm, dtype=torch.long)
     return Batch(lp[p], old[p], mask[p], rewards[p], group_ids[p])
 

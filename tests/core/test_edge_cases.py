@@ -45,9 +45,18 @@ def test_gradcheck_disco_loss(score, objective, kl_estimator, normalize, active)
 
     def f(lp: torch.Tensor) -> torch.Tensor:
         return disco_loss(
-            lp, batch.old_log_probs, batch.mask, batch.rewards, batch.group_ids,
-            score=score, objective=objective, kl_estimator=kl_estimator, normalize=normalize,
-            tau=0.7, delta=delta, beta=4.0,
+            lp,
+            batch.old_log_probs,
+            batch.mask,
+            batch.rewards,
+            batch.group_ids,
+            score=score,
+            objective=objective,
+            kl_estimator=kl_estimator,
+            normalize=normalize,
+            tau=0.7,
+            delta=delta,
+            beta=4.0,
         ).loss
 
     lp = batch.log_probs.clone().requires_grad_(True)
@@ -117,8 +126,13 @@ def test_no_group_with_signal(score, objective, normalize):
     batch = random_batch(21, signal="none", shift=0.1, num_groups=6)
     lp = batch.log_probs.clone().requires_grad_(True)
     out = disco_loss(
-        lp, *batch.args()[1:], score=score, objective=objective, normalize=normalize,
-        delta=0.01, beta=2.0,
+        lp,
+        *batch.args()[1:],
+        score=score,
+        objective=objective,
+        normalize=normalize,
+        delta=0.01,
+        beta=2.0,
     )
     assert float(out.penalty.detach()) > 0.0
     assert float(out.objective.detach()) == 0.0
@@ -143,8 +157,15 @@ def test_all_masked_but_one_token(score, objective, kl_estimator):
     mask[torch.arange(b), torch.randint(0, t, (b,), generator=gen)] = True
     lp, old = fill_values(gen, mask, dtype=F64, shift=0.1, noise=0.3, garbage=True)
     batch = Batch(lp, old, mask, base.rewards, base.group_ids)
-    compare(batch, score=score, objective=objective, kl_estimator=kl_estimator, tau=0.3,
-            delta=1e-3, beta=5.0)
+    compare(
+        batch,
+        score=score,
+        objective=objective,
+        kl_estimator=kl_estimator,
+        tau=0.3,
+        delta=1e-3,
+        beta=5.0,
+    )
 
 
 @pytest.mark.parametrize("score", SCORES)
@@ -153,8 +174,15 @@ def test_all_masked_but_one_token(score, objective, kl_estimator):
 def test_one_token_responses(score, objective, kl_estimator):
     batch = random_batch(23, num_groups=5, T=1, shift=0.1)
     assert batch.mask.shape[1] == 1 and bool(batch.bmask.all())
-    compare(batch, score=score, objective=objective, kl_estimator=kl_estimator, tau=0.3,
-            delta=1e-3, beta=5.0)
+    compare(
+        batch,
+        score=score,
+        objective=objective,
+        kl_estimator=kl_estimator,
+        tau=0.3,
+        delta=1e-3,
+        beta=5.0,
+    )
 
 
 @pytest.mark.parametrize("score", SCORES)
@@ -166,8 +194,9 @@ def test_single_response(score, objective, normalize, reward):
     mask = torch.tensor([[True, False, True, True, False]])
     lp, old = fill_values(gen, mask, dtype=F64, shift=0.2, noise=0.3, garbage=True)
     batch = Batch(lp, old, mask, torch.tensor([reward], dtype=F64), torch.tensor([-7]))
-    out = disco_loss(*batch.args(), score=score, objective=objective, normalize=normalize,
-                     delta=0.0, beta=1.0)
+    out = disco_loss(
+        *batch.args(), score=score, objective=objective, normalize=normalize, delta=0.0, beta=1.0
+    )
     assert float(out.objective.detach()) == 0.0
     assert torch.equal(out.loss, out.penalty)
     compare(batch, score=score, objective=objective, normalize=normalize, delta=0.0, beta=1.0)
@@ -175,8 +204,9 @@ def test_single_response(score, objective, normalize, reward):
 
 def test_ties_and_singleton_groups():
     """Equal scores among negatives (uniform softmax) and singleton groups."""
-    lp = torch.tensor([[-1.0, -1.0], [-1.0, -1.0], [-1.0, -1.0], [-0.5, -9.0], [-2.0, -2.0]],
-                      dtype=F64)
+    lp = torch.tensor(
+        [[-1.0, -1.0], [-1.0, -1.0], [-1.0, -1.0], [-0.5, -9.0], [-2.0, -2.0]], dtype=F64
+    )
     mask = torch.tensor([[1, 1], [1, 1], [1, 1], [1, 0], [1, 1]], dtype=torch.bool)
     rewards = torch.tensor([0.0, 0.0, 0.0, 1.0, 1.0], dtype=F64)
     group_ids = torch.tensor([3, 3, 3, 3, 8])

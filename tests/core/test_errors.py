@@ -56,22 +56,22 @@ def call(batch: Batch, **changes) -> Callable[[], object]:
 
 
 def test_shape_mismatches_name_the_argument(batch):
-    B, T = batch.mask.shape
+    _B, _T = batch.mask.shape
     lp, old, mask = batch.log_probs, batch.old_log_probs, batch.mask
     cases = [
-        ("log_probs", dict(log_probs=lp[:, :, None])),
-        ("log_probs", dict(log_probs=lp[0])),
-        ("old_log_probs", dict(old_log_probs=old[:, :-1])),
-        ("old_log_probs", dict(old_log_probs=old[:-1])),
-        ("old_log_probs", dict(old_log_probs=old[0])),
-        ("mask", dict(mask=mask[:, :-1])),
-        ("mask", dict(mask=mask[:-1])),
-        ("mask", dict(mask=mask[:, :, None])),
-        ("rewards", dict(rewards=batch.rewards[:-1])),
-        ("rewards", dict(rewards=torch.cat([batch.rewards, batch.rewards[:1]]))),
-        ("rewards", dict(rewards=batch.rewards[:, None])),
-        ("group_ids", dict(group_ids=batch.group_ids[:-1])),
-        ("group_ids", dict(group_ids=batch.group_ids[:, None])),
+        ("log_probs", {"log_probs": lp[:, :, None]}),
+        ("log_probs", {"log_probs": lp[0]}),
+        ("old_log_probs", {"old_log_probs": old[:, :-1]}),
+        ("old_log_probs", {"old_log_probs": old[:-1]}),
+        ("old_log_probs", {"old_log_probs": old[0]}),
+        ("mask", {"mask": mask[:, :-1]}),
+        ("mask", {"mask": mask[:-1]}),
+        ("mask", {"mask": mask[:, :, None]}),
+        ("rewards", {"rewards": batch.rewards[:-1]}),
+        ("rewards", {"rewards": torch.cat([batch.rewards, batch.rewards[:1]])}),
+        ("rewards", {"rewards": batch.rewards[:, None]}),
+        ("group_ids", {"group_ids": batch.group_ids[:-1]}),
+        ("group_ids", {"group_ids": batch.group_ids[:, None]}),
     ]
     for argument, change in cases:
         assert_raises(ValueError, argument, call(batch, **change))
@@ -81,8 +81,10 @@ def test_shape_mismatches_name_the_argument(batch):
 
 def test_empty_batch(batch):
     empty = Batch(
-        torch.zeros(0, 5, dtype=F64), torch.zeros(0, 5, dtype=F64),
-        torch.zeros(0, 5, dtype=torch.bool), torch.zeros(0, dtype=F64),
+        torch.zeros(0, 5, dtype=F64),
+        torch.zeros(0, 5, dtype=F64),
+        torch.zeros(0, 5, dtype=torch.bool),
+        torch.zeros(0, dtype=F64),
         torch.zeros(0, dtype=torch.long),
     )
     message = assert_raises(ValueError, "log_probs", lambda: disco_loss(*empty.args()))
@@ -149,7 +151,7 @@ def test_non_finite_rewards(batch, value):
 @pytest.mark.parametrize("score", ["log_likelihood", "likelihood_ratio"])
 @pytest.mark.parametrize("kl_estimator", ["k1", "k3"])
 def test_non_finite_log_probs_at_response_tokens(batch, value, score, kl_estimator):
-    opts = dict(score=score, kl_estimator=kl_estimator)
+    opts = {"score": score, "kl_estimator": kl_estimator}
     lp = batch.log_probs.clone()
     lp[-1, 0] = value  # column 0 is a response token of every response
     assert_raises(ValueError, "log_probs", call(batch, log_probs=lp, **opts))
@@ -165,8 +167,9 @@ def test_non_finite_values_at_padding_are_accepted(batch, score, kl_estimator):
     assert bool(pad.any())
     lp = batch.log_probs.masked_fill(pad, math.nan)
     old = batch.old_log_probs.masked_fill(pad, -math.inf)
-    out = disco_loss(lp, old, batch.mask, batch.rewards, batch.group_ids, score=score,
-                     kl_estimator=kl_estimator)
+    out = disco_loss(
+        lp, old, batch.mask, batch.rewards, batch.group_ids, score=score, kl_estimator=kl_estimator
+    )
     assert torch.isfinite(out.loss)
 
 
@@ -233,38 +236,46 @@ def test_unknown_option_strings_list_the_valid_ones(batch, argument, valid):
 # ------------------------------------------------------------------------------- building blocks
 
 
-def test_building_blocks_name_their_arguments(batch):
+def test_scores_kl_and_penalty_name_their_arguments(batch):
     lp, old, mask = batch.log_probs, batch.old_log_probs, batch.mask
-    s = torch.randn(lp.shape[0], dtype=F64)
-    r, g = batch.rewards, batch.group_ids
     assert_raises(ValueError, "score", lambda: sequence_scores(lp, old, mask, score="ratio"))
-    assert_raises(ValueError, "old_log_probs",
-                  lambda: sequence_scores(lp, None, mask, score="likelihood_ratio"))
+    assert_raises(
+        ValueError,
+        "old_log_probs",
+        lambda: sequence_scores(lp, None, mask, score="likelihood_ratio"),
+    )
     assert_raises(ValueError, "mask", lambda: sequence_scores(lp, old, mask[:, 1:]))
     assert_raises(ValueError, "estimator", lambda: kl_divergence(lp, old, mask, estimator="k2"))
     assert_raises(ValueError, "old_log_probs", lambda: kl_divergence(lp, old[1:], mask))
     lp_nan = lp.clone()
     lp_nan[0, 0] = math.nan
     assert_raises(ValueError, "log_probs", lambda: kl_divergence(lp_nan, old, mask))
-    for fn in (discriminative_objective, discriminative_weights):
-        assert_raises(ValueError, "scores", lambda: fn(s[:, None], r, g))
-        assert_raises(TypeError, "scores", lambda: fn(s.long(), r, g))
-        assert_raises(ValueError, "rewards", lambda: fn(s, r[1:], g))
-        assert_raises(ValueError, "group_ids", lambda: fn(s, r, g[1:]))
-        assert_raises(TypeError, "group_ids", lambda: fn(s, r, g.double()))
-        assert_raises(TypeError, "group_ids", lambda: fn(s, r, g > 0))
-        assert_raises(ValueError, "tau", lambda: fn(s, r, g, tau=0.0))
-        assert_raises(ValueError, "objective", lambda: fn(s, r, g, objective="grpo"))
-        assert_raises(ValueError, "normalize", lambda: fn(s, r, g, normalize="none"))
-        r_bad = r.clone()
-        r_bad[0] = math.nan
-        assert_raises(ValueError, "rewards", lambda: fn(s, r_bad, g))
-        s_bad = s.clone()
-        s_bad[1] = math.inf
-        assert_raises(ValueError, "scores", lambda: fn(s_bad, r, g))
-        assert_raises(ValueError, "group_ids", lambda: fn(s, r, g.to("meta")))
     kl = torch.tensor(0.5)
     assert_raises(ValueError, "delta", lambda: squared_hinge_penalty(kl, delta=-1.0, beta=1.0))
     assert_raises(ValueError, "beta", lambda: squared_hinge_penalty(kl, delta=0.0, beta=-1.0))
     assert_raises(ValueError, "beta", lambda: squared_hinge_penalty(kl, delta=0.0, beta=math.nan))
     assert_raises(TypeError, "kl", lambda: squared_hinge_penalty(0.5, delta=0.0, beta=1.0))
+
+
+@pytest.mark.parametrize(
+    "fn", [discriminative_objective, discriminative_weights], ids=lambda f: f.__name__
+)
+def test_objective_functions_name_their_arguments(batch, fn):
+    s = torch.randn(batch.rewards.shape[0], dtype=F64)
+    r, g = batch.rewards, batch.group_ids
+    assert_raises(ValueError, "scores", lambda: fn(s[:, None], r, g))
+    assert_raises(TypeError, "scores", lambda: fn(s.long(), r, g))
+    assert_raises(ValueError, "rewards", lambda: fn(s, r[1:], g))
+    assert_raises(ValueError, "group_ids", lambda: fn(s, r, g[1:]))
+    assert_raises(TypeError, "group_ids", lambda: fn(s, r, g.double()))
+    assert_raises(TypeError, "group_ids", lambda: fn(s, r, g > 0))
+    assert_raises(ValueError, "tau", lambda: fn(s, r, g, tau=0.0))
+    assert_raises(ValueError, "objective", lambda: fn(s, r, g, objective="grpo"))
+    assert_raises(ValueError, "normalize", lambda: fn(s, r, g, normalize="none"))
+    r_bad = r.clone()
+    r_bad[0] = math.nan
+    assert_raises(ValueError, "rewards", lambda: fn(s, r_bad, g))
+    s_bad = s.clone()
+    s_bad[1] = math.inf
+    assert_raises(ValueError, "scores", lambda: fn(s_bad, r, g))
+    assert_raises(ValueError, "group_ids", lambda: fn(s, r, g.to("meta")))

@@ -137,8 +137,9 @@ def test_large_score_spread_small_tau(dtype, tau, kl_estimator):
     j = discriminative_objective(scores, batch.rewards, batch.group_ids, tau=tau)
     # tau -> 0: J_q = mean_pos - max_neg + tau * log |N_q|
     j_expected = ((-0.1 + 7.0 + tau * math.log(3)) + (-1.15 + 2.0 + tau * math.log(2))) / 2
-    torch.testing.assert_close(j.double(), torch.tensor(j_expected, dtype=torch.float64),
-                               rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(
+        j.double(), torch.tensor(j_expected, dtype=torch.float64), rtol=1e-6, atol=1e-6
+    )
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
@@ -157,11 +158,18 @@ def test_huge_tau(dtype, score, tau):
     slack = 8 * eps * 60.0
     assert j_b - 60.0**2 / (8 * tau) - slack <= j <= j_b + slack
     w = discriminative_weights(scores, batch.rewards, batch.group_ids, tau=tau)
-    w_ref = ref_weights(scores.double().tolist(), batch.rewards.tolist(),
-                        batch.group_ids.tolist(), objective="disco", tau=tau, threshold=0.5,
-                        normalize="all")
-    torch.testing.assert_close(w.double(), torch.tensor(w_ref, dtype=torch.float64),
-                               rtol=1e-6, atol=1e-12)
+    w_ref = ref_weights(
+        scores.double().tolist(),
+        batch.rewards.tolist(),
+        batch.group_ids.tolist(),
+        objective="disco",
+        tau=tau,
+        threshold=0.5,
+        normalize="all",
+    )
+    torch.testing.assert_close(
+        w.double(), torch.tensor(w_ref, dtype=torch.float64), rtol=1e-6, atol=1e-12
+    )
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
@@ -175,10 +183,15 @@ def test_extreme_scores_objective(dtype):
     j.backward()
     lse0 = -5e3 + 1e-3 * math.log((1 + math.exp(-5e3 / 1e-3)) / 2)
     expected = ((0.0 - lse0) + (10.0 - (-1e4 + 1.0) - 1e-3 * math.log(1.0))) / 2
-    torch.testing.assert_close(j.double(), torch.tensor(expected, dtype=torch.float64),
-                               rtol=1e-6, atol=1e-3 if dtype == torch.float32 else 1e-9)
+    torch.testing.assert_close(
+        j.double(),
+        torch.tensor(expected, dtype=torch.float64),
+        rtol=1e-6,
+        atol=1e-3 if dtype == torch.float32 else 1e-9,
+    )
     torch.testing.assert_close(
         scores.grad.double(),
         torch.tensor([0.5, 0.0, -0.5, 0.5, -0.5], dtype=torch.float64),
-        rtol=1e-6, atol=0.0,
+        rtol=1e-6,
+        atol=0.0,
     )

@@ -18,8 +18,13 @@ from discoloss import disco_loss
 
 F64 = torch.float64
 EXACT = ("num_groups", "groups_with_signal", "constraint_active")
-CLOSE = ("frac_positive", "mean_pos_score", "mean_neg_score", "effective_negatives",
-         "mean_response_length")
+CLOSE = (
+    "frac_positive",
+    "mean_pos_score",
+    "mean_neg_score",
+    "effective_negatives",
+    "mean_response_length",
+)
 
 
 def check_metrics(batch: Batch, **options) -> dict[str, torch.Tensor]:
@@ -39,7 +44,9 @@ def check_metrics(batch: Batch, **options) -> dict[str, torch.Tensor]:
             assert math.isfinite(float(metrics[name])), name
             continue
         assert math.isclose(float(metrics[name]), expected, rel_tol=1e-10, abs_tol=1e-12), (
-            name, float(metrics[name]), expected,
+            name,
+            float(metrics[name]),
+            expected,
         )
     frac = ref.metrics["groups_with_signal"] / ref.metrics["num_groups"]
     assert math.isclose(float(metrics["frac_groups_with_signal"]), frac, rel_tol=1e-12)
@@ -58,13 +65,24 @@ def test_metrics_match_reference(seed, score, objective, kl_estimator, rewards):
     batch = random_batch(500 + seed, rewards=rewards, shift=0.02, num_groups=6)
     threshold = 0.7 if rewards == "cont" else 0.5
     delta = (0.0, 0.01, 10.0)[seed]  # constraint active and inactive
-    check_metrics(batch, score=score, objective=objective, kl_estimator=kl_estimator,
-                  tau=0.4, delta=delta, threshold=threshold)
+    check_metrics(
+        batch,
+        score=score,
+        objective=objective,
+        kl_estimator=kl_estimator,
+        tau=0.4,
+        delta=delta,
+        threshold=threshold,
+    )
 
 
 @settings(max_examples=examples(30))
-@given(batch=batches(), objective=st.sampled_from(OBJECTIVES), tau=st.floats(0.05, 50.0),
-       delta=st.sampled_from([0.0, 1e-2, 1.0]))
+@given(
+    batch=batches(),
+    objective=st.sampled_from(OBJECTIVES),
+    tau=st.floats(0.05, 50.0),
+    delta=st.sampled_from([0.0, 1e-2, 1.0]),
+)
 def test_metrics_property(batch, objective, tau, delta):
     check_metrics(batch, objective=objective, tau=tau, delta=delta)
 

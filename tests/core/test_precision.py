@@ -45,7 +45,7 @@ def run(batch: Batch, **options) -> tuple[dict[str, torch.Tensor], torch.Tensor]
 
 
 OPTION_GRID = [
-    dict(score=s, objective=o, kl_estimator=k)
+    {"score": s, "objective": o, "kl_estimator": k}
     for s in SCORES
     for o in OBJECTIVES
     for k in KL_ESTIMATORS
@@ -62,7 +62,9 @@ def test_half_matches_float32_on_the_same_values(dtype, opts):
     v_half, g_half = run(half, **options)
     v_32, g_32 = run(half.to(torch.float32), **options)
     for n in NAMES:
-        torch.testing.assert_close(v_half[n], v_32[n], rtol=1e-5, atol=1e-6, msg=lambda m, _n=n: f"{_n}: {m}")
+        torch.testing.assert_close(
+            v_half[n], v_32[n], rtol=1e-5, atol=1e-6, msg=lambda m, _n=n: f"{_n}: {m}"
+        )
     torch.testing.assert_close(g_half, g_32, rtol=u, atol=1e-7)
 
 
@@ -85,8 +87,8 @@ def test_half_within_rounding_bound_of_float32(dtype, opts):
     dkl = 2 * u * L if opts["kl_estimator"] == "k1" else 2 * u * L * (R + 1)
     atol = 2 * (2 * ds + (1 + beta * kl) * dkl)
     for n in NAMES:
-        torch.testing.assert_close(v_half[n], v_32[n], rtol=0.0, atol=atol, msg=lambda m, _n=n: f"{_n}: {m}")
+        torch.testing.assert_close(
+            v_half[n], v_32[n], rtol=0.0, atol=atol, msg=lambda m, _n=n: f"{_n}: {m}"
+        )
     rtol = 4 * u * L * (R + 1) * (1 + 1 / tau) + u
-    torch.testing.assert_close(
-        g_half, g_32, rtol=rtol, atol=rtol * float(g_32.abs().max())
-    )
+    torch.testing.assert_close(g_half, g_32, rtol=rtol, atol=rtol * float(g_32.abs().max()))

@@ -39,15 +39,15 @@ RTOL, ATOL = TOL[F64]
 
 @st.composite
 def loss_options(draw: st.DrawFn) -> dict:
-    return dict(
-        score=draw(st.sampled_from(SCORES)),
-        objective=draw(st.sampled_from(OBJECTIVES)),
-        kl_estimator=draw(st.sampled_from(KL_ESTIMATORS)),
-        normalize=draw(st.sampled_from(NORMALIZES)),
-        tau=draw(st.floats(0.05, 20.0)),
-        delta=draw(st.sampled_from([0.0, 1e-3, 10.0])),
-        beta=draw(st.sampled_from([0.0, 3.0, 1e3])),
-    )
+    return {
+        "score": draw(st.sampled_from(SCORES)),
+        "objective": draw(st.sampled_from(OBJECTIVES)),
+        "kl_estimator": draw(st.sampled_from(KL_ESTIMATORS)),
+        "normalize": draw(st.sampled_from(NORMALIZES)),
+        "tau": draw(st.floats(0.05, 20.0)),
+        "delta": draw(st.sampled_from([0.0, 1e-3, 10.0])),
+        "beta": draw(st.sampled_from([0.0, 3.0, 1e3])),
+    }
 
 
 def run(batch: Batch, **options) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
@@ -72,8 +72,10 @@ def run(batch: Batch, **options) -> tuple[dict[str, torch.Tensor], torch.Tensor]
 
 def assert_same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
     assert a.keys() == b.keys()
-    for k in a:
-        torch.testing.assert_close(a[k].double(), b[k].double(), rtol=RTOL, atol=ATOL, msg=lambda m, _n=k: f"{_n}: {m}")
+    for k, value in a.items():
+        torch.testing.assert_close(
+            value.double(), b[k].double(), rtol=RTOL, atol=ATOL, msg=lambda m, n=k: f"{n}: {m}"
+        )
 
 
 @settings(max_examples=examples(30))
@@ -94,8 +96,9 @@ def test_relabelling_groups_changes_nothing(batch: Batch, options: dict, data: s
     old_ids = sorted(set(batch.group_ids.tolist()))
     extremes = st.sampled_from([-(2**63), 2**63 - 1, -1, 0, 1, 2**24 + 1, -(2**53) - 1])
     new_ids = data.draw(
-        st.lists(st.one_of(extremes, int64s), min_size=len(old_ids), max_size=len(old_ids),
-                 unique=True)
+        st.lists(
+            st.one_of(extremes, int64s), min_size=len(old_ids), max_size=len(old_ids), unique=True
+        )
     )
     mapping = dict(zip(old_ids, new_ids))
     relabelled = Batch(
@@ -154,9 +157,7 @@ def scored_groups(draw: st.DrawFn):
     """(scores, rewards, group_ids) with ragged shuffled groups and arbitrary int64 ids."""
     batch = draw(batches(max_groups=6, max_group_size=6, max_T=1, garbage=False))
     b = batch.rewards.shape[0]
-    scores = draw(
-        st.lists(st.floats(-30.0, 5.0, allow_nan=False), min_size=b, max_size=b)
-    )
+    scores = draw(st.lists(st.floats(-30.0, 5.0, allow_nan=False), min_size=b, max_size=b))
     return torch.tensor(scores, dtype=F64), batch.rewards, batch.group_ids
 
 
@@ -198,7 +199,7 @@ def test_weights_sum_to_one_over_G_per_group(data, objective, normalize, tau):
 )
 def test_weights_equal_autograd_of_objective(data, objective, normalize, tau):
     scores, rewards, group_ids = data
-    opts = dict(objective=objective, tau=tau, normalize=normalize)
+    opts = {"objective": objective, "tau": tau, "normalize": normalize}
     s = scores.clone().requires_grad_(True)
     (g,) = torch.autograd.grad(discriminative_objective(s, rewards, group_ids, **opts), s)
     w = discriminative_weights(scores, rewards, group_ids, **opts)
@@ -209,7 +210,11 @@ def test_weights_equal_autograd_of_objective(data, objective, normalize, tau):
 @given(batch=batches(), options=loss_options())
 def test_weighted_score_sum_has_the_gradient_of_J(batch: Batch, options: dict):
     """grad_theta J = grad_theta sum_i w_i s_i with w computed from detached scores."""
-    opts = dict(objective=options["objective"], tau=options["tau"], normalize=options["normalize"])
+    opts = {
+        "objective": options["objective"],
+        "tau": options["tau"],
+        "normalize": options["normalize"],
+    }
     lp1 = batch.log_probs.clone().requires_grad_(True)
     s1 = sequence_scores(lp1, batch.old_log_probs, batch.mask, score=options["score"])
     discriminative_objective(s1, batch.rewards, batch.group_ids, **opts).backward()
@@ -220,8 +225,16 @@ def test_weighted_score_sum_has_the_gradient_of_J(batch: Batch, options: dict):
     torch.testing.assert_close(lp2.grad, lp1.grad, rtol=RTOL, atol=ATOL)
     # and the same through disco_loss with the penalty switched off
     lp3 = batch.log_probs.clone().requires_grad_(True)
-    out = disco_loss(lp3, batch.old_log_probs, batch.mask, batch.rewards, batch.group_ids,
-                     score=options["score"], beta=0.0, **opts)
+    out = disco_loss(
+        lp3,
+        batch.old_log_probs,
+        batch.mask,
+        batch.rewards,
+        batch.group_ids,
+        score=options["score"],
+        beta=0.0,
+        **opts,
+    )
     (-out.loss).backward()
     torch.testing.assert_close(lp3.grad, lp1.grad, rtol=RTOL, atol=ATOL)
 
@@ -234,20 +247,25 @@ def test_disco_tends_to_disco_b_from_below(data, normalize):
     J_b - (max range)^2 / (8 tau) <= J_disco(tau) <= J_b and J_disco is non-decreasing in tau."""
     scores, rewards, group_ids = data
     j_b = float(
-        discriminative_objective(scores, rewards, group_ids, objective="disco_b",
-                                 normalize=normalize)
+        discriminative_objective(
+            scores, rewards, group_ids, objective="disco_b", normalize=normalize
+        )
     )
     groups = ref_groups(rewards.tolist(), group_ids.tolist(), 0.5)
     spread = max(
-        (float(scores[groups.neg[g]].max() - scores[groups.neg[g]].min())
-         for g in groups.order if groups.has_signal(g)),
+        (
+            float(scores[groups.neg[g]].max() - scores[groups.neg[g]].min())
+            for g in groups.order
+            if groups.has_signal(g)
+        ),
         default=0.0,
     )
     previous = -math.inf
     for tau in (1e-2, 0.1, 1.0, 10.0, 1e2, 1e3, 1e4, 1e6):
         j = float(
-            discriminative_objective(scores, rewards, group_ids, objective="disco", tau=tau,
-                                     normalize=normalize)
+            discriminative_objective(
+                scores, rewards, group_ids, objective="disco", tau=tau, normalize=normalize
+            )
         )
         # rounding of tau * log(...) in float64: a few ulps of tau per negative
         slack = 1e-14 * tau * scores.numel() + 1e-12 * (1.0 + float(scores.abs().max()))

@@ -9,9 +9,9 @@ The reference always runs in float64 on the same (cast up) input values.
 from __future__ import annotations
 
 import itertools
-from dataclasses import replace
 import math
 import zlib
+from dataclasses import replace
 
 import pytest
 import torch
@@ -83,10 +83,7 @@ GRID = list(
 @pytest.mark.parametrize(
     "score,objective,kl_estimator,active,rewards,normalize",
     GRID,
-    ids=[
-        f"{s}-{o}-{k}-{'pen' if a else 'nopen'}-{r[0]}@{r[1]}-{n}"
-        for s, o, k, a, r, n in GRID
-    ],
+    ids=[f"{s}-{o}-{k}-{'pen' if a else 'nopen'}-{r[0]}@{r[1]}-{n}" for s, o, k, a, r, n in GRID],
 )
 @pytest.mark.parametrize("tau", [None, 0.37])
 def test_disco_loss_matches_reference_float64(
@@ -96,16 +93,16 @@ def test_disco_loss_matches_reference_float64(
     seed = zlib.crc32(f"{score}{objective}{kl_estimator}{active}{kind}{normalize}".encode())
     batch = random_batch(seed, rewards=kind, shift=0.05, dtype=torch.float64)
     delta = penalty_delta(batch, kl_estimator, active)
-    options = dict(
-        score=score,
-        objective=objective,
-        kl_estimator=kl_estimator,
-        tau=tau,
-        delta=delta,
-        beta=7.0,
-        threshold=threshold,
-        normalize=normalize,
-    )
+    options = {
+        "score": score,
+        "objective": objective,
+        "kl_estimator": kl_estimator,
+        "tau": tau,
+        "delta": delta,
+        "beta": 7.0,
+        "threshold": threshold,
+        "normalize": normalize,
+    }
     ref = ref_disco(*batch.args(), **options)
     assert (float(ref.penalty) > 0.0) == active  # the case is what it claims to be
     check_against_reference(batch, torch.float64, **options)
@@ -118,15 +115,15 @@ def test_disco_loss_matches_reference_float64(
 def test_disco_loss_matches_reference_float32(seed, score, objective, kl_estimator, normalize):
     batch = random_batch(100 + seed, rewards="pm1", shift=0.05, dtype=torch.float32)
     delta = penalty_delta(batch, kl_estimator, active=seed != 2)
-    options = dict(
-        score=score,
-        objective=objective,
-        kl_estimator=kl_estimator,
-        tau=0.8,
-        delta=delta,
-        beta=5.0,
-        normalize=normalize,
-    )
+    options = {
+        "score": score,
+        "objective": objective,
+        "kl_estimator": kl_estimator,
+        "tau": 0.8,
+        "delta": delta,
+        "beta": 5.0,
+        "normalize": normalize,
+    }
     check_against_reference(batch, torch.float32, **options)
 
 
@@ -233,7 +230,7 @@ def test_objective_and_weights_match_reference(seed, objective, normalize, rewar
     gen = torch.Generator().manual_seed(seed)
     scores64 = torch.randn(batch.rewards.shape[0], generator=gen, dtype=torch.float64) * 2.0
     scores = scores64.to(dtype).requires_grad_(True)
-    opts = dict(objective=objective, tau=0.6, threshold=threshold, normalize=normalize)
+    opts = {"objective": objective, "tau": 0.6, "threshold": threshold, "normalize": normalize}
     j = discriminative_objective(scores, batch.rewards, batch.group_ids, **opts)
     w = discriminative_weights(scores, batch.rewards, batch.group_ids, **opts)
     assert j.shape == () and w.shape == scores.shape and not w.requires_grad
@@ -243,7 +240,9 @@ def test_objective_and_weights_match_reference(seed, objective, normalize, rewar
     j_ref = ref_objective(s_ref, r, g, **opts)
     assert_close(j, j_ref, dtype, "objective")
     (w_autograd,) = torch.autograd.grad(j_ref, s_ref)
-    w_formula = torch.tensor(ref_weights(s_ref.detach().tolist(), r, g, **opts), dtype=torch.float64)
+    w_formula = torch.tensor(
+        ref_weights(s_ref.detach().tolist(), r, g, **opts), dtype=torch.float64
+    )
     # the reference's two routes agree with each other (checks the reference itself)
     torch.testing.assert_close(w_autograd, w_formula, rtol=1e-12, atol=1e-15)
     assert_close(w, w_formula, dtype, "weights")
@@ -278,14 +277,21 @@ def test_reward_equal_to_threshold_is_negative(objective):
     ]
     assert bool((rewards == 0.5).any())
     check_against_reference(
-        replace(batch, rewards=rewards), torch.float64, objective=objective, threshold=0.5,
-        tau=0.5, delta=0.01, beta=2.0,
+        replace(batch, rewards=rewards),
+        torch.float64,
+        objective=objective,
+        threshold=0.5,
+        tau=0.5,
+        delta=0.01,
+        beta=2.0,
     )
     # the labels matter: treating 0.5 as positive changes the objective
-    j_half_neg = disco_loss(*batch.args()[:3], rewards, batch.group_ids, objective=objective,
-                            threshold=0.5, tau=0.5).objective
-    j_half_pos = disco_loss(*batch.args()[:3], rewards, batch.group_ids, objective=objective,
-                            threshold=0.25, tau=0.5).objective
+    j_half_neg = disco_loss(
+        *batch.args()[:3], rewards, batch.group_ids, objective=objective, threshold=0.5, tau=0.5
+    ).objective
+    j_half_pos = disco_loss(
+        *batch.args()[:3], rewards, batch.group_ids, objective=objective, threshold=0.25, tau=0.5
+    ).objective
     assert not torch.allclose(j_half_neg, j_half_pos)
 
 

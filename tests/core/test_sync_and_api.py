@@ -25,8 +25,18 @@ class HostSync(AssertionError):
     pass
 
 
-TRAPPED = ("item", "tolist", "cpu", "numpy", "nonzero", "unique", "__bool__", "__int__",
-           "__float__", "__index__")
+TRAPPED = (
+    "item",
+    "tolist",
+    "cpu",
+    "numpy",
+    "nonzero",
+    "unique",
+    "__bool__",
+    "__int__",
+    "__float__",
+    "__index__",
+)
 
 
 @contextlib.contextmanager
@@ -49,12 +59,19 @@ OPTIONS = list(itertools.product(SCORES, OBJECTIVES, KL_ESTIMATORS, NORMALIZES))
 
 
 @pytest.mark.parametrize("score,objective,kl_estimator,normalize", OPTIONS)
-def test_validate_false_reads_nothing_on_the_host(monkeypatch, score, objective, kl_estimator,
-                                                  normalize):
+def test_validate_false_reads_nothing_on_the_host(
+    monkeypatch, score, objective, kl_estimator, normalize
+):
     batch = random_batch(71, shift=0.05)
     lp = batch.log_probs.clone().requires_grad_(True)
-    opts = dict(score=score, objective=objective, kl_estimator=kl_estimator, normalize=normalize,
-                delta=1e-3, beta=10.0)
+    opts = {
+        "score": score,
+        "objective": objective,
+        "kl_estimator": kl_estimator,
+        "normalize": normalize,
+        "delta": 1e-3,
+        "beta": 10.0,
+    }
     with no_host_reads(monkeypatch):
         out = disco_loss(lp, *batch.args()[1:], validate=False, **opts)
         out.loss.backward()
@@ -78,8 +95,14 @@ def test_validate_false_is_sync_free_on_cuda():
     batch = random_batch(73, shift=0.05)
     cuda = Batch(*(t.cuda() for t in batch.args()))
     for score, objective, kl_estimator, normalize in OPTIONS:
-        opts = dict(score=score, objective=objective, kl_estimator=kl_estimator,
-                    normalize=normalize, delta=1e-3, beta=10.0)
+        opts = {
+            "score": score,
+            "objective": objective,
+            "kl_estimator": kl_estimator,
+            "normalize": normalize,
+            "delta": 1e-3,
+            "beta": 10.0,
+        }
         lp = cuda.log_probs.clone().requires_grad_(True)
         torch.cuda.synchronize()
         torch.cuda.set_sync_debug_mode("error")
@@ -102,11 +125,17 @@ EQUATIONS = {
     "sequence_scores": [r"\frac{1}{|o|}\sum_t\log\pi_\theta", r"\frac{\pi_\theta(o_t"],
     "kl_divergence": [r"k_1(x)=-x", r"k_3(x)=e^{x}-1-x", r"\sum_{i,t}m_{it}"],
     "squared_hinge_penalty": [r"\frac{\beta}{2}\,[\mathrm{KL}-\delta]_+^2"],
-    "discriminative_objective": [r"\tau\log\frac{1}{|N_q|}\sum_{j\inN_q}e^{s_j/\tau}",
-                                 r"\frac{1}{|P_q|}\sum_{i\inP_q}s_i", r"\frac{1}{G}\sum_q"],
-    "discriminative_weights": [r"w=\partialJ/\partials", r"\frac{1}{|P_q|\,G}",
-                               r"\frac{e^{s_j/\tau}}{\sum_{k\inN_q}e^{s_k/\tau}}",
-                               r"\frac{1}{|N_q|\,G}"],
+    "discriminative_objective": [
+        r"\tau\log\frac{1}{|N_q|}\sum_{j\inN_q}e^{s_j/\tau}",
+        r"\frac{1}{|P_q|}\sum_{i\inP_q}s_i",
+        r"\frac{1}{G}\sum_q",
+    ],
+    "discriminative_weights": [
+        r"w=\partialJ/\partials",
+        r"\frac{1}{|P_q|\,G}",
+        r"\frac{e^{s_j/\tau}}{\sum_{k\inN_q}e^{s_k/\tau}}",
+        r"\frac{1}{|N_q|\,G}",
+    ],
 }
 
 
