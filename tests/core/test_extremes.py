@@ -64,10 +64,22 @@ def check(batch: Batch, **options) -> None:
     )
 
 
-@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
-@pytest.mark.parametrize("score", SCORES)
-@pytest.mark.parametrize("objective", OBJECTIVES)
-@pytest.mark.parametrize("kl_estimator", KL_ESTIMATORS)
+EXTREME_T_CASES = [
+    (dtype, score, objective, kl)
+    for dtype in (torch.float64, torch.float32)
+    for score in SCORES
+    for objective in OBJECTIVES
+    for kl in KL_ESTIMATORS
+    # float32: DisCO only (DisCO-b adds nothing at the token level; keeps the suite fast)
+    if dtype == torch.float64 or objective == "disco"
+]
+
+
+@pytest.mark.parametrize(
+    "dtype,score,objective,kl_estimator",
+    EXTREME_T_CASES,
+    ids=[f"{str(d)[6:]}-{s}-{o}-{k}" for d, s, o, k in EXTREME_T_CASES],
+)
 def test_log_probs_of_minus_1e4_with_T_32k(dtype, score, objective, kl_estimator):
     """4 responses (2 groups), T = 32768, every log-prob about -1e4; ragged masks."""
     gen = torch.Generator().manual_seed(41)
