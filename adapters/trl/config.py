@@ -30,8 +30,8 @@ from typing import Any, Literal
 
 from trl import GRPOConfig
 
-from discoloss._checks import check_number, check_option
-from discoloss._types import KL_ESTIMATORS, NORMALIZES, OBJECTIVES, SCORES
+from discoloss._checks import check_number
+from discoloss.options import DiscoOptions
 
 __all__ = ["DisCOConfig", "GRPO_ONLY_OPTIONS"]
 
@@ -86,6 +86,11 @@ class DisCOConfig(GRPOConfig):
       kl_estimator: ``"k1"`` (log pi_old - log pi_theta) or ``"k3"``.
       threshold: a completion is positive iff its (weighted, summed) reward > threshold.
       normalize: ``"all"`` (divide by all prompts) or ``"valid"`` (by prompts with signal).
+      constraint: ``"squared_hinge"`` (DisCO), ``"hinge"``, ``"kl_penalty"``, ``"lagrangian"``
+        (a multiplier updated by dual ascent after every optimizer step with the step's KL,
+        step size ``lagrangian_lr``, saved in checkpoints) or ``"none"``.
+      cvar_alpha, margin, clip_eps: parameters of the ablation objectives / score (see the
+        discoloss README's table of variants).
       allow_reference_kl: allow ``beta`` (GRPOConfig's KL-to-reference coefficient) to be
         non-zero; its term is then added to the DisCO loss as in GRPO.
 
@@ -95,13 +100,21 @@ class DisCOConfig(GRPOConfig):
     correction, or an invalid DisCO option.
     """
 
-    score: Literal["log_likelihood", "likelihood_ratio"] = field(
+    score: Literal["log_likelihood", "likelihood_ratio", "clipped_ratio"] = field(
         default="log_likelihood",
-        metadata={"help": "Sequence score: 'log_likelihood' or 'likelihood_ratio'."},
+        metadata={
+            "help": "Sequence score: 'log_likelihood', 'likelihood_ratio' or the ablation "
+            "'clipped_ratio'."
+        },
     )
-    objective: Literal["disco", "disco_b"] = field(
+    objective: Literal[
+        "disco", "disco_b", "cvar", "disco_2way", "auc_sq_hinge", "auc_logistic"
+    ] = field(
         default="disco",
-        metadata={"help": "'disco' (log-mean-exp over negatives) or 'disco_b' (mean)."},
+        metadata={
+            "help": "'disco' (log-mean-exp over negatives), 'disco_b' (mean), or an ablation: "
+            "'cvar', 'disco_2way', 'auc_sq_hinge', 'auc_logistic'."
+        },
     )
     tau: float | None = field(
         default=None,
@@ -126,6 +139,30 @@ class DisCOConfig(GRPOConfig):
     normalize: Literal["all", "valid"] = field(
         default="all",
         metadata={"help": "Divide by all prompts ('all') or by prompts with signal ('valid')."},
+    )
+    constraint: Literal["squared_hinge", "hinge", "kl_penalty", "lagrangian", "none"] = field(
+        default="squared_hinge",
+        metadata={
+            "help": "How the KL constraint is enforced: 'squared_hinge' (DisCO), 'hinge', "
+            "'kl_penalty', 'lagrangian' (multiplier by dual ascent, step `lagrangian_lr`) "
+            "or 'none'."
+        },
+    )
+    lagrangian_lr: float = field(
+        default=1e3,
+        metadata={"help": "Dual step size of constraint='lagrangian'."},
+    )
+    cvar_alpha: float = field(
+        default=0.5,
+        metadata={"help": "Fraction of hardest negatives of objective='cvar', in (0, 1]."},
+    )
+    margin: float = field(
+        default=1.0,
+        metadata={"help": "Margin of objective='auc_sq_hinge'."},
+    )
+    clip_eps: float = field(
+        default=0.2,
+        metadata={"help": "Clip range of score='clipped_ratio', in (0, 1)."},
     )
     allow_reference_kl: bool = field(
         default=False,
@@ -171,13 +208,30 @@ class DisCOConfig(GRPOConfig):
                 "completions of two generation batches"
             )
 
+    def disco_options(self) -> DiscoOptions:
+        """The validated :class:`discoloss.DiscoOptions` of this config."""
+        return DiscoOptions(
+            score=self.score,
+            objective=self.objective,
+            tau=self.tau,
+            delta=self.disco_delta,
+            beta=self.disco_beta,
+            kl_estimator=self.kl_estimator,
+            threshold=self.threshold,
+            normalize=self.normalize,
+            constraint=self.constraint,
+            cvar_alpha=self.cvar_alpha,
+            margin=self.margin,
+            clip_eps=self.clip_eps,
+        )
+
     def _check_disco_options(self) -> None:
-        check_option("score", self.score, SCORES)
-        check_option("objective", self.objective, OBJECTIVES)
-        check_option("kl_estimator", self.kl_estimator, KL_ESTIMATORS)
-        check_option("normalize", self.normalize, NORMALIZES)
-        if self.tau is not None:
-            check_number("tau", self.tau, positive=True)
-        check_number("disco_delta", self.disco_delta, non_negative=True)
-        check_number("disco_beta", self.disco_beta, non_negative=True)
-        check_number("threshold", self.threshold)
+        try:
+            self.disco_options()
+        except (TypeError, ValueError) as err:  # name the DisCOConfig field, not the core's
+            message = str(err)
+            for core, field_name in (("delta", "disco_delta"), ("beta", "disco_beta")):
+                if message.startswith(core + " ") or message.startswith(core + "="):
+                    message = field_name + message[len(core) :]
+            raise type(err)(message) from None
+        check_number("lagrangian_lr", self.lagrangian_lr, positive=True)

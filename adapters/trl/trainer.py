@@ -75,16 +75,18 @@ the groups (their tokens still count in the KL constraint).
 
 from __future__ import annotations
 
+import os
 import textwrap
 from typing import Any
 
 import torch
 from torch import Tensor
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from trl import GRPOTrainer
 from trl.models.utils import disable_gradient_checkpointing
 
 from discoloss.accumulation import ResponseStats, micro_batch_loss, plan_minibatch, response_stats
-from discoloss.kl import squared_hinge_penalty
+from discoloss.constraints import LagrangeMultiplier, constraint_penalty
 
 from .config import DisCOConfig
 
@@ -112,6 +114,10 @@ def _loss_mask(inputs: dict[str, Any]) -> Tensor:
     mask = inputs["completion_mask"]
     tool_mask = inputs.get("tool_mask")
     return mask if tool_mask is None else mask * tool_mask
+
+
+#: File holding the KL multiplier of ``constraint="lagrangian"`` inside a checkpoint folder.
+MULTIPLIER_FILE = "disco_multiplier.pt"
 
 
 class DisCOTrainer(GRPOTrainer):
@@ -162,6 +168,59 @@ class DisCOTrainer(GRPOTrainer):
         self._disco_rewards_per_func: Tensor | None = None
         self._disco_rows: list[Tensor] = []
         self._disco_sums: list[Tensor] = []
+        #: The KL multiplier of ``constraint="lagrangian"`` (None otherwise), updated after
+        #: every optimizer step and saved in checkpoints through a stateful callback.
+        self.disco_multiplier: LagrangeMultiplier | None = None
+        if args.constraint == "lagrangian":
+            self.disco_multiplier = LagrangeMultiplier(lr=args.lagrangian_lr)
+
+    # ------------------------------------------------------------------ checkpoints
+
+    def _save_checkpoint(self, model: Any, trial: Any) -> None:
+        super()._save_checkpoint(model, trial)
+        if self.disco_multiplier is not None and self.args.should_save:
+            folder = os.path.join(
+                self._get_output_dir(trial=trial),
+                f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}",
+            )
+            torch.save(self.disco_multiplier.state_dict(), os.path.join(folder, MULTIPLIER_FILE))
+
+    def _load_rng_state(self, checkpoint: str | None) -> None:
+        # Called by Trainer.train with the resolved checkpoint folder when resuming.
+        super()._load_rng_state(checkpoint)
+        if self.disco_multiplier is not None and checkpoint is not None:
+            path = os.path.join(checkpoint, MULTIPLIER_FILE)
+            if not os.path.isfile(path):
+                raise FileNotFoundError(
+                    f"{path} is missing: the checkpoint was not written by a DisCOTrainer with "
+                    'constraint="lagrangian", so the KL multiplier cannot be restored'
+                )
+            self.disco_multiplier.load_state_dict(torch.load(path, weights_only=True))
+
+    def _stats_options(self) -> dict[str, Any]:
+        args: DisCOConfig = self.args
+        return {
+            "score": args.score,
+            "kl_estimator": args.kl_estimator,
+            "threshold": args.threshold,
+            "clip_eps": args.clip_eps,
+        }
+
+    def _plan_options(self) -> dict[str, Any]:
+        args: DisCOConfig = self.args
+        return {
+            "score": args.score,
+            "objective": args.objective,
+            "tau": args.tau,
+            "delta": args.disco_delta,
+            "beta": args.disco_beta,
+            "threshold": args.threshold,
+            "normalize": args.normalize,
+            "constraint": args.constraint,
+            "multiplier": self.disco_multiplier,
+            "cvar_alpha": args.cvar_alpha,
+            "margin": args.margin,
+        }
 
     # ------------------------------------------------------------------ generation batch
 
@@ -213,7 +272,16 @@ class DisCOTrainer(GRPOTrainer):
             output["old_per_token_logps"] = old
 
         with torch.no_grad():
-            local = response_stats(old, old, mask, score=args.score, kl_estimator=args.kl_estimator)
+            device = mask.device
+            rewards_per_func = rewards_per_func.to(device)
+            scorable = ~torch.isnan(rewards_per_func).all(dim=1)
+            rewards = (rewards_per_func * self.reward_weights.to(device).unsqueeze(0)).nansum(1)
+            rewards = torch.where(scorable, rewards, torch.nan).double()
+            start = self.accelerator.process_index * n_local
+            local_rows = slice(start, start + n_local)
+            local = response_stats(
+                old, old, mask, **self._stats_options(), rewards=rewards[local_rows]
+            )
             payload = torch.stack([local.scores.double(), local.lengths.double()], dim=1)
             full = self.accelerator.gather(payload)  # (B, 2), process order, like the rewards
             if rewards_per_func.shape[0] != full.shape[0]:
@@ -221,11 +289,6 @@ class DisCOTrainer(GRPOTrainer):
                     f"DisCOTrainer: {rewards_per_func.shape[0]} gathered rewards for "
                     f"{full.shape[0]} gathered completions"
                 )
-            device = full.device
-            rewards_per_func = rewards_per_func.to(device)
-            scorable = ~torch.isnan(rewards_per_func).all(dim=1)
-            rewards = (rewards_per_func * self.reward_weights.to(device).unsqueeze(0)).nansum(1)
-            rewards = torch.where(scorable, rewards, torch.nan).double()
             group_ids = torch.arange(full.shape[0], device=device) // num_generations
             weights = torch.zeros(full.shape[0], dtype=torch.float64, device=device)
             rows = scorable.nonzero().squeeze(1)
@@ -234,17 +297,9 @@ class DisCOTrainer(GRPOTrainer):
                     ResponseStats(full[rows, 0], torch.zeros_like(full[rows, 0]), full[rows, 1]),
                     rewards[rows],
                     group_ids[rows],
-                    score=args.score,
-                    objective=args.objective,
-                    tau=args.tau,
-                    delta=args.disco_delta,
-                    beta=args.disco_beta,
-                    threshold=args.threshold,
-                    normalize=args.normalize,
+                    **self._plan_options(),
                 )
                 weights[rows] = plan.weights.to(weights.dtype)
-            start = self.accelerator.process_index * n_local
-            local_rows = slice(start, start + n_local)
             output["disco_weights"] = weights[local_rows].to(old.dtype)
             output["disco_rewards"] = rewards[local_rows]
             output["disco_group_ids"] = group_ids[local_rows]
@@ -304,10 +359,12 @@ class DisCOTrainer(GRPOTrainer):
             inputs["disco_weights"] * steps_per_pass,
             num_tokens=num_tokens,
             kl_coef=None,
-            score=args.score,
-            kl_estimator=args.kl_estimator,
+            **self._stats_options(),
             delta=args.disco_delta,
             beta=args.disco_beta,
+            constraint=args.constraint,
+            multiplier=self.disco_multiplier,
+            rewards=inputs["disco_rewards"],
         )
         loss = piece.loss
         ref_kl_sum = torch.zeros((), device=per_token_logps.device)
@@ -349,14 +406,13 @@ class DisCOTrainer(GRPOTrainer):
         ref_kl_sum: Tensor,
         inputs: dict[str, Any],
     ) -> None:
-        args: DisCOConfig = self.args
         with torch.no_grad():
             st = response_stats(
                 log_probs.detach(),
                 old,
                 mask,
-                score=args.score,
-                kl_estimator=args.kl_estimator,
+                **self._stats_options(),
+                rewards=inputs["disco_rewards"],
                 validate=False,
             )
             rows = torch.stack(
@@ -393,12 +449,22 @@ class DisCOTrainer(GRPOTrainer):
         assert sums.shape[0] == n_sums
         num_tokens = rows[:, 2].sum().clamp_min(1.0)
         kl = rows[:, 1].sum() / num_tokens
-        penalty = squared_hinge_penalty(kl, delta=args.disco_delta, beta=args.disco_beta)
+        penalty = constraint_penalty(
+            kl,
+            constraint=args.constraint,
+            delta=args.disco_delta,
+            beta=args.disco_beta,
+            multiplier=self.disco_multiplier,
+        )
         m = self._metrics[mode]
         m["disco/kl"].append(kl.item())
         m["disco/penalty"].append(penalty.item())
         m["disco/penalty_local"].append(sums[1].item())
         m["disco/constraint_active"].append(float(kl.item() > args.disco_delta))
+        if self.disco_multiplier is not None:
+            if mode == "train":  # dual ascent with the step's global KL
+                self.disco_multiplier.update(kl, delta=args.disco_delta)
+            m["disco/multiplier"].append(float(self.disco_multiplier.value))
         m["entropy"].append((sums[0] / num_tokens).item())
         if self.beta != 0.0:
             m["kl"].append((sums[2] / num_tokens).item())
@@ -409,13 +475,7 @@ class DisCOTrainer(GRPOTrainer):
                 ResponseStats(r[:, 0], r[:, 1], r[:, 2]),
                 r[:, 3],
                 r[:, 4].round().to(torch.int64),
-                score=args.score,
-                objective=args.objective,
-                tau=args.tau,
-                delta=args.disco_delta,
-                beta=args.disco_beta,
-                threshold=args.threshold,
-                normalize=args.normalize,
+                **self._plan_options(),
             )
             out = plan.output.metrics
             for key in (
