@@ -45,12 +45,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from discoloss import (
-    discriminative_objective,
-    kl_divergence,
-    sequence_scores,
-    squared_hinge_penalty,
-)
+from discoloss import disco_loss
 
 from ._options import (
     DiscoConfigError,
@@ -137,8 +132,6 @@ def compute_policy_loss_disco(
 
     dec = decode_codes(advantages, mask, check=opts.validate)
     f = torch.float32
-    scores = sequence_scores(log_prob, old_log_prob, mask, score=opts.score, validate=False)
-    kl_mb = kl_divergence(log_prob, old_log_prob, mask, estimator=opts.kl_estimator, validate=False)
     n_loc = dec.lengths.sum().to(f)
 
     # Dense question ids of this micro-batch (0 collects the ignored rows) and their counts.
@@ -153,22 +146,8 @@ def compute_policy_loss_disco(
     )
     local_questions = (new.sum() - (~coded).any().to(torch.int64)).to(f)
 
-    # Sum over the micro-batch's questions of J_q: the core divides by the number of distinct
-    # group ids it sees (ignored rows share id 0 and form a question without signal, J = 0).
-    j_loc = discriminative_objective(
-        scores,
-        (dec.positive & coded).to(f),
-        g_ids,
-        objective=opts.objective,
-        tau=opts.resolved_tau,
-        threshold=0.5,
-        normalize="all",
-        validate=False,
-    )
-    sum_j = j_loc * new.sum().to(j_loc.dtype)
-
-    if global_bsz is None:  # no global batch info: normalise by this micro-batch alone
-        questions: Tensor | float = local_questions.clamp_min(1.0)
+    if global_bsz is None:  # no global batch info: this micro-batch is the whole batch
+        questions: int | Tensor = local_questions.clamp_min(1.0).to(torch.int64)
         k_pairs = 1.0
     else:
         if global_bsz % n:
@@ -176,14 +155,32 @@ def compute_policy_loss_disco(
                 f"global_batch_size={global_bsz} is not a multiple of rollout_n={n}: the "
                 "mini-batch would not hold whole questions"
             )
-        questions = float(global_bsz // n)
+        questions = global_bsz // n
         k_pairs = global_bsz / rows
-    tokens: Tensor | float = n_loc.clamp_min(1.0) if num_tokens is None else float(max(num_tokens, 1))
+    tokens: int | Tensor = (
+        n_loc.clamp_min(1.0).to(torch.int64) if num_tokens is None else max(int(num_tokens), 1)
+    )
 
-    objective_piece = sum_j / questions
-    penalty_mb = squared_hinge_penalty(kl_mb, delta=opts.delta, beta=opts.beta)
-    penalty_piece = (n_loc / tokens) * penalty_mb
-    loss = dp * (penalty_piece - objective_piece)
+    # The ignored rows (id 0, no tokens, labelled negative) form a question without signal.
+    out = disco_loss(
+        log_prob,
+        old_log_prob,
+        mask,
+        (dec.positive & coded).to(f),
+        g_ids,
+        score=opts.score,
+        objective=opts.objective,
+        tau=opts.resolved_tau,
+        delta=opts.delta,
+        beta=opts.beta,
+        kl_estimator=opts.kl_estimator,
+        threshold=0.5,
+        normalize="all",
+        validate=False,
+        num_groups=questions,
+        num_tokens=tokens,
+    )
+    loss = dp * out.loss
 
     # Whole-question check: every response of a question flagged regular (rollout.n responses)
     # must be in this micro-batch.
@@ -191,7 +188,7 @@ def compute_policy_loss_disco(
     n_split = split_rows.sum()
 
     if opts.validate:
-        finite = torch.isfinite(scores.detach()).all() & torch.isfinite(kl_mb.detach())
+        finite = torch.isfinite(out.loss.detach()) & torch.isfinite(out.kl.detach())
         flags = torch.stack([dec.consistent, n_split == 0, finite]).cpu()  # the one host sync
         if not bool(flags.all()):
             _raise_details(flags, dec, split_rows, n, rows)
@@ -208,17 +205,17 @@ def compute_policy_loss_disco(
             0, dense, (coded & ~dec.positive).to(f)
         )
         with_signal = ((n_pos_g > 0) & (n_neg_g > 0)).sum().to(f)
-        kl_d = kl_mb.detach().to(f)
+        local_kl = out.kl.detach().to(f) * (tokens / n_loc.clamp_min(1.0))
         total = float(global_bsz) if global_bsz is not None else float(rows)
         metrics = {
-            "objective": k_pairs * objective_piece.detach(),
-            "kl": k_pairs * kl_d * n_loc / tokens,
-            "penalty": k_pairs * penalty_piece.detach(),
+            "objective": k_pairs * out.objective.detach(),
+            "kl": k_pairs * out.kl.detach(),
+            "penalty": k_pairs * out.penalty.detach(),
             "num_groups": k_pairs * local_questions,
             "groups_with_signal": k_pairs * with_signal,
             "frac_groups_with_signal": k_pairs * with_signal / questions,
             "frac_positive": k_pairs * pos.sum().to(f) / total,
-            "constraint_active": (kl_d > opts.delta).to(f),
+            "constraint_active": (local_kl > opts.delta).to(f),
             "split_responses": k_pairs * n_split.to(f),
         }
     return loss, {METRIC_PREFIX + k: v.detach() for k, v in metrics.items()}
