@@ -110,10 +110,16 @@ def patch_v1_trainer(module: ModuleType) -> None:
 
     @functools.wraps(balance)
     def _balance_batch(
-        self: Any, batch: Any, metrics: dict, logging_prefix: str = "global_seqlen", keep_minibatch: bool = False
+        self: Any,
+        batch: Any,
+        metrics: dict,
+        logging_prefix: str = "global_seqlen",
+        keep_minibatch: bool = False,
     ) -> Any:
         if not uses_disco(self.config):
-            return balance(self, batch, metrics, logging_prefix=logging_prefix, keep_minibatch=keep_minibatch)
+            return balance(
+                self, batch, metrics, logging_prefix=logging_prefix, keep_minibatch=keep_minibatch
+            )
         return balance_whole_questions(self, batch, metrics, logging_prefix)
 
     @functools.wraps(update)

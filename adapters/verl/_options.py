@@ -99,7 +99,9 @@ def options_from_mapping(node: Mapping[str, Any] | Any) -> DiscoOptions:
     if tau is not None:
         tau = _number("tau", tau, positive=True)
     if not isinstance(raw["validate"], bool):
-        raise DiscoConfigError(f"{POLICY_LOSS_PATH}.validate: expected true or false, got {raw['validate']!r}")
+        raise DiscoConfigError(
+            f"{POLICY_LOSS_PATH}.validate: expected true or false, got {raw['validate']!r}"
+        )
     return DiscoOptions(
         score=raw["score"],
         objective=raw["objective"],

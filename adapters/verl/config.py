@@ -9,7 +9,6 @@ which happens in the driver (``verl.utils.config.validate_config``) before any w
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
 
 from verl.workers.config import PolicyLossConfig
 
@@ -32,7 +31,7 @@ class DiscoPolicyLossConfig(PolicyLossConfig):
     loss_mode: str = NAME
     score: str = "log_likelihood"
     objective: str = "disco"
-    tau: Optional[float] = None
+    tau: float | None = None
     delta: float = 1e-4
     beta: float = 1e3
     kl_estimator: str = "k1"

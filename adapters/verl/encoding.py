@@ -85,7 +85,7 @@ def encode_codes(
     g_t = torch.tensor(group, dtype=torch.int64)
     irr_t = torch.tensor(irregular, dtype=torch.int64)[g_t]
     magnitude = torch.where(g_t > 0, 2 * g_t + irr_t, 0).to(torch.float32)
-    positive = (rewards.detach().cpu().to(torch.float64) > threshold)
+    positive = rewards.detach().cpu().to(torch.float64) > threshold
     return torch.where(positive, magnitude, -magnitude).to(rewards.device)
 
 
@@ -132,7 +132,9 @@ def decode_codes(advantages: Tensor, response_mask: Tensor, *, check: bool) -> D
     if check:
         same = torch.where(mask, advantages.to(torch.float32) == code[:, None], True).all()
         well_formed = torch.where(
-            lengths > 0, (magnitude == magnitude.round()) & (magnitude >= 2) & (magnitude <= MAX_CODE), True
+            lengths > 0,
+            (magnitude == magnitude.round()) & (magnitude >= 2) & (magnitude <= MAX_CODE),
+            True,
         ).all()
         consistent = same & well_formed
     else:

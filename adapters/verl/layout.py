@@ -5,28 +5,19 @@ and verl back-propagates each micro-batch at once, so each of the ``rollout.n`` 
 question must sit in the same micro-batch (hence the same DP rank and mini-batch). What verl
 0.9.1 does to the order of a batch, and what the adapter does about it:
 
-==============================  =================================================  =====================
-verl step                        effect on questions                                 DisCO adapter
-==============================  =================================================  =====================
-``_balance_batch`` (v1 trainer,  reorders responses across DP ranks by length,       replaced, for DisCO
-always on)                       ignoring questions                                  runs only, by the
-                                                                                     question-aware
-                                                                                     :func:`group_balanced_order`
-``trainer.balance_batch`` (v0)   same                                                refused (set false)
-dispatch to DP ranks             contiguous equal chunks                             whole with the above
-``actor.shuffle``                shuffles each rank's responses before mini-batches  refused (set false)
-mini-batches per rank            contiguous slices of ppo_mini_batch_size*n/dp       needs ppo_mini_batch_size
-                                                                                     % dp == 0
-fixed micro-batches              contiguous chunks of ppo_micro_batch_size_per_gpu   needs a multiple of
-                                                                                     rollout.n
-dynamic micro-batches            re-partitions by token count                        keeps questions whole
-(``use_dynamic_bsz``)                                                                with verl's
-                                                                                     ``force_group_size``
-                                                                                     (v1); refused on v0
-synthetic padding samples        added when the batch does not divide the            refused at run time
-(``upsample_batch_to_            mini-batch size (failed or filtered rollouts)       (never mixes groups)
-divisible_size``)
-==============================  =================================================  =====================
+* ``PPOTrainer._balance_batch`` (v1 trainer, always on) reorders responses across DP ranks by
+  length, ignoring questions: replaced, for DisCO runs only, by :func:`group_balanced_order`.
+* ``trainer.balance_batch`` (legacy v0 trainer): same problem, refused (set it to false).
+* dispatch to DP ranks: contiguous equal chunks, whole questions after the balancing above.
+* ``actor.shuffle``: shuffles each rank's responses before forming mini-batches: refused.
+* mini-batches per rank: contiguous slices of ppo_mini_batch_size * n / dp responses: needs
+  ``ppo_mini_batch_size % dp == 0`` (and train_batch_size a multiple of it).
+* fixed micro-batches: contiguous chunks of ``ppo_micro_batch_size_per_gpu``: needs a multiple
+  of ``rollout.n``.
+* dynamic micro-batches (``use_dynamic_bsz``) re-partition by token count: kept whole with
+  verl's ``force_group_size = rollout.n`` (v1); refused on the legacy trainer.
+* synthetic padding samples (``upsample_batch_to_divisible_size``, after failed or filtered
+  rollouts): refused at run time, they would not form questions.
 """
 
 from __future__ import annotations
@@ -69,12 +60,20 @@ def _actor_dp_size(config: Any) -> int | None:
     strategy = _sel(config, "actor_rollout_ref.actor.strategy", "fsdp")
     if strategy in ("fsdp", "fsdp2"):
         sp = _sel(config, "actor_rollout_ref.actor.ulysses_sequence_parallel_size", 1) or 1
-        sp = max(sp, _sel(config, "actor_rollout_ref.actor.fsdp_config.ulysses_sequence_parallel_size", 1) or 1)
+        sp = max(
+            sp,
+            _sel(config, "actor_rollout_ref.actor.fsdp_config.ulysses_sequence_parallel_size", 1)
+            or 1,
+        )
         return n_gpus // sp if n_gpus % sp == 0 else None
     if strategy == "megatron":
         m = "actor_rollout_ref.actor.megatron."
         mp = 1
-        for key in ("tensor_model_parallel_size", "pipeline_model_parallel_size", "context_parallel_size"):
+        for key in (
+            "tensor_model_parallel_size",
+            "pipeline_model_parallel_size",
+            "context_parallel_size",
+        ):
             mp *= _sel(config, m + key, 1) or 1
         return n_gpus // mp if n_gpus % mp == 0 else None
     return None
@@ -134,7 +133,8 @@ def check_config(config: Any) -> DiscoOptions | None:
     train = _sel(config, "data.train_batch_size")
     if isinstance(mini, int) and isinstance(train, int) and train % mini:
         raise DiscoConfigError(
-            f"data.train_batch_size={train} is not a multiple of {actor}ppo_mini_batch_size={mini}: "
+            f"data.train_batch_size={train} is not a multiple of "
+            f"{actor}ppo_mini_batch_size={mini}: "
             "the last mini-batch would need synthetic padding samples that do not form questions"
         )
     dp = _actor_dp_size(config)
@@ -197,8 +197,8 @@ def group_balanced_order(
       (order, partitions): the new order of the responses (indices into the input) and, per
       rank, the response indices it receives (for verl's balance metrics).
     """
-    from verl.utils.seqlen_balancing import calculate_workload, get_seqlen_balanced_partitions
     import torch
+    from verl.utils.seqlen_balancing import calculate_workload, get_seqlen_balanced_partitions
 
     if len(uids) != len(seq_lens):
         raise ValueError(f"uids and seq_lens differ in length: {len(uids)} != {len(seq_lens)}")

@@ -6,14 +6,13 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import discoloss.adapters.verl as adapter
 import pytest
 from conftest import readme_overrides
-from hydra import compose, initialize_config_dir, initialize_config_module
-from omegaconf import OmegaConf
-
-import discoloss.adapters.verl as adapter
 from discoloss.adapters.verl import DiscoConfigError
 from discoloss.adapters.verl.config import TARGET, DiscoPolicyLossConfig
+from hydra import compose, initialize_config_dir, initialize_config_module
+from omegaconf import OmegaConf
 
 CONF_DIR = str(Path(adapter.__file__).parent / "conf")
 
@@ -33,7 +32,9 @@ def validate(config: Any) -> None:
     from verl.utils.config import validate_config
 
     assert getattr(validate_config, "__discoloss__", False), "the adapter's hook is not installed"
-    validate_config(config, use_reference_policy=need_reference_policy(config), use_critic=need_critic(config))
+    validate_config(
+        config, use_reference_policy=need_reference_policy(config), use_critic=need_critic(config)
+    )
 
 
 def actor_of(config: Any) -> Any:
@@ -48,7 +49,13 @@ def test_readme_command_passes_verl_validation() -> None:
     assert cfg.actor_rollout_ref.actor.policy_loss._target_ == TARGET
     pl = actor_of(cfg).policy_loss
     assert isinstance(pl, DiscoPolicyLossConfig)
-    assert (pl.score, pl.objective, pl.tau, pl.delta, pl.beta) == ("log_likelihood", "disco", None, 1e-4, 1e3)
+    assert (pl.score, pl.objective, pl.tau, pl.delta, pl.beta) == (
+        "log_likelihood",
+        "disco",
+        None,
+        1e-4,
+        1e3,
+    )
 
 
 def test_shipped_config_options_need_no_plus() -> None:
@@ -62,24 +69,37 @@ def test_shipped_config_options_need_no_plus() -> None:
     validate(cfg)
     pl = actor_of(cfg).policy_loss
     assert (pl.loss_mode, pl.score, pl.objective, pl.tau, pl.kl_estimator) == (
-        "disco", "likelihood_ratio", "disco_b", 2.5, "k3")
+        "disco",
+        "likelihood_ratio",
+        "disco_b",
+        2.5,
+        "k3",
+    )
     assert cfg.algorithm.adv_estimator == "disco"
 
 
 def test_plus_options_on_verl_config() -> None:
-    cfg = verl_config(*readme_overrides(), "+actor_rollout_ref.actor.policy_loss.tau=5",
-                      "+actor_rollout_ref.actor.policy_loss.threshold=0.0")
+    cfg = verl_config(
+        *readme_overrides(),
+        "+actor_rollout_ref.actor.policy_loss.tau=5",
+        "+actor_rollout_ref.actor.policy_loss.threshold=0.0",
+    )
     validate(cfg)
     pl = actor_of(cfg).policy_loss
     assert (pl.tau, pl.threshold) == (5.0, 0.0)
 
 
 def test_non_disco_run_untouched() -> None:
-    cfg = verl_config("algorithm.adv_estimator=grpo", "actor_rollout_ref.rollout.n=5",
-                      "actor_rollout_ref.actor.ppo_micro_batch_size_per_gpu=3",
-                      "actor_rollout_ref.rollout.log_prob_micro_batch_size_per_gpu=3")
+    cfg = verl_config(
+        "algorithm.adv_estimator=grpo",
+        "actor_rollout_ref.rollout.n=5",
+        "actor_rollout_ref.actor.ppo_micro_batch_size_per_gpu=3",
+        "actor_rollout_ref.rollout.log_prob_micro_batch_size_per_gpu=3",
+    )
     validate(cfg)  # micro 3 is not a multiple of n, shuffle etc.: DisCO rules do not apply
-    assert cfg.actor_rollout_ref.actor.policy_loss._target_ == "verl.workers.config.PolicyLossConfig"
+    assert (
+        cfg.actor_rollout_ref.actor.policy_loss._target_ == "verl.workers.config.PolicyLossConfig"
+    )
 
 
 BAD_OPTIONS = [
@@ -98,24 +118,46 @@ BAD_OPTIONS = [
 
 @pytest.mark.parametrize(("override", "message"), BAD_OPTIONS)
 def test_bad_option_values(override: str, message: str) -> None:
-    cfg = shipped_config(*[o for o in readme_overrides()], f"actor_rollout_ref.actor.policy_loss.{override}")
+    cfg = shipped_config(
+        *[o for o in readme_overrides()], f"actor_rollout_ref.actor.policy_loss.{override}"
+    )
     with pytest.raises(DiscoConfigError, match=message.replace("(", r"\(").replace("'", "'")):
         validate(cfg)
 
 
 BAD_LAYOUT = [
     (["algorithm.adv_estimator=grpo"], "loss_mode=disco needs algorithm.adv_estimator=disco"),
-    (["actor_rollout_ref.actor.policy_loss.loss_mode=vanilla"], "set actor_rollout_ref.actor.policy_loss.loss_mode=disco"),
-    (["actor_rollout_ref.rollout.n=1", "actor_rollout_ref.actor.ppo_micro_batch_size_per_gpu=1"], "rollout.n=1"),
+    (
+        ["actor_rollout_ref.actor.policy_loss.loss_mode=vanilla"],
+        "set actor_rollout_ref.actor.policy_loss.loss_mode=disco",
+    ),
+    (
+        ["actor_rollout_ref.rollout.n=1", "actor_rollout_ref.actor.ppo_micro_batch_size_per_gpu=1"],
+        "rollout.n=1",
+    ),
     (["actor_rollout_ref.actor.shuffle=true"], "actor.shuffle=true"),
-    (["actor_rollout_ref.actor.ppo_micro_batch_size_per_gpu=6"], "ppo_micro_batch_size_per_gpu=6 is not a multiple"),
-    (["trainer.n_gpus_per_node=3"], "ppo_mini_batch_size=32 \\(questions\\) is not a multiple of the actor's data-parallel size 3"),
+    (
+        ["actor_rollout_ref.actor.ppo_micro_batch_size_per_gpu=6"],
+        "ppo_micro_batch_size_per_gpu=6 is not a multiple",
+    ),
+    (
+        ["trainer.n_gpus_per_node=3"],
+        "ppo_mini_batch_size=32 \\(questions\\) is not a multiple of the actor's "
+        "data-parallel size 3",
+    ),
     (["data.train_batch_size=100"], "data.train_batch_size=100 is not a multiple"),
     (["algorithm.use_kl_in_reward=true"], "use_kl_in_reward"),
     (["critic.enable=true"], "critic.enable=true"),
     (["trainer.use_v1=false"], "trainer.balance_batch=true"),
-    (["trainer.use_v1=false", "trainer.balance_batch=false", "actor_rollout_ref.actor.use_dynamic_bsz=true",
-      "actor_rollout_ref.rollout.log_prob_use_dynamic_bsz=true"], "use_dynamic_bsz=true splits questions in the legacy"),
+    (
+        [
+            "trainer.use_v1=false",
+            "trainer.balance_batch=false",
+            "actor_rollout_ref.actor.use_dynamic_bsz=true",
+            "actor_rollout_ref.rollout.log_prob_use_dynamic_bsz=true",
+        ],
+        "use_dynamic_bsz=true splits questions in the legacy",
+    ),
 ]
 
 
@@ -132,8 +174,13 @@ def test_layout_and_pairing_refused(overrides: list[str], message: str) -> None:
 def test_layout_handled_not_refused() -> None:
     """Settings the adapter keeps correct instead of refusing (parity in test_verl_parity)."""
     base = {o.split("=")[0]: o for o in readme_overrides()}
-    for o in ["actor_rollout_ref.actor.use_dynamic_bsz=true", "actor_rollout_ref.rollout.log_prob_use_dynamic_bsz=true",
-              "trainer.balance_batch=true", "trainer.n_gpus_per_node=8", "trainer.nnodes=2"]:
+    for o in [
+        "actor_rollout_ref.actor.use_dynamic_bsz=true",
+        "actor_rollout_ref.rollout.log_prob_use_dynamic_bsz=true",
+        "trainer.balance_batch=true",
+        "trainer.n_gpus_per_node=8",
+        "trainer.nnodes=2",
+    ]:
         base[o.split("=")[0]] = o
     validate(verl_config(*base.values()))
 

@@ -9,10 +9,9 @@ from typing import Any
 
 import pytest
 import torch
+from discoloss.adapters.verl import DiscoLayoutError, group_balanced_order
 from omegaconf import OmegaConf
 from verl_sim import estimate, make_batch, run_update
-
-from discoloss.adapters.verl import DiscoLayoutError, group_balanced_order
 
 
 def verl_original_order(batch: Any, dp: int) -> list[int]:
@@ -20,7 +19,9 @@ def verl_original_order(batch: Any, dp: int) -> list[int]:
     from verl.utils.seqlen_balancing import calculate_workload, get_seqlen_balanced_partitions
 
     seq = torch.tensor([p + r for p, r in zip(batch.prompt_lens, batch.resp_lens)])
-    parts = get_seqlen_balanced_partitions(calculate_workload(seq).tolist(), k_partitions=dp, equal_size=True)
+    parts = get_seqlen_balanced_partitions(
+        calculate_workload(seq).tolist(), k_partitions=dp, equal_size=True
+    )
     return [i for part in parts for i in part]
 
 
@@ -28,7 +29,9 @@ def test_balancer_whole_questions_and_balanced() -> None:
     n, dp, q = 8, 4, 8
     batch = make_batch([n] * 32, seed=2, max_len=40)
     seq = [p + r for p, r in zip(batch.prompt_lens, batch.resp_lens)]
-    order, parts = group_balanced_order(batch.uids, seq, dp_size=dp, questions_per_mini_batch=q, group_size=n)
+    order, parts = group_balanced_order(
+        batch.uids, seq, dp_size=dp, questions_per_mini_batch=q, group_size=n
+    )
     assert sorted(order) == list(range(batch.size))
     per_rank = batch.size // dp
     assert [len(p) for p in parts] == [per_rank] * dp
@@ -59,7 +62,16 @@ def test_sync_free_split_detection_poisons_the_gradient() -> None:
     batch = make_batch([n] * 8, seed=4)
     estimate(batch, n)
     order = verl_original_order(batch, dp)
-    step = run_update(batch, n=n, dp=dp, questions_per_mini_batch=4, micro=4, order=order, delta=1.0, validate=False)
+    step = run_update(
+        batch,
+        n=n,
+        dp=dp,
+        questions_per_mini_batch=4,
+        micro=4,
+        order=order,
+        delta=1.0,
+        validate=False,
+    )
     assert any(torch.isnan(g).any() for g in step.grads)
     assert any(m["actor/disco/split_responses"] > 0 for m in step.metrics)
     assert any(math.isnan(m["actor/pg_loss"]) for m in step.metrics)
@@ -78,7 +90,16 @@ def test_dynamic_batch_size_without_force_group_size_is_detected() -> None:
     batch = make_batch([n] * 12, seed=7, max_len=9)
     estimate(batch, n)
     with pytest.raises(DiscoLayoutError, match="split"):
-        run_update(batch, n=n, dp=2, questions_per_mini_batch=6, micro=None, dynamic=True, max_token_len=40, delta=1.0)
+        run_update(
+            batch,
+            n=n,
+            dp=2,
+            questions_per_mini_batch=6,
+            micro=None,
+            dynamic=True,
+            max_token_len=40,
+            delta=1.0,
+        )
 
 
 def test_shuffled_mini_batches_are_detected() -> None:
@@ -87,7 +108,9 @@ def test_shuffled_mini_batches_are_detected() -> None:
     batch = make_batch([n] * 8, seed=8)
     estimate(batch, n)
     order = list(range(batch.size))
-    order = [order[i] for i in torch.randperm(batch.size, generator=torch.Generator().manual_seed(0))]
+    order = [
+        order[i] for i in torch.randperm(batch.size, generator=torch.Generator().manual_seed(0))
+    ]
     with pytest.raises(DiscoLayoutError, match="split"):
         run_update(batch, n=n, dp=1, questions_per_mini_batch=4, micro=8, order=order, delta=1.0)
 
@@ -103,28 +126,44 @@ def test_wrong_estimator_is_detected() -> None:
 
 @pytest.mark.parametrize(
     ("sizes", "q", "dp", "message"),
-    [([4, 4, 3, 5], 2, 1, "has [35] responses"), ([4] * 6, 4, 1, "6 questions, not a multiple"),
-     ([4] * 8, 4, 3, "not a multiple of the actor's data-parallel size 3")],
+    [
+        ([4, 4, 3, 5], 2, 1, "has [35] responses"),
+        ([4] * 6, 4, 1, "6 questions, not a multiple"),
+        ([4] * 8, 4, 3, "not a multiple of the actor's data-parallel size 3"),
+    ],
 )
 def test_balancer_refusals(sizes: list[int], q: int, dp: int, message: str) -> None:
     batch = make_batch(sizes, seed=0)
     with pytest.raises(DiscoLayoutError, match=message):
-        group_balanced_order(batch.uids, [3] * batch.size, dp_size=dp, questions_per_mini_batch=q, group_size=4)
+        group_balanced_order(
+            batch.uids, [3] * batch.size, dp_size=dp, questions_per_mini_batch=q, group_size=4
+        )
 
 
 # --- the hooks on verl's v1 trainer ---------------------------------------------------------
 
 
-def trainer_stub(adv_estimator: str, *, n: int = 4, mini: int = 2, dp: int = 2, dynamic: bool = False) -> Any:
-    config = OmegaConf.create({
-        "algorithm": {"adv_estimator": adv_estimator},
-        "actor_rollout_ref": {
-            "rollout": {"n": n, "temperature": 1.0},
-            "actor": {"ppo_mini_batch_size": mini, "use_dynamic_bsz": dynamic, "ppo_epochs": 1,
-                      "data_loader_seed": 1, "shuffle": False, "calculate_entropy": False,
-                      "entropy_coeff": 0.0, "policy_loss": {"loss_mode": adv_estimator}},
-        },
-    })
+def trainer_stub(
+    adv_estimator: str, *, n: int = 4, mini: int = 2, dp: int = 2, dynamic: bool = False
+) -> Any:
+    config = OmegaConf.create(
+        {
+            "algorithm": {"adv_estimator": adv_estimator},
+            "actor_rollout_ref": {
+                "rollout": {"n": n, "temperature": 1.0},
+                "actor": {
+                    "ppo_mini_batch_size": mini,
+                    "use_dynamic_bsz": dynamic,
+                    "ppo_epochs": 1,
+                    "data_loader_seed": 1,
+                    "shuffle": False,
+                    "calculate_entropy": False,
+                    "entropy_coeff": 0.0,
+                    "policy_loss": {"loss_mode": adv_estimator},
+                },
+            },
+        }
+    )
     seen: dict[str, Any] = {}
 
     def update_actor(batch: Any) -> dict:
@@ -132,9 +171,14 @@ def trainer_stub(adv_estimator: str, *, n: int = 4, mini: int = 2, dp: int = 2, 
         return {"metrics": {"mfu": [0.0]}}
 
     wg = SimpleNamespace(_dispatch_info={"actor": list(range(dp))}, update_actor=update_actor)
-    stub = SimpleNamespace(config=config, actor_rollout_wg=wg, distillation_config=None, seen=seen,
-                           tokenizer=SimpleNamespace(eos_token_id=0),
-                           _get_required_batch_multiple=lambda d: math.lcm(d, mini * n))
+    stub = SimpleNamespace(
+        config=config,
+        actor_rollout_wg=wg,
+        distillation_config=None,
+        seen=seen,
+        tokenizer=SimpleNamespace(eos_token_id=0),
+        _get_required_batch_multiple=lambda d: math.lcm(d, mini * n),
+    )
     return stub
 
 

@@ -11,9 +11,9 @@ from __future__ import annotations
 
 import os
 import queue
+import shutil
 import signal
 import subprocess
-import shutil
 import sys
 import tempfile
 import threading
@@ -23,16 +23,31 @@ from pathlib import Path
 from conftest import readme_overrides
 
 REACHED = "'_target_': 'discoloss.adapters.verl.config.DiscoPolicyLossConfig'"
-CPU = ["trainer.n_gpus_per_node=1", "trainer.nnodes=1", "ray_kwargs.ray_init.num_cpus=2",
-       "trainer.logger=[console]"]
+CPU = [
+    "trainer.n_gpus_per_node=1",
+    "trainer.nnodes=1",
+    "ray_kwargs.ray_init.num_cpus=2",
+    "trainer.logger=[console]",
+]
 
 
-def launch(args: list[str], tmp_path: Path, deadline: float, stop_at: str | None) -> tuple[int | None, str, str]:
+def launch(
+    args: list[str], tmp_path: Path, deadline: float, stop_at: str | None
+) -> tuple[int | None, str, str]:
     ray_tmp = tempfile.mkdtemp(prefix="ray", dir="/tmp")  # AF_UNIX paths are limited to 107 bytes
-    env = {**os.environ, "RAY_TMPDIR": ray_tmp, "RAY_USAGE_STATS_ENABLED": "0", "HYDRA_FULL_ERROR": "1"}
+    env = {
+        **os.environ,
+        "RAY_TMPDIR": ray_tmp,
+        "RAY_USAGE_STATS_ENABLED": "0",
+        "HYDRA_FULL_ERROR": "1",
+    }
     proc = subprocess.Popen(
         [sys.executable, "-m", "verl.trainer.main_ppo", *args, f"hydra.run.dir={tmp_path}/hydra"],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=env,
+        cwd=tmp_path,
         start_new_session=True,
     )
     lines: queue.Queue[str | None] = queue.Queue()
@@ -78,9 +93,13 @@ def test_main_ppo_gets_past_the_adapter(tmp_path: Path) -> None:
     assert "DiscoConfigError" not in log and "DiscoLayoutError" not in log
     assert "[validate_config] All configuration checks passed successfully!" in log, log[-3000:]
     assert "ray init kwargs" in log
-    assert where == "reached", f"verl stopped before the task runner got the config ({where}, rc={rc}):\n{log[-3000:]}"
-    print("main_ppo on CPU: driver validation passed, Ray started, TaskRunnerV1 received the DisCO "
-          "config; verl then waits for TransferQueue/GPU resources (stopped by the test)")
+    assert where == "reached", (
+        f"verl stopped before the task runner got the config ({where}, rc={rc}):\n{log[-3000:]}"
+    )
+    print(
+        "main_ppo on CPU: driver validation passed, Ray started, TaskRunnerV1 received the DisCO "
+        "config; verl then waits for TransferQueue/GPU resources (stopped by the test)"
+    )
 
 
 def test_main_ppo_bad_value_fails_in_the_driver(tmp_path: Path) -> None:

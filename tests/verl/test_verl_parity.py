@@ -8,8 +8,15 @@ import pytest
 import torch
 from verl_sim import Batch, estimate, make_batch, reference, run_update
 
-EXACT = ["objective", "kl", "penalty", "num_groups", "groups_with_signal", "frac_groups_with_signal",
-         "frac_positive"]
+EXACT = [
+    "objective",
+    "kl",
+    "penalty",
+    "num_groups",
+    "groups_with_signal",
+    "frac_groups_with_signal",
+    "frac_positive",
+]
 
 
 def assert_parity(batch: Batch, step, *, exact_metrics: bool = True, **options) -> None:
@@ -21,7 +28,9 @@ def assert_parity(batch: Batch, step, *, exact_metrics: bool = True, **options) 
         torch.testing.assert_close(grad, ref_grad, atol=1e-6 * max(scale, 1.0), rtol=1e-5)
         assert logged["actor/pg_loss"] == pytest.approx(ref.loss.item(), rel=1e-5, abs=1e-7)
         for key in EXACT if exact_metrics else []:
-            assert logged[f"actor/disco/{key}"] == pytest.approx(ref.metrics[key].item(), rel=1e-5, abs=1e-7), key
+            assert logged[f"actor/disco/{key}"] == pytest.approx(
+                ref.metrics[key].item(), rel=1e-5, abs=1e-7
+            ), key
         assert logged["actor/disco/split_responses"] == 0.0
 
 
@@ -34,7 +43,9 @@ def assert_parity(batch: Batch, step, *, exact_metrics: bool = True, **options) 
         (4, 8, 4, "disco", "likelihood_ratio"),
     ],
 )
-def test_parity_fixed_micro_batches(dp: int, q_mini: int, micro: int, objective: str, score: str) -> None:
+def test_parity_fixed_micro_batches(
+    dp: int, q_mini: int, micro: int, objective: str, score: str
+) -> None:
     n = 4
     batch = make_batch([n] * 16, seed=dp * 10 + micro)
     estimate(batch, n)
@@ -49,8 +60,17 @@ def test_parity_dynamic_batch_size_with_force_group_size() -> None:
     n = 4
     batch = make_batch([n] * 12, seed=7, max_len=9)
     estimate(batch, n)
-    step = run_update(batch, n=n, dp=2, questions_per_mini_batch=6, micro=None, dynamic=True,
-                      max_token_len=64, force_group_size=n, delta=1.0)
+    step = run_update(
+        batch,
+        n=n,
+        dp=2,
+        questions_per_mini_batch=6,
+        micro=None,
+        dynamic=True,
+        max_token_len=64,
+        force_group_size=n,
+        delta=1.0,
+    )
     assert max(len(m) for m in step.members) == 24
     # gradient and actor/pg_loss exact; actor/disco/* are row-weighted estimates here, since
     # micro-batches differ in size (documented)
@@ -87,7 +107,9 @@ def test_penalty_exact_when_micro_batch_kls_are_equal() -> None:
     )
     estimate(batch, n)
     opts = dict(delta=0.0, beta=1e3)
-    step = run_update(batch, n=n, dp=1, questions_per_mini_batch=4, micro=8, order=list(range(16)), **opts)
+    step = run_update(
+        batch, n=n, dp=1, questions_per_mini_batch=4, micro=8, order=list(range(16)), **opts
+    )
     assert step.metrics[0]["actor/disco/penalty"] > 1e-4  # the penalty is really active
     assert_parity(batch, step, **opts)
 
@@ -119,7 +141,9 @@ def test_penalty_per_micro_batch_claim() -> None:
     idx = torch.tensor(sorted(rows))
     dense = {u: i for i, u in enumerate(dict.fromkeys(batch.uids))}
     groups = torch.tensor([dense[batch.uids[i]] for i in idx.tolist()])
-    obj = disco_loss(lp[idx].float(), batch.old[idx], batch.mask[idx], batch.rewards[idx], groups, delta=1e9)
+    obj = disco_loss(
+        lp[idx].float(), batch.old[idx], batch.mask[idx], batch.rewards[idx], groups, delta=1e9
+    )
     total = obj.loss + penalty
     total.backward()
     torch.testing.assert_close(step.grads[0], theta.grad, atol=1e-6, rtol=1e-5)

@@ -17,7 +17,9 @@ CHECK = (
 
 def run(code: str, **env: str) -> subprocess.CompletedProcess[str]:
     full = {**os.environ, **env}
-    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=full, timeout=300)
+    return subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env=full, timeout=300
+    )
 
 
 def test_plain_import_verl_registers_both() -> None:
@@ -30,7 +32,9 @@ def test_without_entry_points_and_with_external_modules() -> None:
     off = run(CHECK, VERL_USE_EXTERNAL_PLUGINS="none")
     assert off.returncode == 0, off.stderr
     assert off.stdout.split()[-2:] == ["False", "False"]  # the test can fail: entry point is ours
-    on = run(CHECK, VERL_USE_EXTERNAL_PLUGINS="none", VERL_USE_EXTERNAL_MODULES="discoloss.adapters.verl")
+    on = run(
+        CHECK, VERL_USE_EXTERNAL_PLUGINS="none", VERL_USE_EXTERNAL_MODULES="discoloss.adapters.verl"
+    )
     assert on.returncode == 0, on.stderr
     assert on.stdout.split()[-2:] == ["True", "True"]
 

@@ -17,19 +17,17 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+import verl  # noqa: F401  (loads the discoloss plugin)
+from discoloss.adapters.verl import group_balanced_order
+from discoloss.adapters.verl.config import DiscoPolicyLossConfig
 from omegaconf import OmegaConf
 from tensordict import TensorDict
-
-import verl  # noqa: F401  (loads the discoloss plugin)
 from verl.utils import tensordict_utils as tu
 from verl.utils.metric import Metric
 from verl.utils.py_functional import append_to_dict
 from verl.workers.config import FSDPActorConfig
 from verl.workers.engine.utils import prepare_micro_batches
 from verl.workers.utils.losses import ppo_loss
-
-from discoloss.adapters.verl import compute_disco_advantage, group_balanced_order
-from discoloss.adapters.verl.config import DiscoPolicyLossConfig
 
 
 @dataclass
@@ -79,7 +77,9 @@ def make_batch(
     t = max(resp_lens)
     mask = torch.arange(t)[None, :] < torch.tensor(resp_lens)[:, None]
     theta = torch.randn(b, t, generator=g, dtype=torch.float64)
-    old = torch.nn.functional.logsigmoid(theta + kl_scale * torch.randn(b, t, generator=g, dtype=torch.float64))
+    old = torch.nn.functional.logsigmoid(
+        theta + kl_scale * torch.randn(b, t, generator=g, dtype=torch.float64)
+    )
     return Batch(
         uids=[u for u, _ in rows],
         rewards=torch.tensor([r for _, r in rows]),
@@ -123,7 +123,9 @@ def estimate(batch: Batch, n: int, **policy_loss: Any) -> None:
     batch.advantages = adv
 
 
-def actor_config(n: int, *, micro: int | None, dynamic: bool = False, **options: Any) -> FSDPActorConfig:
+def actor_config(
+    n: int, *, micro: int | None, dynamic: bool = False, **options: Any
+) -> FSDPActorConfig:
     return FSDPActorConfig(
         strategy="fsdp",
         rollout_n=n,
@@ -164,8 +166,11 @@ def model_log_probs(theta: torch.Tensor, batch: Batch, micro: TensorDict) -> tor
     """Nested (prompt + response) log-probs as the model returns them; position p-1+t holds the
     log-prob of response token t (verl's left shift)."""
     out = []
-    for i, p, r in zip(micro["row"].tolist(), micro["prompts"].offsets().diff().tolist(),
-                       micro["responses"].offsets().diff().tolist()):
+    for i, p, r in zip(
+        micro["row"].tolist(),
+        micro["prompts"].offsets().diff().tolist(),
+        micro["responses"].offsets().diff().tolist(),
+    ):
         lp = torch.nn.functional.logsigmoid(theta[i, :r])
         out.append(torch.cat([lp.new_zeros(p - 1), lp, lp.new_zeros(1)]))
     return _nested(out)
@@ -197,14 +202,26 @@ def run_update(
     if order is None:
         seq = [p + r for p, r in zip(batch.prompt_lens, batch.resp_lens)]
         order, _ = group_balanced_order(
-            batch.uids, seq, dp_size=dp, questions_per_mini_batch=questions_per_mini_batch, group_size=n
+            batch.uids,
+            seq,
+            dp_size=dp,
+            questions_per_mini_batch=questions_per_mini_batch,
+            group_size=n,
         )
     td = to_tensordict(batch, order)
     chunks = tu.chunk_tensordict(td, dp)  # contiguous, as verl dispatches to DP ranks
     mini_global = questions_per_mini_batch * n
     mini_per_gpu = mini_global // dp
-    iters = [tu.make_iterator(c, mini_batch_size=mini_per_gpu, epochs=1, seed=42 + r,
-                              dataloader_kwargs={"shuffle": False}) for r, c in enumerate(chunks)]
+    iters = [
+        tu.make_iterator(
+            c,
+            mini_batch_size=mini_per_gpu,
+            epochs=1,
+            seed=42 + r,
+            dataloader_kwargs={"shuffle": False},
+        )
+        for r, c in enumerate(chunks)
+    ]
     config = actor_config(n, micro=micro, dynamic=dynamic, **options)
     theta = batch.theta.clone().requires_grad_(True)
     step = Step([], [], [])
@@ -214,9 +231,15 @@ def run_update(
         rank_metrics = []
         members: list[int] = []
         for m in minis:
-            tu.assign_non_tensor(m, dp_size=dp, batch_num_tokens=tokens, global_batch_size=mini_global,
-                                 use_dynamic_bsz=dynamic, micro_batch_size_per_gpu=micro,
-                                 max_token_len_per_gpu=max_token_len)
+            tu.assign_non_tensor(
+                m,
+                dp_size=dp,
+                batch_num_tokens=tokens,
+                global_batch_size=mini_global,
+                use_dynamic_bsz=dynamic,
+                micro_batch_size_per_gpu=micro,
+                max_token_len_per_gpu=max_token_len,
+            )
             if force_group_size is not None:
                 tu.assign_non_tensor(m, force_group_size=force_group_size)
             micro_batches, _ = prepare_micro_batches(m)
@@ -248,6 +271,8 @@ def reference(batch: Batch, rows: list[int], **options: Any) -> tuple[torch.Tens
     lp = torch.nn.functional.logsigmoid(theta[idx])
     dense = {u: i for i, u in enumerate(dict.fromkeys(batch.uids))}
     groups = torch.tensor([dense[batch.uids[i]] for i in idx.tolist()])
-    out = disco_loss(lp.float(), batch.old[idx], batch.mask[idx], batch.rewards[idx], groups, **options)
+    out = disco_loss(
+        lp.float(), batch.old[idx], batch.mask[idx], batch.rewards[idx], groups, **options
+    )
     out.loss.backward()
     return theta.grad.clone(), out
