@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import nox
 
-nox.options.sessions = ["core", "trl"]
+nox.options.sessions = ["core", "verl", "trl"]
 nox.options.error_on_missing_interpreters = True
 
 PYTHON = "3.11"
@@ -22,6 +22,14 @@ def core(session: nox.Session) -> None:
     session.install(TORCH)
     session.install("-e", ".[test,analysis,demo]")
     session.run("pytest", "tests/core", *session.posargs)
+
+
+@nox.session(python=PYTHON)
+def verl(session: nox.Session) -> None:
+    """The verl adapter against the real verl 0.9.x (CPU: registries, config, ppo_loss, layout)."""
+    session.install(TORCH)
+    session.install("-e", ".[verl,test]")
+    session.run("pytest", "tests/verl", *session.posargs)
 
 
 @nox.session(python=PYTHON)
