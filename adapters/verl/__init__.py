@@ -21,7 +21,7 @@ try:
         POLICY_LOSS_PATH,
         DiscoConfigError,
         DiscoLayoutError,
-        DiscoOptions,
+        VerlDiscoOptions,
         options_from_mapping,
     )
     from ._register import register
@@ -42,9 +42,9 @@ except Exception:
 __all__ = [
     "NAME",
     "POLICY_LOSS_PATH",
+    "VerlDiscoOptions",
     "DiscoConfigError",
     "DiscoLayoutError",
-    "DiscoOptions",
     "broadcast_codes",
     "check_config",
     "compute_disco_advantage",

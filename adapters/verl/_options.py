@@ -1,32 +1,30 @@
-"""DisCO options as verl sees them: names, defaults and validation (no verl import).
+"""DisCO options as verl sees them: the core's :class:`discoloss.options.DiscoOptions` plus the
+adapter's own setting, read from a verl config node (no verl import).
 
-The names and defaults are those of :func:`discoloss.disco_loss`. Under verl they live in
-``actor_rollout_ref.actor.policy_loss``; every error names the full setting path.
+Validation of the DisCO options is the core's (same names, defaults, ranges and messages as
+:func:`discoloss.disco_loss`); the adapter only prefixes every message with the full verl setting
+path, ``actor_rollout_ref.actor.policy_loss.<name>``, and refuses the values that cannot be
+exact under verl (:func:`check_for_verl`).
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping
-from dataclasses import dataclass, fields
-from typing import Any, Literal
+from dataclasses import dataclass, field
+from typing import Any
 
-Score = Literal["log_likelihood", "likelihood_ratio"]
-Objective = Literal["disco", "disco_b"]
-KLEstimator = Literal["k1", "k3"]
-Normalize = Literal["all", "valid"]
+from discoloss.options import DiscoOptions
 
 #: Where the options live in verl's configuration tree.
 POLICY_LOSS_PATH = "actor_rollout_ref.actor.policy_loss"
 #: The registered names (advantage estimator and policy loss).
 NAME = "disco"
 
-_CHOICES: dict[str, tuple[str, ...]] = {
-    "score": ("log_likelihood", "likelihood_ratio"),
-    "objective": ("disco", "disco_b"),
-    "kl_estimator": ("k1", "k3"),
-    "normalize": ("all", "valid"),
-}
+#: The DisCO options, exactly those of :func:`discoloss.disco_loss` (from the core).
+CORE_OPTION_NAMES: tuple[str, ...] = DiscoOptions.names()
+#: Settings that only the verl adapter has.
+ADAPTER_OPTION_NAMES: tuple[str, ...] = ("validate",)
+OPTION_NAMES: tuple[str, ...] = CORE_OPTION_NAMES + ADAPTER_OPTION_NAMES
 
 
 class DiscoConfigError(ValueError):
@@ -38,91 +36,73 @@ class DiscoLayoutError(DiscoConfigError):
 
 
 @dataclass(frozen=True)
-class DiscoOptions:
-    """Validated DisCO options (same names and defaults as :func:`discoloss.disco_loss`).
+class VerlDiscoOptions:
+    """The validated options of a DisCO run under verl.
 
-    score: ``"log_likelihood"`` or ``"likelihood_ratio"``.
-    objective: ``"disco"`` (log-mean-exp over negatives) or ``"disco_b"`` (mean).
-    tau: DRO temperature > 0; None gives 10 (log_likelihood) or 1 (likelihood_ratio).
-    delta: KL radius >= 0.  beta: penalty strength >= 0.
-    kl_estimator: ``"k1"`` or ``"k3"``.  threshold: a response is positive iff reward > threshold.
-    normalize: ``"all"``; ``"valid"`` is refused under verl (see :func:`check_for_verl`).
-    validate: value checks with one host sync per micro-batch; False gives a sync-free loss.
+    disco: the core's :class:`discoloss.options.DiscoOptions` (score, objective, tau, delta,
+      beta, kl_estimator, threshold, normalize, constraint, cvar_alpha, margin, clip_eps), passed
+      to :func:`discoloss.disco_loss` unchanged.
+    validate: value and layout checks with one host sync per micro-batch; False gives a
+      sync-free loss (adapter-only setting).
     """
 
-    score: Score = "log_likelihood"
-    objective: Objective = "disco"
-    tau: float | None = None
-    delta: float = 1e-4
-    beta: float = 1e3
-    kl_estimator: KLEstimator = "k1"
-    threshold: float = 0.5
-    normalize: Normalize = "all"
+    disco: DiscoOptions = field(default_factory=DiscoOptions)
     validate: bool = True
 
-    @property
-    def resolved_tau(self) -> float:
-        if self.tau is not None:
-            return float(self.tau)
-        return 10.0 if self.score == "log_likelihood" else 1.0
+
+def _core_error(error: ValueError | TypeError) -> DiscoConfigError:
+    """The core's message with the verl setting path of the option it names."""
+    message = str(error)
+    for name in sorted(CORE_OPTION_NAMES, key=len, reverse=True):
+        rest = message[len(name) :]
+        if message.startswith(name) and not (rest[:1].isalnum() or rest[:1] == "_"):
+            return DiscoConfigError(f"{POLICY_LOSS_PATH}.{message}")
+    return DiscoConfigError(f"{POLICY_LOSS_PATH}: {message}")
 
 
-OPTION_NAMES: tuple[str, ...] = tuple(f.name for f in fields(DiscoOptions))
-
-
-def _number(name: str, value: Any, *, positive: bool = False, non_negative: bool = False) -> float:
-    where = f"{POLICY_LOSS_PATH}.{name}"
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise DiscoConfigError(f"{where}: expected a number, got {value!r}")
-    v = float(value)
-    if not math.isfinite(v):
-        raise DiscoConfigError(f"{where}: must be finite, got {value!r}")
-    if positive and v <= 0:
-        raise DiscoConfigError(f"{where}: must be > 0, got {value!r}")
-    if non_negative and v < 0:
-        raise DiscoConfigError(f"{where}: must be >= 0, got {value!r}")
-    return v
-
-
-def options_from_mapping(node: Mapping[str, Any] | Any) -> DiscoOptions:
+def options_from_mapping(node: Mapping[str, Any] | Any) -> VerlDiscoOptions:
     """Read and validate the DisCO options from a ``policy_loss`` node (DictConfig, dataclass or
-    dict). Missing keys take :func:`discoloss.disco_loss`'s defaults; other keys are ignored."""
+    dict). Missing keys take :func:`discoloss.disco_loss`'s defaults; other keys are ignored.
+
+    Raises :class:`DiscoConfigError` naming the full setting path of a bad value.
+    """
+    if node is None:
+        node = {}
     get = node.get if hasattr(node, "get") else (lambda k, d=None: getattr(node, k, d))
-    d = DiscoOptions()
-    raw = {name: get(name, getattr(d, name)) for name in OPTION_NAMES}
-    for name, choices in _CHOICES.items():
-        if raw[name] not in choices:
-            raise DiscoConfigError(
-                f"{POLICY_LOSS_PATH}.{name}: expected one of {list(choices)}, got {raw[name]!r}"
-            )
-    tau = raw["tau"]
-    if tau is not None:
-        tau = _number("tau", tau, positive=True)
-    if not isinstance(raw["validate"], bool):
+    missing = object()
+    given = {name: get(name, missing) for name in CORE_OPTION_NAMES}
+    try:
+        disco = DiscoOptions(**{k: v for k, v in given.items() if v is not missing})
+    except (ValueError, TypeError) as error:
+        raise _core_error(error) from error
+    validate = get("validate", True)
+    if not isinstance(validate, bool):
         raise DiscoConfigError(
-            f"{POLICY_LOSS_PATH}.validate: expected true or false, got {raw['validate']!r}"
+            f"{POLICY_LOSS_PATH}.validate: expected true or false, got {validate!r}"
         )
-    return DiscoOptions(
-        score=raw["score"],
-        objective=raw["objective"],
-        tau=tau,
-        delta=_number("delta", raw["delta"], non_negative=True),
-        beta=_number("beta", raw["beta"], non_negative=True),
-        kl_estimator=raw["kl_estimator"],
-        threshold=_number("threshold", raw["threshold"]),
-        normalize=raw["normalize"],
-        validate=raw["validate"],
-    )
+    return VerlDiscoOptions(disco=disco, validate=validate)
 
 
-def check_for_verl(options: DiscoOptions) -> DiscoOptions:
-    """Options that are valid for :func:`discoloss.disco_loss` but cannot be exact under verl."""
-    if options.normalize != "all":
+def check_for_verl(options: VerlDiscoOptions) -> VerlDiscoOptions:
+    """Options that are valid for :func:`discoloss.disco_loss` but cannot run correctly under
+    verl are refused here, in the driver."""
+    o = options.disco
+    if o.normalize != "all":
         raise DiscoConfigError(
-            f"{POLICY_LOSS_PATH}.normalize={options.normalize!r} is not supported with verl: the "
+            f"{POLICY_LOSS_PATH}.normalize={o.normalize!r} is not supported with verl: the "
             "number of questions with signal in a mini-batch is only known after all of its "
             "micro-batches have run (verl back-propagates each micro-batch at once), so the "
             "per-micro-batch losses could not add up to the mini-batch objective. Use "
             "normalize=all (the published normalisation)."
+        )
+    if o.constraint == "lagrangian":
+        raise DiscoConfigError(
+            f"{POLICY_LOSS_PATH}.constraint='lagrangian' is not supported with verl: its "
+            "multiplier is training state that every actor worker would have to hold, update "
+            "once per optimizer step with the mini-batch's global KL (all-reduced over the "
+            "data-parallel ranks) and save in checkpoints, and verl's actor gives a policy loss "
+            "no per-step hook or checkpoint slot for it. Use constraint=kl_penalty (a fixed "
+            "coefficient beta, exact under verl's micro-batching), squared_hinge (DisCO) or "
+            "hinge; the TRL adapter supports lagrangian."
         )
     return options

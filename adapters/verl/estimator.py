@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ._options import POLICY_LOSS_PATH, DiscoOptions, options_from_mapping
+from ._options import POLICY_LOSS_PATH, VerlDiscoOptions, options_from_mapping
 from .encoding import broadcast_codes, encode_codes
 
 __all__ = ["compute_disco_advantage", "settings_from_algorithm_config"]
@@ -26,12 +26,12 @@ __all__ = ["compute_disco_advantage", "settings_from_algorithm_config"]
 logger = logging.getLogger(__name__)
 
 
-def settings_from_algorithm_config(config: Any) -> tuple[DiscoOptions, int | None]:
+def settings_from_algorithm_config(config: Any) -> tuple[VerlDiscoOptions, int | None]:
     """(options, rollout.n) reachable from verl's ``algorithm`` config node, else defaults."""
     try:
         from omegaconf import DictConfig, OmegaConf
     except ImportError:  # pragma: no cover - verl always ships omegaconf
-        return DiscoOptions(), None
+        return VerlDiscoOptions(), None
     if isinstance(config, DictConfig):
         root = config._get_root()
         node = OmegaConf.select(root, POLICY_LOSS_PATH, default=None)
@@ -43,7 +43,7 @@ def settings_from_algorithm_config(config: Any) -> tuple[DiscoOptions, int | Non
         "default threshold 0.5",
         POLICY_LOSS_PATH,
     )
-    return DiscoOptions(), None
+    return VerlDiscoOptions(), None
 
 
 def compute_disco_advantage(
@@ -74,7 +74,7 @@ def compute_disco_advantage(
     rewards = token_level_rewards.sum(dim=-1)
     has_tokens = response_mask.sum(dim=-1) > 0
     codes = encode_codes(
-        rewards, has_tokens, list(index), threshold=options.threshold, group_size=n
+        rewards, has_tokens, list(index), threshold=options.disco.threshold, group_size=n
     )
     advantages = broadcast_codes(codes, response_mask)
     return advantages, torch.zeros_like(advantages)

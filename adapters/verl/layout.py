@@ -30,7 +30,7 @@ from ._options import (
     POLICY_LOSS_PATH,
     DiscoConfigError,
     DiscoLayoutError,
-    DiscoOptions,
+    VerlDiscoOptions,
     check_for_verl,
     options_from_mapping,
 )
@@ -79,7 +79,7 @@ def _actor_dp_size(config: Any) -> int | None:
     return None
 
 
-def check_config(config: Any) -> DiscoOptions | None:
+def check_config(config: Any) -> VerlDiscoOptions | None:
     """Validate a whole verl config (DictConfig) for DisCO; None if DisCO is not selected.
 
     Run in the driver by the adapter's ``validate_config`` hook, before Ray starts any worker.
