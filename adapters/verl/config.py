@@ -24,8 +24,10 @@ TARGET = "discoloss.adapters.verl.config.DiscoPolicyLossConfig"
 class DiscoPolicyLossConfig(PolicyLossConfig):
     """verl's policy-loss config with the options of :func:`discoloss.disco_loss`.
 
-    Same names and defaults as ``disco_loss``: score, objective, tau, delta, beta, kl_estimator,
-    threshold, normalize, validate (see :class:`discoloss.adapters.verl.DiscoOptions`).
+    Same names and defaults as ``disco_loss`` (validated by the core's
+    :class:`discoloss.options.DiscoOptions`): score, objective, tau, delta, beta, kl_estimator,
+    threshold, normalize, constraint, cvar_alpha, margin, clip_eps; plus the adapter's
+    ``validate``. A test checks that these fields are exactly the core's option names.
     """
 
     loss_mode: str = NAME
@@ -37,6 +39,10 @@ class DiscoPolicyLossConfig(PolicyLossConfig):
     kl_estimator: str = "k1"
     threshold: float = 0.5
     normalize: str = "all"
+    constraint: str = "squared_hinge"
+    cvar_alpha: float = 0.5
+    margin: float = 1.0
+    clip_eps: float = 0.2
     validate: bool = True
 
     def __post_init__(self) -> None:

@@ -20,14 +20,22 @@ mini-batch, micro-batch m (questions Q_m, all whole; N_m tokens; KL_m its token-
 Objective: the pieces add up exactly, value and gradient, to -J of :func:`discoloss.disco_loss`
 on the mini-batch (its J_q needs only question q's responses, which are whole in m).
 
-Penalty: the squared hinge is not linear in the KL, so a micro-batch cannot know the mini-batch
-penalty. Each micro-batch applies the penalty to its *own* token-mean KL, weighted by its share
-of tokens. Summed, the value is sum_m (N_m/N) P(KL_m) >= P(KL) (Jensen), and the gradient is
-sum_m beta [KL_m - delta]_+ grad(N_m KL_m) / N, i.e. each token's KL gradient is scaled by its
-micro-batch's coefficient instead of the mini-batch's. Both equal the mini-batch penalty
-exactly when every micro-batch's KL is <= delta (then all are 0, as on the first mini-batch of
-each step, where pi_theta = pi_old) or when all micro-batches have the same KL. The KL itself
-(``actor/disco/kl``) is exact.
+Penalty P(KL) (``constraint``, :mod:`discoloss.constraints`): no micro-batch can know the
+mini-batch KL, so each applies the penalty to its *own* token-mean KL, weighted by its share of
+tokens: sum_m (N_m/N) P(KL_m). For the constraints that are linear in the KL (``kl_penalty``:
+beta KL; ``none``: 0) this is exactly P(KL) of the mini-batch, value and gradient, since
+sum_m (N_m/N) KL_m = KL. For ``squared_hinge`` (default) and ``hinge`` it is the local
+approximation: the value is >= P(KL) (Jensen) and the gradient is
+sum_m P'(KL_m) grad(N_m KL_m) / N, i.e. each token's KL gradient is scaled by its micro-batch's
+coefficient instead of the mini-batch's. Both equal the mini-batch penalty exactly when every
+micro-batch's KL is <= delta (then all are 0, as on the first mini-batch of each step, where
+pi_theta = pi_old) or when all micro-batches have the same KL. The KL itself
+(``actor/disco/kl``) is exact. ``lagrangian`` is refused in the driver (its multiplier would be
+per-step training state; see :func:`discoloss.adapters.verl._options.check_for_verl`).
+
+Objective variants (``objective``: disco, disco_b, cvar, disco_2way, auc_sq_hinge,
+auc_logistic) each need only one question's responses, so they are exact like DisCO's. The
+``clipped_ratio`` score needs each response's label: it is the sign of the response's code.
 
 Metrics: verl averages a policy loss's metrics over all (rank, micro-batch) pairs of a
 mini-batch (``AggregationType.MEAN``). Each additive metric is therefore reported as
@@ -39,6 +47,7 @@ estimate. ``actor/pg_loss`` (summed by verl) is the mini-batch loss in both case
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import Any
 
@@ -50,7 +59,7 @@ from discoloss import disco_loss
 from ._options import (
     DiscoConfigError,
     DiscoLayoutError,
-    DiscoOptions,
+    VerlDiscoOptions,
     check_for_verl,
     options_from_mapping,
 )
@@ -61,7 +70,7 @@ __all__ = ["DiscoLayoutError", "compute_policy_loss_disco", "options_of"]
 METRIC_PREFIX = "actor/disco/"
 
 
-def options_of(config: Any) -> DiscoOptions:
+def options_of(config: Any) -> VerlDiscoOptions:
     """The validated DisCO options of an ``ActorConfig`` (or of its ``policy_loss`` node)."""
     node = getattr(config, "policy_loss", None)
     if node is None and hasattr(config, "get"):
@@ -162,20 +171,16 @@ def compute_policy_loss_disco(
     )
 
     # The ignored rows (id 0, no tokens, labelled negative) form a question without signal.
+    # Labels come from the codes' sign (the estimator applied the user's threshold), so the
+    # core sees 0/1 rewards with threshold 0.5; clipped_ratio picks its clip side from them.
+    core = dataclasses.replace(opts.disco, threshold=0.5)
     out = disco_loss(
         log_prob,
         old_log_prob,
         mask,
         (dec.positive & coded).to(f),
         g_ids,
-        score=opts.score,
-        objective=opts.objective,
-        tau=opts.resolved_tau,
-        delta=opts.delta,
-        beta=opts.beta,
-        kl_estimator=opts.kl_estimator,
-        threshold=0.5,
-        normalize="all",
+        **core.as_dict(),
         validate=False,
         num_groups=questions,
         num_tokens=tokens,
@@ -215,7 +220,7 @@ def compute_policy_loss_disco(
             "groups_with_signal": k_pairs * with_signal,
             "frac_groups_with_signal": k_pairs * with_signal / questions,
             "frac_positive": k_pairs * pos.sum().to(f) / total,
-            "constraint_active": (local_kl > opts.delta).to(f),
+            "constraint_active": (local_kl > core.delta).to(f),
             "split_responses": k_pairs * n_split.to(f),
         }
     return loss, {METRIC_PREFIX + k: v.detach() for k, v in metrics.items()}

@@ -3,6 +3,7 @@ validate_config (wrapped by the adapter); bad values fail with the adapter's mes
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any
 
@@ -102,17 +103,28 @@ def test_non_disco_run_untouched() -> None:
     )
 
 
+# Messages are the core's (discoloss.options.DiscoOptions), prefixed with the verl setting path.
+P = "actor_rollout_ref.actor.policy_loss."
 BAD_OPTIONS = [
-    ("tau=-1", "policy_loss.tau: must be > 0"),
-    ("tau=0", "policy_loss.tau: must be > 0"),
-    ("delta=-0.1", "policy_loss.delta: must be >= 0"),
-    ("beta=-1", "policy_loss.beta: must be >= 0"),
-    ("score=logl", "policy_loss.score: expected one of"),
-    ("objective=grpo", "policy_loss.objective: expected one of"),
-    ("kl_estimator=k2", "policy_loss.kl_estimator: expected one of"),
+    ("tau=-1", P + "tau must be > 0"),
+    ("tau=0", P + "tau must be > 0"),
+    ("delta=-0.1", P + "delta must be >= 0"),
+    ("beta=-1", P + "beta must be >= 0"),
+    ("score=logl", P + "score='logl' is not a valid option; expected one of"),
+    ("objective=grpo", P + "objective='grpo' is not a valid option; expected one of"),
+    ("kl_estimator=k2", P + "kl_estimator='k2' is not a valid option; expected one of"),
     ("normalize=valid", "normalize='valid' is not supported with verl"),
-    ("normalize=none", "policy_loss.normalize: expected one of"),
-    ("threshold=nan", "policy_loss.threshold: must be finite"),
+    ("normalize=none", P + "normalize='none' is not a valid option; expected one of"),
+    ("threshold=nan", P + "threshold must be finite"),
+    # the ablation variants' options
+    ("constraint=trust", P + "constraint='trust' is not a valid option; expected one of"),
+    ("cvar_alpha=0", P + "cvar_alpha must be > 0"),
+    ("cvar_alpha=1.5", P + "cvar_alpha must be in (0, 1]"),
+    ("margin=-1", P + "margin must be >= 0"),
+    ("clip_eps=1.0", P + "clip_eps must be in (0, 1)"),
+    ("clip_eps=0", P + "clip_eps must be > 0"),
+    ("tau=abc", P + "tau must be a real number, got str"),
+    ("constraint=lagrangian", P + "constraint='lagrangian' is not supported with verl"),
 ]
 
 
@@ -121,7 +133,7 @@ def test_bad_option_values(override: str, message: str) -> None:
     cfg = shipped_config(
         *[o for o in readme_overrides()], f"actor_rollout_ref.actor.policy_loss.{override}"
     )
-    with pytest.raises(DiscoConfigError, match=message.replace("(", r"\(").replace("'", "'")):
+    with pytest.raises(DiscoConfigError, match=re.escape(message)):
         validate(cfg)
 
 
@@ -186,6 +198,84 @@ def test_layout_handled_not_refused() -> None:
 
 
 def test_dataclass_rejects_bad_value_directly() -> None:
-    with pytest.raises(DiscoConfigError, match="policy_loss.beta"):
+    with pytest.raises(DiscoConfigError, match=re.escape(P + "beta must be >= 0")):
         DiscoPolicyLossConfig(beta=-2.0)
+    with pytest.raises(DiscoConfigError, match=re.escape(P + "constraint='lagrangian'")):
+        DiscoPolicyLossConfig(constraint="lagrangian")
     assert OmegaConf.is_config(verl_config())
+
+
+# Every ablation variant is one override of the shipped config (no "+"), and one "+" override
+# of verl's own config; it reaches the loss's options unchanged.
+VARIANT_OVERRIDES = [
+    ("objective", "cvar"),
+    ("objective", "disco_2way"),
+    ("objective", "auc_sq_hinge"),
+    ("objective", "auc_logistic"),
+    ("score", "clipped_ratio"),
+    ("constraint", "hinge"),
+    ("constraint", "kl_penalty"),
+    ("constraint", "none"),
+    ("cvar_alpha", 0.25),
+    ("margin", 0.5),
+    ("clip_eps", 0.1),
+]
+
+
+@pytest.mark.parametrize(("name", "value"), VARIANT_OVERRIDES)
+@pytest.mark.parametrize("base", ["shipped", "verl"])
+def test_variant_is_one_override(name: str, value: Any, base: str) -> None:
+    from discoloss.adapters.verl.loss import options_of
+
+    if base == "shipped":
+        others = [
+            o for o in readme_overrides() if "loss_mode" not in o and "adv_estimator" not in o
+        ]
+        cfg = shipped_config(*others, f"{P}{name}={value}")
+    else:
+        cfg = verl_config(*readme_overrides(), f"+{P}{name}={value}")
+    validate(cfg)
+    actor = actor_of(cfg)
+    assert isinstance(actor.policy_loss, DiscoPolicyLossConfig)
+    assert getattr(actor.policy_loss, name) == value
+    assert getattr(options_of(actor).disco, name) == value  # what the loss passes to disco_loss
+
+
+def test_option_names_are_the_core_names() -> None:
+    """The adapter's dataclass and shipped yaml carry exactly disco_loss's options (from the
+    core's DiscoOptions, defaults included) plus the adapter-only ``validate``."""
+    from dataclasses import fields
+
+    from verl.workers.config import PolicyLossConfig
+
+    from discoloss.options import DiscoOptions
+
+    core = DiscoOptions()
+    own = {f.name for f in fields(DiscoPolicyLossConfig)} - {
+        f.name for f in fields(PolicyLossConfig)
+    }
+    assert own == set(DiscoOptions.names()) | {"validate"}
+    pl = DiscoPolicyLossConfig()
+    shipped = shipped_config().actor_rollout_ref.actor.policy_loss
+    for name in DiscoOptions.names():
+        assert getattr(pl, name) == getattr(core, name), name
+        assert shipped[name] == getattr(core, name), name
+    assert set(shipped) - {"_target_", "loss_mode"} - {
+        f.name for f in fields(PolicyLossConfig)
+    } == set(DiscoOptions.names()) | {"validate"}
+
+
+def test_readme_options_table_lists_every_option() -> None:
+    from conftest import README
+    from discoloss.adapters.verl._options import OPTION_NAMES
+
+    section = README.read_text().split("### Options", 1)[1].split("###", 1)[0]
+    rows = re.findall(r"^\| `(\w+)` \| `([^`]*)` \|", section, re.M)
+    assert [name for name, _ in rows] == list(OPTION_NAMES)
+    shipped = shipped_config().actor_rollout_ref.actor.policy_loss
+    for name, default in rows:
+        value = shipped[name]
+        if isinstance(value, float):
+            assert float(default) == value, name
+        else:
+            assert default == {None: "null", True: "true", False: "false"}.get(value, value), name

@@ -20,6 +20,7 @@ import threading
 import time
 from pathlib import Path
 
+import pytest
 from conftest import readme_overrides
 
 REACHED = "'_target_': 'discoloss.adapters.verl.config.DiscoPolicyLossConfig'"
@@ -102,9 +103,22 @@ def test_main_ppo_gets_past_the_adapter(tmp_path: Path) -> None:
     )
 
 
-def test_main_ppo_bad_value_fails_in_the_driver(tmp_path: Path) -> None:
-    args = readme_overrides() + CPU + ["+actor_rollout_ref.actor.policy_loss.tau=-1"]
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("tau=-1", "actor_rollout_ref.actor.policy_loss.tau must be > 0, got -1"),
+        (
+            "constraint=lagrangian",
+            "actor_rollout_ref.actor.policy_loss.constraint='lagrangian' is not supported with "
+            "verl",
+        ),
+    ],
+)
+def test_main_ppo_bad_value_fails_in_the_driver(
+    tmp_path: Path, override: str, message: str
+) -> None:
+    args = readme_overrides() + CPU + [f"+actor_rollout_ref.actor.policy_loss.{override}"]
     rc, where, log = launch(args, tmp_path, deadline=240, stop_at=None)
     assert where == "exited" and rc != 0, log[-2000:]
-    assert "actor_rollout_ref.actor.policy_loss.tau: must be > 0, got -1" in log
+    assert message in log
     assert "ray init kwargs" not in log  # refused before any Ray process started
