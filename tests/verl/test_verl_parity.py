@@ -163,3 +163,97 @@ def test_sync_free_mode_matches_validated_mode() -> None:
     for ga, gb in zip(a.grads, b.grads):
         assert torch.equal(ga, gb)
     assert all(math.isfinite(v) for m in b.metrics for v in m.values() if isinstance(v, float))
+
+
+# Ablation variants (README "Ablation variants"): one option each, same names as disco_loss.
+# The objectives need only one question's responses and the linear constraints add up over
+# micro-batches, so all of these are exact against disco_loss on the whole mini-batch, with
+# micro-batch KLs that differ. The objectives run with the default squared hinge switched off
+# (delta=1: its per-micro-batch approximation is tested above) or with an exact constraint.
+VARIANTS = [
+    dict(objective="cvar", cvar_alpha=0.5, delta=1.0),
+    dict(objective="cvar", cvar_alpha=0.3, score="likelihood_ratio", delta=1.0),
+    dict(objective="disco_2way", tau=0.5, delta=1.0),
+    dict(objective="auc_logistic", tau=0.5, delta=1.0),
+    dict(objective="auc_sq_hinge", margin=0.5, delta=1.0),
+    dict(objective="cvar", cvar_alpha=0.25, constraint="kl_penalty", beta=5.0),
+    dict(objective="auc_logistic", constraint="none"),
+    dict(constraint="kl_penalty", beta=5.0),
+    dict(constraint="kl_penalty", beta=5.0, kl_estimator="k3", objective="disco_b"),
+    dict(constraint="none"),
+    dict(score="clipped_ratio", clip_eps=0.1, constraint="kl_penalty", beta=2.0),
+]
+
+
+def _micro_kls(batch: Batch, rows: list[int], size: int) -> list[float]:
+    lp = torch.nn.functional.logsigmoid(batch.theta)
+    kl = torch.where(batch.mask, batch.old.double() - lp, 0.0)
+    return [
+        float(kl[rows[i : i + size]].sum() / batch.mask[rows[i : i + size]].sum())
+        for i in range(0, len(rows), size)
+    ]
+
+
+def _micro_kls_k3(batch: Batch, rows: list[int], size: int) -> list[float]:
+    lp = torch.nn.functional.logsigmoid(batch.theta)
+    log_rho = lp - batch.old.double()  # k3 = rho - 1 - log rho, rho = pi_theta / pi_old
+    kl = torch.where(batch.mask, torch.exp(log_rho) - 1 - log_rho, 0.0)
+    return [
+        float(kl[rows[i : i + size]].sum() / batch.mask[rows[i : i + size]].sum())
+        for i in range(0, len(rows), size)
+    ]
+
+
+@pytest.mark.parametrize("options", VARIANTS, ids=lambda o: "-".join(map(str, o.values())))
+def test_parity_variants(options: dict) -> None:
+    n = 4
+    batch = make_batch([n] * 16, seed=21, kl_scale=0.3)
+    estimate(batch, n)
+    step = run_update(batch, n=n, dp=2, questions_per_mini_batch=8, micro=8, **options)
+    assert len(step.grads) == 2
+    kls = _micro_kls(batch, step.members[0], 8)
+    assert max(kls) - min(kls) > 1e-3, "micro-batch KLs should differ (else trivially exact)"
+    if options.get("constraint") == "kl_penalty":
+        assert step.metrics[0]["actor/disco/penalty"] > 1e-3  # the penalty is really there
+    assert_parity(batch, step, **options)
+
+
+def test_parity_clipped_ratio_labels_from_codes() -> None:
+    """clipped_ratio clips positives above and negatives below: the loss takes each response's
+    label from its code's sign, so a non-default threshold (rewards -1/+1, threshold 0) and real
+    clipping on both sides must still match disco_loss given the rewards."""
+    n = 4
+    batch = make_batch([n] * 8, seed=23, kl_scale=0.5)
+    batch.rewards = batch.rewards * 2.0 - 1.0
+    opts = dict(score="clipped_ratio", clip_eps=0.05, threshold=0.0, delta=1.0)
+    estimate(batch, n, threshold=0.0)
+    rho = torch.exp(torch.nn.functional.logsigmoid(batch.theta) - batch.old.double())
+    pos = (batch.rewards > 0)[:, None] & batch.mask
+    neg = (batch.rewards <= 0)[:, None] & batch.mask
+    assert bool((rho[pos] > 1.05).any()) and bool((rho[neg] < 0.95).any()), "nothing clipped"
+    assert bool((rho[pos] < 1.05).any()) and bool((rho[neg] > 0.95).any()), "all clipped"
+    step = run_update(batch, n=n, dp=2, questions_per_mini_batch=4, micro=4, **opts)
+    assert_parity(batch, step, **opts)
+    # the labels matter: the other clip side gives another gradient
+    flipped = Batch(**{**batch.__dict__, "rewards": -batch.rewards})
+    other, _ = reference(flipped, step.members[0], **opts)
+    assert not torch.allclose(step.grads[0], other, atol=1e-6)
+
+
+def test_hinge_is_the_local_approximation() -> None:
+    """constraint=hinge, like the squared hinge, applies the penalty per micro-batch:
+    value sum_m (N_m/N) beta [KL_m - delta]_+ >= the mini-batch's beta [KL - delta]_+,
+    exact when every micro-batch KL is on the same side of delta."""
+    n, beta = 4, 3.0
+    opts = dict(constraint="hinge", kl_estimator="k3", beta=beta)
+    batch = make_batch([n] * 8, seed=5, kl_scale=0.3)
+    estimate(batch, n)
+    step = run_update(batch, n=n, dp=1, questions_per_mini_batch=8, micro=8, delta=0.0, **opts)
+    kls = _micro_kls_k3(batch, step.members[0], 8)
+    assert min(kls) > 0.0  # all active: the hinge's slope is beta in every micro-batch
+    assert_parity(batch, step, delta=0.0, **opts)
+    # one micro-batch inside the region, one outside: an upper bound, strictly
+    delta = (min(kls) + max(kls)) / 2
+    step2 = run_update(batch, n=n, dp=1, questions_per_mini_batch=8, micro=8, delta=delta, **opts)
+    _, exact = reference(batch, step2.members[0], delta=delta, **opts)
+    assert step2.metrics[0]["actor/pg_loss"] > exact.loss.item() + 1e-6
