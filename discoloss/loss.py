@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
 import torch
 from torch import Tensor
@@ -26,7 +26,10 @@ from discoloss.objectives import (
     discriminative_terms,
     reward_checks,
 )
-from discoloss.scores import TokenSums, check_token_inputs, scores_from_sums, token_sums
+from discoloss.scores import check_token_inputs, scores_from_sums, token_sums
+
+if TYPE_CHECKING:
+    from torch.distributed import ProcessGroup
 
 __all__ = ["DiscoOutput", "disco_loss"]
 
@@ -58,9 +61,8 @@ def resolve_tau(tau: float | None, score: str) -> float:
 def loss_metrics(
     scores: Tensor,
     positive: Tensor,
-    sums: TokenSums,
+    lengths: Tensor,
     terms: DiscriminativeTerms,
-    objective: Tensor,
     kl: Tensor,
     penalty: Tensor,
     loss: Tensor,
@@ -75,7 +77,7 @@ def loss_metrics(
     num_groups = terms.num_groups.to(f)
     return {
         "loss": loss.detach(),
-        "objective": objective.detach(),
+        "objective": terms.objective.detach(),
         "kl": kl.detach(),
         "penalty": penalty.detach(),
         "constraint_active": (kl.detach() > delta).to(f),
@@ -86,8 +88,75 @@ def loss_metrics(
         "mean_pos_score": torch.where(positive, s, 0.0).sum() / n_pos.clamp_min(1.0),
         "mean_neg_score": torch.where(positive, 0.0, s).sum() / n_neg.clamp_min(1.0),
         "effective_negatives": terms.effective_negatives,
-        "mean_response_length": sums.lengths.mean(),
+        "mean_response_length": lengths.detach().to(f).mean(),
     }
+
+
+def loss_from_stats(
+    scores: Tensor,
+    kl_sums: Tensor,
+    lengths: Tensor,
+    rewards: Tensor,
+    group_ids: Tensor,
+    *,
+    objective: str,
+    tau: float,
+    delta: float,
+    beta: float,
+    threshold: float,
+    normalize: str,
+    num_groups: Tensor | None = None,
+    num_tokens: Tensor | None = None,
+) -> tuple[DiscoOutput, DiscriminativeTerms]:
+    """DisCO from per-response scalars (scores, KL sums, token counts): shared by the local,
+    the cross-rank and the micro-batch paths. Options already validated.
+
+    With ``num_tokens`` (tokens of a larger batch this one is a piece of), ``kl`` is this
+    piece's additive share sum_i kl_sums_i / num_tokens and the penalty is the piece's token
+    share times the penalty of its own token-mean KL (see :func:`disco_loss`).
+    """
+    positive = rewards > threshold
+    terms = discriminative_terms(
+        scores,
+        positive,
+        dense_group_ids(group_ids),
+        objective=objective,
+        tau=tau,
+        normalize=normalize,
+        num_groups=num_groups,
+    )
+    local_tokens = lengths.sum().clamp_min(1.0)
+    kl_total = kl_sums.sum()
+    local_kl = kl_total / local_tokens
+    if num_tokens is None:
+        kl = local_kl
+        penalty = squared_hinge_penalty(kl, delta=delta, beta=beta)
+    else:
+        total = num_tokens.to(kl_total.dtype).clamp_min(1.0)
+        kl = kl_total / total
+        penalty = (local_tokens / total) * squared_hinge_penalty(local_kl, delta=delta, beta=beta)
+    loss = -terms.objective + penalty
+    metrics = loss_metrics(scores, positive, lengths, terms, kl, penalty, loss, delta)
+    return DiscoOutput(loss, terms.objective, kl, penalty, metrics), terms
+
+
+def as_count(name: str, value: int | Tensor | None, device: torch.device) -> Tensor | None:
+    """A global count given as a Python int or a 0-d tensor (kept on device: no sync)."""
+    if value is None:
+        return None
+    if isinstance(value, Tensor):
+        if value.numel() != 1:
+            raise ValueError(
+                f"{name} must be a scalar count, got a tensor of shape {tuple(value.shape)}"
+            )
+        if value.device != device:
+            raise ValueError(f"{name} is on {value.device} but log_probs is on {device}")
+        return value.reshape(())
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int or a 0-d tensor, got {type(value).__name__}")
+    if value < 1:
+        raise ValueError(f"{name} must be >= 1, got {value}")
+    return torch.tensor(value, device=device)
 
 
 def disco_loss(
@@ -106,6 +175,9 @@ def disco_loss(
     threshold: float = 0.5,
     normalize: Normalize = "all",
     validate: bool = True,
+    num_groups: int | Tensor | None = None,
+    num_tokens: int | Tensor | None = None,
+    process_group: ProcessGroup | None = None,
 ) -> DiscoOutput:
     r"""DisCO loss (Li et al., "DisCO: Reinforcing Large Reasoning Models with Discriminative
     Constrained Optimization", arXiv 2505.12366).
@@ -136,7 +208,25 @@ def disco_loss(
       normalize: ``"all"`` (divide by all distinct groups, as published) or ``"valid"`` (by
         groups with both a positive and a negative).
       validate: check values (non-finite inputs, empty responses, mask values) with one host
-        sync. With ``validate=False`` the loss issues no host sync at all.
+        sync. With ``validate=False`` the loss issues no host sync at all (local mode).
+      num_groups: for a batch that is a piece of a larger one whose groups are whole in each
+        piece (e.g. a micro-batch of whole groups): the normaliser G of the larger batch, so
+        that the pieces' objectives add up to its objective. Overrides ``normalize``.
+      num_tokens: likewise, the number of response tokens of the larger batch. ``kl`` is then
+        this piece's additive share ``sum(kl_i) / num_tokens`` and ``penalty`` its token share
+        ``n_piece / num_tokens`` times the penalty of the piece's own token-mean KL: exact when
+        the pieces' KLs are equal, an upper bound (Jensen) otherwise. For the exact penalty of a
+        mini-batch split into micro-batches use :mod:`discoloss.accumulation`.
+      process_group: a ``torch.distributed`` group. When given, groups are formed across all
+        its ranks (a question's responses may sit on different ranks, ranks may hold different
+        numbers of responses and sequence lengths). Only per-response scalars are exchanged,
+        never token tensors: exactly two ``all_gather`` calls per forward (the response counts,
+        then a (max_count, 5) float64 payload of score, KL sum, token count, reward and group
+        id), none in backward, and one host sync to read the counts. Loss, objective, kl,
+        penalty and metrics are global and identical on every rank; the gradient of each
+        rank's local log-probs is scaled by the world size so that the usual DDP/FSDP gradient
+        averaging yields exactly the single-process gradient of the concatenated batch. Every
+        rank must make the same calls (as with any collective). Off by default.
 
     Returns:
       :class:`DiscoOutput`. ``metrics`` holds detached 0-d float tensors: ``loss``,
@@ -159,6 +249,13 @@ def disco_loss(
     beta_f = check_number("beta", beta, non_negative=True)
     log_probs, old_log_probs, mask = check_token_inputs(log_probs, old_log_probs, mask)
     check_response_inputs(rewards, group_ids, ("log_probs", log_probs))
+    groups_t = as_count("num_groups", num_groups, log_probs.device)
+    tokens_t = as_count("num_tokens", num_tokens, log_probs.device)
+    if process_group is not None and (groups_t is not None or tokens_t is not None):
+        raise ValueError(
+            "num_groups/num_tokens cannot be combined with process_group: the cross-rank mode "
+            "already normalises by the global counts"
+        )
 
     need_ratio = score == "likelihood_ratio" or kl_estimator == "k3"
     sums, checks = token_sums(
@@ -169,19 +266,27 @@ def disco_loss(
     raise_if_failed(checks)
 
     scores = scores_from_sums(sums, score)
-    positive = rewards > threshold_f
-    terms = discriminative_terms(
+    kl_sums = kl_row_sums(sums, kl_estimator)
+    lengths = sums.lengths
+    if process_group is not None:
+        from discoloss.distributed import gather_response_stats
+
+        scores, kl_sums, lengths, rewards, group_ids = gather_response_stats(
+            scores, kl_sums, lengths, rewards, group_ids, process_group
+        )
+    output, _ = loss_from_stats(
         scores,
-        positive,
-        dense_group_ids(group_ids),
+        kl_sums,
+        lengths,
+        rewards,
+        group_ids,
         objective=objective,
         tau=tau_f,
+        delta=delta_f,
+        beta=beta_f,
+        threshold=threshold_f,
         normalize=normalize,
+        num_groups=groups_t,
+        num_tokens=tokens_t,
     )
-    kl = kl_row_sums(sums, kl_estimator).sum() / sums.lengths.sum().clamp_min(1.0)
-    penalty = squared_hinge_penalty(kl, delta=delta_f, beta=beta_f)
-    loss = -terms.objective + penalty
-    metrics = loss_metrics(
-        scores, positive, sums, terms, terms.objective, kl, penalty, loss, delta_f
-    )
-    return DiscoOutput(loss, terms.objective, kl, penalty, metrics)
+    return output

@@ -106,8 +106,8 @@ def discriminative_terms(
 ) -> DiscriminativeTerms:
     """Core of the objective; inputs already validated.
 
-    ``num_groups`` overrides G (for ``normalize="all"``) with a count from a larger batch, so
-    that pieces of a batch add up to the batch objective.
+    ``num_groups`` overrides the normaliser G with a count from a larger batch, so that pieces
+    of a batch (each holding whole groups) add up to the batch objective.
     """
     f = scores.dtype
     dense = index.dense
@@ -142,10 +142,12 @@ def discriminative_terms(
 
     per_group = torch.where(valid, mean_pos - neg_term, 0.0)
     num_valid = valid.sum()
-    if normalize == "valid":
+    if num_groups is not None:
+        count = num_groups
+    elif normalize == "valid":
         count = num_valid
     else:
-        count = index.num_groups if num_groups is None else num_groups
+        count = index.num_groups
     denom = count.to(f).clamp_min(1.0)
     obj = per_group.sum() / denom
 

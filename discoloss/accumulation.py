@@ -1,0 +1,281 @@
+r"""Exact DisCO under gradient accumulation, when micro-batches split groups.
+
+DisCO's objective needs every response of a question at once (its negatives' log-mean-exp,
+its group counts), but its gradient is a per-response weighted sum (DESIGN.md section 2):
+
+.. math::
+
+    \nabla_\theta \mathcal{L} = -\sum_i w_i\,\nabla_\theta s_i
+        + \kappa\,\frac{1}{N}\sum_i \nabla_\theta k_i,\qquad
+    w_i = \frac{\partial J}{\partial s_i},\quad
+    \kappa = \beta\,[\widehat{KL} - \delta]_+
+
+with :math:`k_i` the per-response sum of the token KL estimate and N the mini-batch's number of
+response tokens. Once ``w`` and ``kappa`` are known for the whole mini-batch, any micro-batch
+contributes its own terms with no communication. The recipe:
+
+1. Per micro-batch, compute the per-response scalars with :func:`response_stats` (no grad),
+   and concatenate them (and the rewards and group ids) over the mini-batch.
+2. :func:`plan_minibatch` turns them into the weights, the penalty coefficient and the
+   logging values of the mini-batch (its ``output`` is what :func:`discoloss.disco_loss` would
+   return on the whole mini-batch).
+3. Per micro-batch, backpropagate :func:`micro_batch_loss` with its slice of the weights.
+
+The accumulated gradient then equals the gradient of ``disco_loss`` on the whole mini-batch:
+
+* **DisCO-b**: the weights do not depend on the scores. Exact with stats from any parameters,
+  e.g. at the sampling policy: ``response_stats(old_log_probs, old_log_probs, mask)`` costs no
+  forward pass.
+* **DisCO** (log-mean-exp): the weights depend on the current scores. Exact when step 1 uses
+  the current parameters (one extra no-grad forward over the mini-batch). Using the sampling
+  policy's stats instead (free) is exact on the first mini-batch of a step, where
+  theta = theta_old, and an approximation afterwards, bounded by the KL constraint.
+* **Penalty**: exact when ``kl_coef`` comes from current-parameter stats. At the sampling
+  policy the KL is 0, so the coefficient would be 0: without a current-parameter pass, use
+  ``kl_coef=None``, the local approximation (each micro-batch's token share times the penalty
+  of its own token-mean KL), an upper bound of the exact penalty by Jensen's inequality that
+  equals it when micro-batches have equal KL.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+from torch import Tensor
+
+from discoloss._checks import (
+    check_batch,
+    check_device,
+    check_number,
+    check_option,
+    check_tensor,
+    raise_if_failed,
+)
+from discoloss._types import KL_ESTIMATORS, SCORES, KLEstimator, Normalize, Objective, Score
+from discoloss.kl import kl_row_sums, squared_hinge_penalty
+from discoloss.loss import DiscoOutput, as_count, loss_from_stats, resolve_tau
+from discoloss.objectives import check_objective_options, check_response_inputs, reward_checks
+from discoloss.scores import check_token_inputs, scores_from_sums, token_sums
+
+__all__ = [
+    "MicroBatchLoss",
+    "MiniBatchPlan",
+    "ResponseStats",
+    "micro_batch_loss",
+    "plan_minibatch",
+    "response_stats",
+]
+
+
+class ResponseStats(NamedTuple):
+    """Per-response scalars, each (B,): all DisCO needs from the token tensors.
+
+    scores: sequence scores s_i. kl_sums: sum over the response's tokens of the per-token KL
+    estimate. lengths: number of response tokens. Concatenate them over micro-batches with
+    :meth:`cat`.
+    """
+
+    scores: Tensor
+    kl_sums: Tensor
+    lengths: Tensor
+
+    @staticmethod
+    def cat(parts: list[ResponseStats]) -> ResponseStats:
+        if not parts:
+            raise ValueError("parts is empty: give the stats of at least one micro-batch")
+        return ResponseStats(
+            *(torch.cat([getattr(p, f) for p in parts]) for f in ResponseStats._fields)
+        )
+
+
+class MiniBatchPlan(NamedTuple):
+    """What every micro-batch of a mini-batch needs, computed once.
+
+    weights: (B,) dJ/ds for the concatenated responses (detached).
+    kl_coef: 0-d beta * max(kl - delta, 0), the derivative of the penalty wrt the KL.
+    num_tokens: 0-d number of response tokens in the mini-batch.
+    output: :class:`DiscoOutput` of the mini-batch at the stats' parameters, detached (log
+      its ``metrics``).
+    """
+
+    weights: Tensor
+    kl_coef: Tensor
+    num_tokens: Tensor
+    output: DiscoOutput
+
+
+class MicroBatchLoss(NamedTuple):
+    """Surrogate of one micro-batch: backpropagate ``loss``.
+
+    loss: ``-objective_term + penalty_term``. Only its gradient is meaningful: log the plan's
+      ``output`` for values.
+    objective_term: sum_i w_i s_i over the micro-batch.
+    kl: this micro-batch's additive share of the mini-batch KL, sum_i k_i / N.
+    penalty_term: ``kl_coef * kl`` (exact path) or the local approximation.
+    """
+
+    loss: Tensor
+    objective_term: Tensor
+    kl: Tensor
+    penalty_term: Tensor
+
+
+def _stats(
+    log_probs: Tensor,
+    old_log_probs: Tensor,
+    mask: Tensor,
+    score: str,
+    kl_estimator: str,
+    validate: bool,
+) -> ResponseStats:
+    log_probs, old_log_probs, mask = check_token_inputs(log_probs, old_log_probs, mask)
+    need_ratio = score == "likelihood_ratio" or kl_estimator == "k3"
+    sums, checks = token_sums(
+        log_probs, old_log_probs, mask, need_ratio=need_ratio, validate=validate
+    )
+    raise_if_failed(checks)
+    return ResponseStats(
+        scores_from_sums(sums, score), kl_row_sums(sums, kl_estimator), sums.lengths
+    )
+
+
+def response_stats(
+    log_probs: Tensor,
+    old_log_probs: Tensor,
+    mask: Tensor,
+    *,
+    score: Score = "log_likelihood",
+    kl_estimator: KLEstimator = "k1",
+    validate: bool = True,
+) -> ResponseStats:
+    """Per-response scores, KL sums and token counts of a micro-batch.
+
+    Call it under ``torch.no_grad()`` for planning. With ``log_probs = old_log_probs`` it gives
+    the stats at the sampling policy without a forward pass.
+
+    Args:
+      log_probs, old_log_probs, mask: (B, T) as in :func:`discoloss.disco_loss`.
+      score, kl_estimator, validate: as in :func:`discoloss.disco_loss`.
+    """
+    check_option("score", score, SCORES)
+    check_option("kl_estimator", kl_estimator, KL_ESTIMATORS)
+    return _stats(log_probs, old_log_probs, mask, score, kl_estimator, validate)
+
+
+def plan_minibatch(
+    stats: ResponseStats,
+    rewards: Tensor,
+    group_ids: Tensor,
+    *,
+    score: Score = "log_likelihood",
+    objective: Objective = "disco",
+    tau: float | None = None,
+    delta: float = 1e-4,
+    beta: float = 1e3,
+    threshold: float = 0.5,
+    normalize: Normalize = "all",
+    validate: bool = True,
+) -> MiniBatchPlan:
+    """Weights, penalty coefficient and logging values of a whole mini-batch.
+
+    Args:
+      stats: :class:`ResponseStats` of every response of the mini-batch (concatenated).
+      rewards, group_ids: (B,) in the same order as ``stats``.
+      score: only used to pick the default ``tau``.
+      objective, tau, delta, beta, threshold, normalize: as in :func:`discoloss.disco_loss`.
+    """
+    check_option("score", score, SCORES)
+    tau_f = resolve_tau(tau, score)
+    tau_f, threshold_f = check_objective_options(objective, tau_f, threshold, normalize)
+    delta_f = check_number("delta", delta, non_negative=True)
+    beta_f = check_number("beta", beta, non_negative=True)
+    if not isinstance(stats, ResponseStats):
+        raise TypeError(f"stats must be a ResponseStats, got {type(stats).__name__}")
+    for name in ResponseStats._fields:
+        check_tensor(f"stats.{name}", getattr(stats, name), ndim=1, kind="float")
+    check_response_inputs(rewards, group_ids, ("stats.scores", stats.scores))
+    names = ("stats.scores", "stats.kl_sums", "stats.lengths")
+    check_batch(names, tuple(stats))
+    check_device(names, tuple(stats))
+    if validate:
+        raise_if_failed(reward_checks(rewards))
+    with torch.no_grad():
+        s = ResponseStats(*(t.detach() for t in stats))
+        output, terms = loss_from_stats(
+            s.scores,
+            s.kl_sums,
+            s.lengths,
+            rewards,
+            group_ids,
+            objective=objective,
+            tau=tau_f,
+            delta=delta_f,
+            beta=beta_f,
+            threshold=threshold_f,
+            normalize=normalize,
+        )
+        kl_coef = beta_f * torch.clamp(output.kl - delta_f, min=0.0)
+        num_tokens = s.lengths.sum()
+    return MiniBatchPlan(terms.weights, kl_coef, num_tokens, output)
+
+
+def micro_batch_loss(
+    log_probs: Tensor,
+    old_log_probs: Tensor,
+    mask: Tensor,
+    weights: Tensor,
+    *,
+    num_tokens: int | Tensor,
+    kl_coef: Tensor | float | None = None,
+    score: Score = "log_likelihood",
+    kl_estimator: KLEstimator = "k1",
+    delta: float = 1e-4,
+    beta: float = 1e3,
+    validate: bool = True,
+) -> MicroBatchLoss:
+    r"""Per-micro-batch surrogate whose gradients add up to the mini-batch DisCO gradient.
+
+    .. math::
+
+        \ell_{mb} = -\sum_{i\in mb} w_i s_i + \kappa\,\frac{\sum_{i\in mb} k_i}{N}
+
+    Args:
+      log_probs, old_log_probs, mask: (b, T) tensors of this micro-batch.
+      weights: (b,) this micro-batch's slice of :attr:`MiniBatchPlan.weights`.
+      num_tokens: N, the mini-batch's number of response tokens (``plan.num_tokens``).
+      kl_coef: kappa (``plan.kl_coef``, exact when the plan used current parameters), or None
+        for the local approximation ``(n_mb / N) * beta/2 * max(kl_mb - delta, 0)^2`` with
+        kl_mb the micro-batch's own token-mean KL (see the module docstring).
+      score, kl_estimator: as in :func:`discoloss.disco_loss` (must match the plan's).
+      delta, beta: used by the local approximation only.
+      validate: check values (one host sync).
+    """
+    check_option("score", score, SCORES)
+    check_option("kl_estimator", kl_estimator, KL_ESTIMATORS)
+    check_tensor("weights", weights, ndim=1, kind="float")
+    check_batch(("log_probs", "weights"), (log_probs, weights))
+    check_device(("log_probs", "weights"), (log_probs, weights))
+    total = as_count("num_tokens", num_tokens, log_probs.device)
+    assert total is not None
+    st = _stats(log_probs, old_log_probs, mask, score, kl_estimator, validate)
+    f = st.scores.dtype
+    total_f = total.to(f).clamp_min(1.0)
+    objective_term = (weights.detach().to(f) * st.scores).sum()
+    kl = st.kl_sums.sum() / total_f
+    if kl_coef is None:
+        delta_f = check_number("delta", delta, non_negative=True)
+        beta_f = check_number("beta", beta, non_negative=True)
+        local_tokens = st.lengths.sum().clamp_min(1.0)
+        local_kl = st.kl_sums.sum() / local_tokens
+        penalty_term = (local_tokens / total_f) * squared_hinge_penalty(
+            local_kl, delta=delta_f, beta=beta_f
+        )
+    else:
+        coef = (
+            kl_coef.detach().to(f)
+            if isinstance(kl_coef, Tensor)
+            else check_number("kl_coef", kl_coef, non_negative=True)
+        )
+        penalty_term = coef * kl
+    return MicroBatchLoss(-objective_term + penalty_term, objective_term, kl, penalty_term)
