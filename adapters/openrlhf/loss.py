@@ -8,26 +8,28 @@ data-parallel ranks. An optimizer step (mini-batch) ``W`` thus applies the gradi
 
     L_W = 1/(gas * dp) * sum_{m in W, all ranks} loss_m .
 
-Every micro-batch holds whole questions (see :mod:`.patch`), so with
+Every micro-batch holds whole questions (see :mod:`.patch`). With G_W the mini-batch's
+questions (all of them, or those with a positive and a negative, per ``normalize``) and T_W
+its response tokens, both summed over all ranks, each micro-batch m returns
 
-    loss_m = -c_obj(m) * J_m + c_pen(m) * P_m,
-    J_m = (1/g_m) sum_{q in m} J_q          (disco_loss, normalize="all", on micro-batch m)
-    P_m = beta/2 * [KL_m - delta]_+^2      (KL_m: token mean over micro-batch m)
-    c_obj(m) = g_m * gas * dp / G_W,        c_pen(m) = t_m * gas * dp / T_W
+    loss_m = gas * dp * disco_loss(..., num_groups=G_W, num_tokens=T_W)
+           = gas * dp * ( -(1/G_W) sum_{q in m} J_q + (t_m / T_W) * P(KL_m) )
 
-(g_m questions and t_m response tokens in m; G_W = the mini-batch's questions, all of them or
-those with signal per ``normalize``; T_W = its response tokens; both summed over all ranks) the
-step applies exactly
+(t_m tokens and KL_m the token-mean KL of micro-batch m, P(x) = beta/2 [x - delta]_+^2), so the
+optimizer step applies exactly
 
-    L_W = -(1/G_W) sum_{q in W} J_q + sum_m (t_m / T_W) * P_m .
+    L_W = -(1/G_W) sum_{q in W} J_q + sum_m (t_m / T_W) * P(KL_m) .
 
-The objective term is exactly DisCO's mini-batch objective. The penalty is the token-weighted
-mean of the micro-batch penalties. Because the squared hinge is convex and non-decreasing,
-``sum_m (t_m/T_W) P(KL_m) >= P(KL_W)`` (Jensen, with KL_W = sum_m (t_m/T_W) KL_m), with
-equality when ``gas * dp == 1``, when every micro-batch KL is <= delta (notably at the first
-mini-batch of a step, where theta = theta_old and KL = 0), or when all micro-batch KLs are
-equal. Its gradient is ``sum_m (t_m/T_W) * beta * [KL_m - delta]_+ * grad KL_m``: each
-micro-batch pulls back in proportion to its own constraint violation.
+The objective term is exactly DisCO's mini-batch objective (each J_q only needs its own
+question's responses, all in one micro-batch). The penalty is the token-weighted mean of the
+micro-batch penalties. The squared hinge is convex and non-decreasing, so
+``sum_m (t_m/T_W) P(KL_m) >= P(KL_W)`` (Jensen, KL_W = sum_m (t_m/T_W) KL_m), with equality
+when ``gas * dp == 1``, when every micro-batch KL is <= delta (notably the first mini-batch of
+a step, where theta = theta_old and KL = 0) or when all micro-batch KLs are equal. Its gradient
+is ``sum_m (t_m/T_W) * beta * [KL_m - delta]_+ * grad KL_m``: each micro-batch is pulled back in
+proportion to its own constraint violation. (The exact mini-batch penalty would need the
+mini-batch KL at the current parameters before the first backward, i.e. an extra forward pass;
+see :mod:`discoloss.accumulation`.)
 """
 
 from __future__ import annotations
@@ -50,15 +52,17 @@ class DiscoMicroBatch:
 
     group_ids: (B,) int64 question id of each response.
     rewards: (B,) reward of each response (positive iff > threshold).
-    objective_scale: c_obj = g_m * gas * dp / G_W (see the module docstring).
-    penalty_scale: c_pen = t_m * gas * dp / T_W.
+    num_groups: G_W, questions of the optimizer step over all ranks (the objective normaliser).
+    num_tokens: T_W, response tokens of the optimizer step over all ranks.
+    scale: gas * dp, undoing DeepSpeed's 1/gas loss scaling and its gradient mean over ranks.
     info: the micro-batch's ``experience.info``; DisCO metrics are written into it.
     """
 
     group_ids: Tensor
     rewards: Tensor
-    objective_scale: float
-    penalty_scale: float
+    num_groups: int
+    num_tokens: int
+    scale: float
     info: dict[str, Any]
 
 
@@ -130,9 +134,11 @@ class DiscoPolicyLoss(nn.Module):
             action_mask,
             batch.rewards,
             batch.group_ids,
+            num_groups=batch.num_groups,
+            num_tokens=batch.num_tokens,
             **self.settings.loss_kwargs(),
         )
-        loss = -batch.objective_scale * out.objective + batch.penalty_scale * out.penalty
+        loss = batch.scale * out.loss
         for key, value in out.metrics.items():
             batch.info[f"disco/{key}"] = value
         kl = out.kl.detach()

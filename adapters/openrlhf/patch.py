@@ -16,7 +16,7 @@ unchanged, so installing it is harmless for other runs.
   OpenRLHF's ``DataLoader(shuffle=True)`` only permutes whole-question micro-batches.
 * ``ppo_actor.iter_grad_accum_global_norm``: the same optimizer-step windows as OpenRLHF's, plus
   the DisCO normalisers of each window (questions and tokens over all DP ranks: one all-reduce of
-  three numbers per optimizer step, where OpenRLHF does its own).
+  three numbers per optimizer step, next to OpenRLHF's own, outside the loss).
 * ``ActorPPOTrainer.training_step``: binds the micro-batch's question ids, rewards and scales to
   the loss, then runs OpenRLHF's own step (backward, optimizer, entropy/KL terms, metrics).
 
@@ -266,9 +266,9 @@ def disco_windows(original: Callable[..., Iterator[Any]], data_iter: Iterable[An
 
     Groups ``data_iter`` into windows of ``gas`` micro-batches exactly as
     ``iter_grad_accum_global_norm`` does (DeepSpeed's accumulation boundaries), sums the window's
-    questions and tokens over the DP ranks and sets, per micro-batch m,
-    ``c_obj = g_m * gas * dp / G_W`` and ``c_pen = t_m * gas * dp / T_W`` (see
-    :mod:`discoloss.adapters.openrlhf.loss`); then yields what OpenRLHF's function yields.
+    questions and tokens over the DP ranks and gives every micro-batch the window's normalisers
+    G_W, T_W and the scale gas * dp (see :mod:`discoloss.adapters.openrlhf.loss`); then yields
+    what OpenRLHF's function yields.
     """
     settings = settings_from_args(strategy.args)
     gas = max(int(accumulated_gradient), 1)
@@ -286,10 +286,11 @@ def disco_windows(original: Callable[..., Iterator[Any]], data_iter: Iterable[An
             totals = reduced.cpu()
         all_groups, valid_groups, tokens = totals.tolist()
         norm = all_groups if settings.normalize == "all" else valid_groups
-        for exp, (g, _, t) in zip(window, counts):
+        for exp in window:
             batch = getattr(exp, BATCH_ATTR)
-            batch["objective_scale"] = g * gas * dp / max(norm, 1.0)
-            batch["penalty_scale"] = t * gas * dp / max(tokens, 1.0)
+            batch["num_groups"] = max(int(round(norm)), 1)
+            batch["num_tokens"] = max(int(round(tokens)), 1)
+            batch["scale"] = float(gas * dp)
         yield from original(iter(window), strategy, gas, mask_fn)
 
     window: list[Any] = []
@@ -336,7 +337,7 @@ def _patch_ppo_actor(module: ModuleType) -> None:
             if not is_disco(self.args):
                 return original(self, experience, *args, **kwargs)
             batch = getattr(experience, BATCH_ATTR, None)
-            if not batch or "objective_scale" not in batch:
+            if not batch or "scale" not in batch:
                 raise RuntimeError(
                     "discoloss: this micro-batch was not formed by the DisCO adapter "
                     "(no question ids / scales); ActorPPOTrainer.ppo_train must be the patched one"
@@ -347,8 +348,9 @@ def _patch_ppo_actor(module: ModuleType) -> None:
             self.actor_loss_fn.bind(DiscoMicroBatch(
                 group_ids=batch["group_ids"],
                 rewards=experience.rewards,
-                objective_scale=batch["objective_scale"],
-                penalty_scale=batch["penalty_scale"],
+                num_groups=batch["num_groups"],
+                num_tokens=batch["num_tokens"],
+                scale=batch["scale"],
                 info=experience.info,
             ))
             try:
