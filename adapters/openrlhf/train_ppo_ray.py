@@ -12,12 +12,17 @@ additions, active only with ``--algo.advantage.estimator disco``:
 
 Without ``disco`` nothing is changed: same arguments, same ``ray.init`` call, same run.
 ``--algo.disco.*`` options without ``disco`` are an error.
+
+``DISCOLOSS_DRY_RUN=1`` (with ``disco``) stops after the checks and prints the resolved DisCO
+options as JSON: a launch script can be validated without a cluster.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import json
+import os
 import runpy
 import sys
 from collections.abc import Iterator, Sequence
@@ -94,6 +99,14 @@ def extended_cli() -> Iterator[dict[str, Any]]:
         dests = _extend(self)
         parsed = original_parse(self, args, namespace)
         state["disco"] = _validate(self, parsed, dests)
+        if state["disco"] and os.environ.get("DISCOLOSS_DRY_RUN") == "1":
+            from discoloss.adapters.openrlhf.settings import settings_from_args
+
+            resolved = {d[len("algo.disco."):]: getattr(parsed, d) for d in dests}
+            settings = settings_from_args(argparse.Namespace(algo=argparse.Namespace(
+                disco=argparse.Namespace(**resolved))))
+            print(json.dumps({"disco": settings.loss_kwargs()}))
+            raise SystemExit(0)
         if state["disco"]:
             from discoloss.adapters.openrlhf.patch import install
 
