@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import nox
 
-nox.options.sessions = ["core"]
+nox.options.sessions = ["core", "openrlhf", "openrlhf_oldest"]
 nox.options.error_on_missing_interpreters = True
 
 PYTHON = "3.11"
@@ -22,3 +22,47 @@ def core(session: nox.Session) -> None:
     session.install(TORCH)
     session.install("-e", ".[test,analysis,demo]")
     session.run("pytest", "tests/core", *session.posargs)
+
+
+# OpenRLHF adapter: the real OpenRLHF on CPU. Its full install needs CUDA (flash-attn builds from
+# source, vLLM), so OpenRLHF goes in without dependencies plus the minimal set its trainer,
+# experience maker and launcher import; the tests provide stand-ins for vLLM and flash-attn.
+OPENRLHF_NEWEST = ("openrlhf==0.11.2", "deepspeed==0.19.6")
+OPENRLHF_OLDEST = ("openrlhf==0.11.0", "deepspeed==0.19.5")
+OPENRLHF_DEPS = (
+    "transformers==5.15.0",
+    "ray==2.55.0",
+    "peft==0.21.2",
+    "datasets==5.2.0",
+    "torchdata==0.11.0",
+    "aiohttp",
+    "pillow",
+    "pylatexenc",
+)
+
+
+def _openrlhf_suite(session: nox.Session, openrlhf: str, deepspeed: str) -> None:
+    session.install(TORCH)
+    session.install("--no-deps", openrlhf)
+    session.install(*OPENRLHF_DEPS)
+    session.install("setuptools", "wheel")
+    # DeepSpeed builds no ops here (CPU): no build isolation, so that it sees the torch above
+    session.install("--no-build-isolation", deepspeed, env={"DS_BUILD_OPS": "0"})
+    session.install("-e", ".[test]")
+    # OpenRLHF's wheel installs a top-level ``tests`` package: import test files by path
+    session.run(
+        "pytest", "--import-mode=importlib", "-p", "no:cacheprovider", "tests/openrlhf",
+        *session.posargs,
+    )
+
+
+@nox.session(python=PYTHON)
+def openrlhf(session: nox.Session) -> None:
+    """OpenRLHF adapter against the newest supported OpenRLHF (0.11.2)."""
+    _openrlhf_suite(session, *OPENRLHF_NEWEST)
+
+
+@nox.session(python=PYTHON)
+def openrlhf_oldest(session: nox.Session) -> None:
+    """OpenRLHF adapter against the oldest supported OpenRLHF (0.11.0)."""
+    _openrlhf_suite(session, *OPENRLHF_OLDEST)
