@@ -52,16 +52,17 @@ class DiscoMicroBatch:
 
     group_ids: (B,) int64 question id of each response.
     rewards: (B,) reward of each response (positive iff > threshold).
-    num_groups: G_W, questions of the optimizer step over all ranks (the objective normaliser).
-    num_tokens: T_W, response tokens of the optimizer step over all ranks.
+    num_groups: G_W, questions of the optimizer step over all ranks (the objective normaliser);
+      a 0-d tensor on the loss device or an int.
+    num_tokens: T_W, response tokens of the optimizer step over all ranks (likewise).
     scale: gas * dp, undoing DeepSpeed's 1/gas loss scaling and its gradient mean over ranks.
     info: the micro-batch's ``experience.info``; DisCO metrics are written into it.
     """
 
     group_ids: Tensor
     rewards: Tensor
-    num_groups: int
-    num_tokens: int
+    num_groups: int | Tensor
+    num_tokens: int | Tensor
     scale: float
     info: dict[str, Any]
 

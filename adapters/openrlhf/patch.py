@@ -276,20 +276,19 @@ def disco_windows(original: Callable[..., Iterator[Any]], data_iter: Iterable[An
 
     def emit(window: list[Any]) -> Iterator[Any]:
         counts = [_window_counts(exp, mask_fn(exp), settings) for exp in window]
-        totals = torch.tensor([sum(c[0] for c in counts), sum(c[1] for c in counts),
-                               sum(c[2] for c in counts)], dtype=torch.float64)
+        device = (torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available()
+                  else torch.device("cpu"))
+        totals = torch.tensor([sum(c[i] for c in counts) for i in range(3)], dtype=torch.float64,
+                              device=device)
         if group is not None or dp > 1:
-            device = torch.device("cuda", torch.cuda.current_device()) \
-                if torch.cuda.is_available() else torch.device("cpu")
-            reduced = totals.to(device)
-            torch.distributed.all_reduce(reduced, group=group)
-            totals = reduced.cpu()
-        all_groups, valid_groups, tokens = totals.tolist()
-        norm = all_groups if settings.normalize == "all" else valid_groups
+            torch.distributed.all_reduce(totals, group=group)
+        # 0-d tensors on the loss device: nothing is read back to the host
+        num_groups = totals[0 if settings.normalize == "all" else 1].clamp_min(1.0)
+        num_tokens = totals[2].clamp_min(1.0)
         for exp in window:
             batch = getattr(exp, BATCH_ATTR)
-            batch["num_groups"] = max(int(round(norm)), 1)
-            batch["num_tokens"] = max(int(round(tokens)), 1)
+            batch["num_groups"] = num_groups
+            batch["num_tokens"] = num_tokens
             batch["scale"] = float(gas * dp)
         yield from original(iter(window), strategy, gas, mask_fn)
 

@@ -10,6 +10,9 @@ from typing import Any
 
 import torch
 
+from discoloss import disco_loss, kl_divergence, squared_hinge_penalty
+from discoloss.adapters.openrlhf.patch import BATCH_ATTR
+
 N = 4  # responses per question in the tests
 
 
@@ -188,3 +191,148 @@ def make_experiences(args: SimpleNamespace, actor: Any, samples: list[Any]) -> l
         StandInGroup(actor), None, None, None, FixedKLController(0.0), strategy, _Tokenizer()
     )
     return maker.make_experience_batch(samples)
+
+
+# ------------------------------------------------------------------------------------------
+# Trainer side
+# ------------------------------------------------------------------------------------------
+
+
+class DeepSpeedLikeStrategy:
+    """What ActorPPOTrainer calls on OpenRLHF's DeepspeedStrategy, with DeepSpeed's semantics:
+    ``engine.backward`` divides the loss by the accumulation steps, ``engine.step`` only steps at
+    the accumulation boundary, where gradients are averaged over the data-parallel ranks."""
+
+    def __init__(self, args: Any, accumulated_gradient: int) -> None:
+        self.args = args
+        self.accumulated_gradient = accumulated_gradient
+        self.ring_attn_group = None
+        self.calls = 0
+        self.step_grads: list[list[torch.Tensor]] = []
+
+    def backward(self, loss: torch.Tensor, model: Any, optimizer: Any) -> None:
+        (loss / self.accumulated_gradient).backward()
+
+    def optimizer_step(self, optimizer: Any, model: Any, scheduler: Any, name: str = "") -> None:
+        self.calls += 1
+        if self.calls % self.accumulated_gradient:
+            return
+        params = [p for p in model.parameters() if p.requires_grad]
+        dist = torch.distributed
+        if dist.is_available() and dist.is_initialized():
+            for p in params:
+                dist.all_reduce(p.grad)
+                p.grad /= dist.get_world_size()
+        self.step_grads.append([p.grad.detach().clone() for p in params])
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad()
+
+    def get_grad_norm(self, model: Any) -> float:
+        return 0.0
+
+    def all_reduce(self, data: Any, op: str = "mean") -> Any:
+        dist = torch.distributed
+        if not (dist.is_available() and dist.is_initialized()):
+            return data
+        if isinstance(data, dict):
+            return {k: self.all_reduce(v, op) for k, v in data.items()}
+        t = torch.as_tensor(data, dtype=torch.float64).clone()
+        dist.all_reduce(t, op=dist.ReduceOp.MAX if op == "max" else dist.ReduceOp.SUM)
+        if op == "mean":
+            t /= dist.get_world_size()
+        return t.item() if not isinstance(data, torch.Tensor) else t
+
+    def is_rank_0(self) -> bool:
+        dist = torch.distributed
+        return not dist.is_initialized() or dist.get_rank() == 0
+
+    def print(self, *msg: Any) -> None:
+        pass
+
+
+def build_trainer(args: Any, actor: Any, *, micro: int, gas: int, monkeypatch: Any,
+                  lr: float = 1e-2) -> tuple[Any, DeepSpeedLikeStrategy]:
+    from openrlhf.trainer.ray import ppo_actor
+
+    strategy = DeepSpeedLikeStrategy(args, gas)
+    optim = torch.optim.SGD(actor.parameters(), lr=lr)
+    sched = torch.optim.lr_scheduler.LambdaLR(optim, lambda _: 1.0)
+    monkeypatch.setattr(ppo_actor, "torch_dist_barrier_and_cuda_sync", lambda: None)
+    with monkeypatch.context() as m:
+        m.setattr(torch.cuda, "current_device", lambda: 0)  # replay buffer's target device name
+        trainer = ppo_actor.ActorPPOTrainer(
+            strategy, actor, ema_model=None, actor_optim=optim, actor_scheduler=sched,
+            micro_train_batch_size=micro, tokenizer=None, dataloader_pin_memory=False,
+        )
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: "cpu")  # ppo_train's device
+    return trainer, strategy
+
+
+def record_micro_batches(monkeypatch: Any) -> list[dict[str, Any]]:
+    """Spy on the (patched) training_step: what each micro-batch held."""
+    from openrlhf.trainer.ray.ppo_actor import ActorPPOTrainer
+
+    seen: list[dict[str, Any]] = []
+    step = ActorPPOTrainer.training_step
+
+    def spy(self: Any, experience: Any, *args: Any, **kwargs: Any) -> Any:
+        seen.append({
+            "sequences": experience.sequences.clone(),
+            "attention_mask": experience.attention_mask.clone(),
+            "action_mask": experience.action_mask.clone(),
+            "old": experience.action_log_probs.clone(),
+            "rewards": experience.rewards.clone(),
+            "group_ids": (getattr(experience, BATCH_ATTR)["group_ids"].clone()
+                          if hasattr(experience, BATCH_ATTR) else None),
+        })
+        return step(self, experience, *args, **kwargs)
+
+    monkeypatch.setattr(ActorPPOTrainer, "training_step", spy)
+    return seen
+
+
+def pad_cat(tensors: list[torch.Tensor]) -> torch.Tensor:
+    width = max(t.shape[1] for t in tensors)
+    return torch.cat([torch.nn.functional.pad(t, (0, width - t.shape[1])) for t in tensors])
+
+
+def reference_gradient(actor0: Any, micro: list[dict[str, Any]], settings: dict[str, Any],
+                       *, local_penalty: bool) -> list[torch.Tensor]:
+    """Gradient of DisCO on the mini-batch made of ``micro``, at the parameters ``actor0``:
+    ``disco_loss`` on the concatenated mini-batch; with ``local_penalty`` its penalty replaced by
+    the token-weighted mean of the micro-batch penalties (the adapter's stated rule)."""
+    actor0.zero_grad()
+    log_probs = [actor0(m["sequences"], m["action_mask"], attention_mask=m["attention_mask"])
+                 for m in micro]
+    out = disco_loss(
+        pad_cat(log_probs), pad_cat([m["old"] for m in micro]),
+        pad_cat([m["action_mask"] for m in micro]).bool(),
+        torch.cat([m["rewards"] for m in micro]), torch.cat([m["group_ids"] for m in micro]),
+        **settings,
+    )
+    if not local_penalty:
+        loss = out.loss
+    else:
+        tokens = [m["action_mask"].sum() for m in micro]
+        total = sum(tokens)
+        penalty = sum(
+            t / total * squared_hinge_penalty(
+                kl_divergence(lp, m["old"], m["action_mask"].bool(),
+                              estimator=settings.get("kl_estimator", "k1")),
+                delta=settings["delta"], beta=settings["beta"])
+            for t, lp, m in zip(tokens, log_probs, micro)
+        )
+        loss = -out.objective + penalty
+    loss.backward()
+    return [p.grad.detach().clone() for p in actor0.parameters() if p.requires_grad]
+
+
+def shifted(experiences: list[Any], seed: int, shift: float) -> list[Any]:
+    """Move the old log-probs away from the current ones so that KL(pi_old || pi_theta) > delta
+    and differs between micro-batches."""
+    g = torch.Generator().manual_seed(seed)
+    for exp in experiences:
+        noise = shift * (1 + torch.rand(exp.action_log_probs.shape, generator=g))
+        exp.action_log_probs = exp.action_log_probs + noise * exp.action_mask
+    return experiences
