@@ -22,6 +22,8 @@ from discoloss.adapters.openrlhf import HOOK, settings_from_args
 from discoloss.adapters.openrlhf.train_ppo_ray import main
 
 ADAPTER = Path(__file__).resolve().parents[2] / "adapters" / "openrlhf"
+OPENRLHF_CLI_SOURCE = Path(
+    __import__("importlib.util").util.find_spec("openrlhf.cli.train_ppo_ray").origin).read_text()
 
 BASE = [
     "--actor.model_name_or_path", "/models/tiny",
@@ -128,7 +130,7 @@ def test_bad_values_are_rejected(launch, capsys, flag, value):
     with pytest.raises(SystemExit) as exit_info:
         launch(DISCO + [flag, value])
     assert exit_info.value.code == 2
-    assert flag in capsys.readouterr().err
+    assert f"argument {flag}:" in capsys.readouterr().err
 
 
 def _replace(argv: list[str], flag: str, value: str | None) -> list[str]:
@@ -149,7 +151,10 @@ def _replace(argv: list[str], flag: str, value: str | None) -> list[str]:
     ("--ds.ring_attn_size", "2"),
     ("--algo.kl.init_coef", "0.01"),
     ("--actor.policy_loss_type", "gspo"),
-    ("--algo.advantage.is_correction_level", "token"),
+    # the vLLM importance-sampling switch changed between releases: 0.11.1+ / 0.11.0
+    ("--algo.advantage.is_correction_level", "token")
+    if "--algo.advantage.is_correction_level" in OPENRLHF_CLI_SOURCE
+    else ("--algo.advantage.is_correction_enable", None),
 ])
 def test_bad_layouts_are_rejected_naming_the_flag(launch, capsys, flag, value):
     argv = _replace(DISCO, flag, value)
@@ -158,7 +163,7 @@ def test_bad_layouts_are_rejected_naming_the_flag(launch, capsys, flag, value):
     with pytest.raises(SystemExit) as exit_info:
         launch(argv)
     assert exit_info.value.code == 2
-    assert flag in capsys.readouterr().err
+    assert f"error: {flag}:" in capsys.readouterr().err  # ours, not argparse's
 
 
 def test_disco_options_need_the_disco_estimator(launch, capsys):
@@ -271,3 +276,16 @@ def test_job_level_hook_is_left_to_ray(monkeypatch):
         with_setup_hook(None)
     monkeypatch.delenv("RAY_JOB_CONFIG_JSON_ENV_VAR")
     assert with_setup_hook(None) == {"worker_process_setup_hook": HOOK}
+
+
+def test_example_reward_function():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("math_reward", ADAPTER / "examples" / "math_reward.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    prompts = ["Q: 1+1?", "Q: 1+1?", "Q: 1+1?", "Q: frac?"]
+    queries = [prompts[0] + " so \\boxed{2}.", prompts[1] + " \\boxed{3}", prompts[2] + " 2",
+               prompts[3] + " \\boxed{\\frac{1}{2}}"]
+    out = module.reward_func(queries, prompts, ["2", "2", "2", "\\frac{1}{2}"])
+    assert out["rewards"].tolist() == [1.0, 0.0, 0.0, 1.0]

@@ -5,27 +5,31 @@
 #
 # Environment:
 #   RAY_ADDRESS   submit with `ray job submit` to this cluster (unset: run the driver directly)
-#   WORKING_DIR   job working dir shipped to the cluster (default: this repository checkout)
+#   WORKING_DIR   job working dir shipped to the cluster (default: this folder, which holds the
+#                 reward function). discoloss itself must be pip-installed on every node; do
+#                 not ship a discoloss source checkout as working_dir: its discoloss/ folder
+#                 would shadow the installed package (and its adapters) in the Ray workers.
 #   DATASET       prompt dataset (default: agentica-org/DeepScaleR-Preview-Dataset)
 #   PYTHON        interpreter (default: python3)
 #   SAVE_PATH     output directory (default: ./ckpt/<run name>)
 
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 : "${DATASET:=agentica-org/DeepScaleR-Preview-Dataset}"
-: "${WORKING_DIR:=$(cd "$HERE/../../.." && pwd)}"
+: "${WORKING_DIR:=$HERE}"
 : "${PYTHON:=python3}"
 
 disco_launch() {
   local run_name="$1"; shift
-  local launch=()
+  local launch=() reward="$HERE/math_reward.py"
   if [[ -n "${RAY_ADDRESS:-}" ]]; then
     launch=(ray job submit --address="$RAY_ADDRESS"
             --runtime-env-json="{\"working_dir\": \"$WORKING_DIR\"}" --)
+    reward=math_reward.py  # relative to the job's working_dir
   fi
   "${launch[@]}" "$PYTHON" -m discoloss.adapters.openrlhf.train_ppo_ray \
     --data.prompt_dataset "$DATASET" --data.input_key problem --data.label_key answer \
     --data.apply_chat_template \
-    --reward.remote_url adapters/openrlhf/examples/math_reward.py \
+    --reward.remote_url "$reward" \
     --actor.num_nodes 1 --actor.num_gpus_per_node 8 \
     --vllm.num_engines 8 --vllm.tensor_parallel_size 1 --vllm.gpu_memory_utilization 0.6 \
     --train.colocate_all --vllm.enable_sleep --ds.enable_sleep \
