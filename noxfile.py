@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import nox
 
-nox.options.sessions = ["core", "openrlhf", "openrlhf_oldest"]
+nox.options.sessions = ["core", "trl", "openrlhf", "openrlhf_oldest"]
 nox.options.error_on_missing_interpreters = True
 
 PYTHON = "3.11"
@@ -22,6 +22,15 @@ def core(session: nox.Session) -> None:
     session.install(TORCH)
     session.install("-e", ".[test,analysis,demo]")
     session.run("pytest", "tests/core", *session.posargs)
+
+
+@nox.session(python=PYTHON)
+def trl(session: nox.Session) -> None:
+    """The TRL adapter against the real TRL: end to end training on CPU, gradient parity, two
+    processes (accelerate, gloo), configuration errors."""
+    session.install(TORCH)
+    session.install("-e", ".[trl,test]")
+    session.run("pytest", "tests/trl", *session.posargs, env={"HF_HUB_OFFLINE": "1"})
 
 
 # OpenRLHF adapter: the real OpenRLHF on CPU. Its full install needs CUDA (flash-attn builds from

@@ -111,18 +111,21 @@ def group_log_mean_exp(
     scores: Tensor, member: Tensor, dense: Tensor, count: Tensor, tau: float
 ) -> GroupAggregate:
     """tau * log mean_{j in group, member} exp(s_j / tau), stable; q = softmax(s / tau)."""
-    z = scores / tau
     # Shift by the per-group max. The shift cancels exactly in the value and the gradient, so
     # it is detached.
-    zmax = torch.full_like(count, -math.inf).scatter_reduce(
-        0, dense, torch.where(member, z.detach(), -math.inf), "amax", include_self=True
+    smax = torch.full_like(count, -math.inf).scatter_reduce(
+        0, dense, torch.where(member, scores.detach(), -math.inf), "amax", include_self=True
     )
-    zmax = torch.where(count > 0, zmax, 0.0)
+    smax = torch.where(count > 0, smax, 0.0)
     # exp of -inf (non-members) is 0 with zero gradient; no inf * 0 in the backward pass.
-    e = torch.exp(torch.where(member, z - zmax[dense], -math.inf))
+    z = torch.where(member, (scores - smax[dense]) / tau, -math.inf)
+    e = torch.exp(z)
     total = torch.zeros_like(count).index_add(0, dense, e)
     safe = torch.where(count > 0, total, 1.0)
-    term = tau * (zmax + torch.log(safe / count.clamp_min(1.0)))
+    # tau * log(mean e) as tau * log1p(mean(e - 1)): with a huge tau every e rounds to 1 and
+    # log(mean e) to 0, while expm1 keeps z itself, so the value still tends to the mean.
+    em1 = torch.zeros_like(count).index_add(0, dense, torch.where(member, torch.expm1(z), 0.0))
+    term = smax + tau * torch.log1p(em1 / count.clamp_min(1.0))
     return GroupAggregate(term, (e / safe[dense]).detach())
 
 
