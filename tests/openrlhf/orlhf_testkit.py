@@ -1,4 +1,4 @@
-"""Helpers shared by the OpenRLHF adapter tests (imported by name: the suite runs with
+"""Test utilities shared by the OpenRLHF adapter tests (imported by name: the suite runs with
 ``--import-mode=importlib``, and conftest.py puts this folder on ``sys.path``)."""
 
 from __future__ import annotations
