@@ -48,15 +48,16 @@ from discoloss._checks import (
     check_batch,
     check_device,
     check_number,
-    check_option,
     check_tensor,
     raise_if_failed,
 )
-from discoloss._types import KL_ESTIMATORS, SCORES, KLEstimator, Normalize, Objective, Score
-from discoloss.kl import kl_row_sums, squared_hinge_penalty
-from discoloss.loss import DiscoOutput, as_count, loss_from_stats, resolve_tau
-from discoloss.objectives import check_objective_options, check_response_inputs, reward_checks
-from discoloss.scores import check_token_inputs, scores_from_sums, token_sums
+from discoloss._types import Constraint, KLEstimator, Normalize, Objective, Score
+from discoloss.constraints import LagrangeMultiplier, constraint_penalty, constraint_slope
+from discoloss.kl import kl_row_sums
+from discoloss.loss import DiscoOutput, as_count, loss_from_stats, response_scores
+from discoloss.objectives import check_response_inputs, reward_checks
+from discoloss.options import DiscoOptions
+from discoloss.scores import check_token_inputs, token_sums
 
 __all__ = [
     "MicroBatchLoss",
@@ -93,7 +94,8 @@ class MiniBatchPlan(NamedTuple):
     """What every micro-batch of a mini-batch needs, computed once.
 
     weights: (B,) dJ/ds for the concatenated responses (detached).
-    kl_coef: 0-d beta * max(kl - delta, 0), the derivative of the penalty wrt the KL.
+    kl_coef: 0-d derivative of the penalty wrt the KL at the stats (beta * max(kl - delta, 0)
+      for the squared hinge).
     num_tokens: 0-d number of response tokens in the mini-batch.
     output: :class:`DiscoOutput` of the mini-batch at the stats' parameters, detached (log
       its ``metrics``).
@@ -125,19 +127,21 @@ def _stats(
     log_probs: Tensor,
     old_log_probs: Tensor,
     mask: Tensor,
-    score: str,
-    kl_estimator: str,
+    rewards: Tensor | None,
+    options: DiscoOptions,
     validate: bool,
 ) -> ResponseStats:
     log_probs, old_log_probs, mask = check_token_inputs(log_probs, old_log_probs, mask)
-    need_ratio = score == "likelihood_ratio" or kl_estimator == "k3"
+    if rewards is not None:
+        check_tensor("rewards", rewards, ndim=1, kind="real")
+        check_batch(("log_probs", "rewards"), (log_probs, rewards))
+        check_device(("log_probs", "rewards"), (log_probs, rewards))
     sums, checks = token_sums(
-        log_probs, old_log_probs, mask, need_ratio=need_ratio, validate=validate
+        log_probs, old_log_probs, mask, need_ratio=options.needs_ratio, validate=validate
     )
     raise_if_failed(checks)
-    return ResponseStats(
-        scores_from_sums(sums, score), kl_row_sums(sums, kl_estimator), sums.lengths
-    )
+    scores = response_scores(sums, log_probs, old_log_probs, mask, rewards, options)
+    return ResponseStats(scores, kl_row_sums(sums, options.kl_estimator), sums.lengths)
 
 
 def response_stats(
@@ -147,6 +151,9 @@ def response_stats(
     *,
     score: Score = "log_likelihood",
     kl_estimator: KLEstimator = "k1",
+    rewards: Tensor | None = None,
+    threshold: float = 0.5,
+    clip_eps: float = 0.2,
     validate: bool = True,
 ) -> ResponseStats:
     """Per-response scores, KL sums and token counts of a micro-batch.
@@ -157,10 +164,13 @@ def response_stats(
     Args:
       log_probs, old_log_probs, mask: (B, T) as in :func:`discoloss.disco_loss`.
       score, kl_estimator, validate: as in :func:`discoloss.disco_loss`.
+      rewards, threshold, clip_eps: only for ``score="clipped_ratio"``, whose clip side depends
+        on the label.
     """
-    check_option("score", score, SCORES)
-    check_option("kl_estimator", kl_estimator, KL_ESTIMATORS)
-    return _stats(log_probs, old_log_probs, mask, score, kl_estimator, validate)
+    options = DiscoOptions(
+        score=score, kl_estimator=kl_estimator, threshold=threshold, clip_eps=clip_eps
+    )
+    return _stats(log_probs, old_log_probs, mask, rewards, options, validate)
 
 
 def plan_minibatch(
@@ -175,6 +185,10 @@ def plan_minibatch(
     beta: float = 1e3,
     threshold: float = 0.5,
     normalize: Normalize = "all",
+    constraint: Constraint = "squared_hinge",
+    multiplier: LagrangeMultiplier | None = None,
+    cvar_alpha: float = 0.5,
+    margin: float = 1.0,
     validate: bool = True,
 ) -> MiniBatchPlan:
     """Weights, penalty coefficient and logging values of a whole mini-batch.
@@ -183,13 +197,21 @@ def plan_minibatch(
       stats: :class:`ResponseStats` of every response of the mini-batch (concatenated).
       rewards, group_ids: (B,) in the same order as ``stats``.
       score: only used to pick the default ``tau``.
-      objective, tau, delta, beta, threshold, normalize: as in :func:`discoloss.disco_loss`.
+      objective, tau, delta, beta, threshold, normalize, constraint, multiplier, cvar_alpha,
+        margin: as in :func:`discoloss.disco_loss`.
     """
-    check_option("score", score, SCORES)
-    tau_f = resolve_tau(tau, score)
-    tau_f, threshold_f = check_objective_options(objective, tau_f, threshold, normalize)
-    delta_f = check_number("delta", delta, non_negative=True)
-    beta_f = check_number("beta", beta, non_negative=True)
+    options = DiscoOptions(
+        score=score,
+        objective=objective,
+        tau=tau,
+        delta=delta,
+        beta=beta,
+        threshold=threshold,
+        normalize=normalize,
+        constraint=constraint,
+        cvar_alpha=cvar_alpha,
+        margin=margin,
+    )
     if not isinstance(stats, ResponseStats):
         raise TypeError(f"stats must be a ResponseStats, got {type(stats).__name__}")
     for name in ResponseStats._fields:
@@ -208,14 +230,16 @@ def plan_minibatch(
             s.lengths,
             rewards,
             group_ids,
-            objective=objective,
-            tau=tau_f,
-            delta=delta_f,
-            beta=beta_f,
-            threshold=threshold_f,
-            normalize=normalize,
+            options=options,
+            multiplier=multiplier,
         )
-        kl_coef = beta_f * torch.clamp(output.kl - delta_f, min=0.0)
+        kl_coef = constraint_slope(
+            output.kl,
+            constraint=constraint,
+            delta=options.delta,
+            beta=options.beta,
+            multiplier=multiplier,
+        )
         num_tokens = s.lengths.sum()
     return MiniBatchPlan(terms.weights, kl_coef, num_tokens, output)
 
@@ -232,6 +256,11 @@ def micro_batch_loss(
     kl_estimator: KLEstimator = "k1",
     delta: float = 1e-4,
     beta: float = 1e3,
+    constraint: Constraint = "squared_hinge",
+    multiplier: LagrangeMultiplier | None = None,
+    rewards: Tensor | None = None,
+    threshold: float = 0.5,
+    clip_eps: float = 0.2,
     validate: bool = True,
 ) -> MicroBatchLoss:
     r"""Per-micro-batch surrogate whose gradients add up to the mini-batch DisCO gradient.
@@ -245,37 +274,44 @@ def micro_batch_loss(
       weights: (b,) this micro-batch's slice of :attr:`MiniBatchPlan.weights`.
       num_tokens: N, the mini-batch's number of response tokens (``plan.num_tokens``).
       kl_coef: kappa (``plan.kl_coef``, exact when the plan used current parameters), or None
-        for the local approximation ``(n_mb / N) * beta/2 * max(kl_mb - delta, 0)^2`` with
-        kl_mb the micro-batch's own token-mean KL (see the module docstring).
+        for the local approximation ``(n_mb / N) * P(kl_mb)`` with P the constraint's penalty
+        and kl_mb the micro-batch's own token-mean KL (see the module docstring).
       score, kl_estimator: as in :func:`discoloss.disco_loss` (must match the plan's).
-      delta, beta: used by the local approximation only.
+      delta, beta, constraint, multiplier: the constraint, used by the local approximation.
+      rewards, threshold, clip_eps: only for ``score="clipped_ratio"``.
       validate: check values (one host sync).
     """
-    check_option("score", score, SCORES)
-    check_option("kl_estimator", kl_estimator, KL_ESTIMATORS)
+    options = DiscoOptions(
+        score=score,
+        kl_estimator=kl_estimator,
+        delta=delta,
+        beta=beta,
+        constraint=constraint,
+        threshold=threshold,
+        clip_eps=clip_eps,
+    )
     check_tensor("weights", weights, ndim=1, kind="float")
     check_batch(("log_probs", "weights"), (log_probs, weights))
     check_device(("log_probs", "weights"), (log_probs, weights))
     total = as_count("num_tokens", num_tokens, log_probs.device)
     assert total is not None
-    st = _stats(log_probs, old_log_probs, mask, score, kl_estimator, validate)
+    st = _stats(log_probs, old_log_probs, mask, rewards, options, validate)
     f = st.scores.dtype
     total_f = total.to(f).clamp_min(1.0)
     objective_term = (weights.detach().to(f) * st.scores).sum()
     kl = st.kl_sums.sum() / total_f
     if kl_coef is None:
-        delta_f = check_number("delta", delta, non_negative=True)
-        beta_f = check_number("beta", beta, non_negative=True)
         local_tokens = st.lengths.sum().clamp_min(1.0)
         local_kl = st.kl_sums.sum() / local_tokens
-        penalty_term = (local_tokens / total_f) * squared_hinge_penalty(
-            local_kl, delta=delta_f, beta=beta_f
+        penalty_term = (local_tokens / total_f) * constraint_penalty(
+            local_kl,
+            constraint=constraint,
+            delta=options.delta,
+            beta=options.beta,
+            multiplier=multiplier,
         )
+    elif isinstance(kl_coef, Tensor):
+        penalty_term = kl_coef.detach().to(f) * kl
     else:
-        coef = (
-            kl_coef.detach().to(f)
-            if isinstance(kl_coef, Tensor)
-            else check_number("kl_coef", kl_coef, non_negative=True)
-        )
-        penalty_term = coef * kl
+        penalty_term = check_number("kl_coef", kl_coef, non_negative=True) * kl
     return MicroBatchLoss(-objective_term + penalty_term, objective_term, kl, penalty_term)

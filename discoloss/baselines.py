@@ -110,7 +110,7 @@ class BaselineOutput(NamedTuple):
 
 class _GroupStats(NamedTuple):
     advantages: Tensor  # (B,)
-    index: GroupIndex
+    groups: GroupIndex
     constant: Tensor  # (B,) per dense group: all rewards equal (unused slots: True)
 
 
@@ -297,10 +297,8 @@ def _clipped_policy_loss(
         neg = (adv < 0).unsqueeze(-1) & bmask
         high = (pos & (r > 1.0 + clip_high)).sum(dtype=acc) / n_tok
         low = (neg & (r < 1.0 - clip_low)).sum(dtype=acc) / n_tok
-        dual = (
-            (neg & (r > dual_clip)).sum(dtype=acc) / n_tok if dual_clip is not None else zero
-        )
-        num_groups = stats.index.num_groups.to(acc)
+        dual = (neg & (r > dual_clip)).sum(dtype=acc) / n_tok if dual_clip is not None else zero
+        num_groups = stats.groups.num_groups.to(acc)
         signal = (~stats.constant).sum().to(acc)
         metrics = {
             "loss": loss.detach(),
@@ -390,7 +388,7 @@ def dr_grpo_loss(
     group_ids: Tensor,
     *,
     clip_eps: float = 0.2,
-    max_tokens: int | float | None = None,
+    max_tokens: float | None = None,
     dual_clip: float | None = None,
     validate: bool = True,
 ) -> BaselineOutput:

@@ -7,26 +7,25 @@ from typing import TYPE_CHECKING, NamedTuple
 import torch
 from torch import Tensor
 
-from discoloss._checks import check_number, check_option, raise_if_failed
-from discoloss._types import (
-    DEFAULT_TAU,
-    KL_ESTIMATORS,
-    SCORES,
-    KLEstimator,
-    Normalize,
-    Objective,
-    Score,
-)
-from discoloss.kl import kl_row_sums, squared_hinge_penalty
+from discoloss._checks import raise_if_failed
+from discoloss._types import Constraint, KLEstimator, Normalize, Objective, Score
+from discoloss.constraints import LagrangeMultiplier, constraint_penalty
+from discoloss.kl import kl_row_sums
 from discoloss.objectives import (
     DiscriminativeTerms,
-    check_objective_options,
     check_response_inputs,
     dense_group_ids,
     discriminative_terms,
     reward_checks,
 )
-from discoloss.scores import check_token_inputs, scores_from_sums, token_sums
+from discoloss.options import DiscoOptions
+from discoloss.scores import (
+    TokenSums,
+    check_token_inputs,
+    clipped_ratio_scores,
+    scores_from_sums,
+    token_sums,
+)
 
 if TYPE_CHECKING:
     from torch.distributed import ProcessGroup
@@ -50,12 +49,6 @@ class DiscoOutput(NamedTuple):
     kl: Tensor
     penalty: Tensor
     metrics: dict[str, Tensor]
-
-
-def resolve_tau(tau: float | None, score: str) -> float:
-    if tau is None:
-        return DEFAULT_TAU[score]
-    return check_number("tau", tau, positive=True)
 
 
 def loss_metrics(
@@ -99,45 +92,68 @@ def loss_from_stats(
     rewards: Tensor,
     group_ids: Tensor,
     *,
-    objective: str,
-    tau: float,
-    delta: float,
-    beta: float,
-    threshold: float,
-    normalize: str,
+    options: DiscoOptions,
+    multiplier: LagrangeMultiplier | None = None,
     num_groups: Tensor | None = None,
     num_tokens: Tensor | None = None,
 ) -> tuple[DiscoOutput, DiscriminativeTerms]:
     """DisCO from per-response scalars (scores, KL sums, token counts): shared by the local,
-    the cross-rank and the micro-batch paths. Options already validated.
+    the cross-rank and the micro-batch paths.
 
     With ``num_tokens`` (tokens of a larger batch this one is a piece of), ``kl`` is this
     piece's additive share sum_i kl_sums_i / num_tokens and the penalty is the piece's token
     share times the penalty of its own token-mean KL (see :func:`disco_loss`).
     """
-    positive = rewards > threshold
+    o = options
+    positive = rewards > o.threshold
     terms = discriminative_terms(
         scores,
         positive,
         dense_group_ids(group_ids),
-        objective=objective,
-        tau=tau,
-        normalize=normalize,
+        objective=o.objective,
+        tau=o.tau_value,
+        normalize=o.normalize,
         num_groups=num_groups,
+        cvar_alpha=o.cvar_alpha,
+        margin=o.margin,
     )
+
+    def penalty_of(kl: Tensor) -> Tensor:
+        return constraint_penalty(
+            kl, constraint=o.constraint, delta=o.delta, beta=o.beta, multiplier=multiplier
+        )
+
     local_tokens = lengths.sum().clamp_min(1.0)
     kl_total = kl_sums.sum()
     local_kl = kl_total / local_tokens
     if num_tokens is None:
         kl = local_kl
-        penalty = squared_hinge_penalty(kl, delta=delta, beta=beta)
+        penalty = penalty_of(kl)
     else:
         total = num_tokens.to(kl_total.dtype).clamp_min(1.0)
         kl = kl_total / total
-        penalty = (local_tokens / total) * squared_hinge_penalty(local_kl, delta=delta, beta=beta)
+        penalty = (local_tokens / total) * penalty_of(local_kl)
     loss = -terms.objective + penalty
-    metrics = loss_metrics(scores, positive, lengths, terms, kl, penalty, loss, delta)
+    metrics = loss_metrics(scores, positive, lengths, terms, kl, penalty, loss, o.delta)
     return DiscoOutput(loss, terms.objective, kl, penalty, metrics), terms
+
+
+def response_scores(
+    sums: TokenSums,
+    log_probs: Tensor,
+    old_log_probs: Tensor,
+    mask: Tensor,
+    rewards: Tensor | None,
+    options: DiscoOptions,
+) -> Tensor:
+    """(B,) scores of the selected kind; the clipped ratio needs the labels."""
+    if options.score != "clipped_ratio":
+        return scores_from_sums(sums, options.score)
+    if rewards is None:
+        raise ValueError("score='clipped_ratio' needs rewards (the clip side depends on the label)")
+    return clipped_ratio_scores(
+        log_probs, old_log_probs, mask, rewards > options.threshold, clip_eps=options.clip_eps
+    )
 
 
 def as_count(name: str, value: int | Tensor | None, device: torch.device) -> Tensor | None:
@@ -174,6 +190,11 @@ def disco_loss(
     kl_estimator: KLEstimator = "k1",
     threshold: float = 0.5,
     normalize: Normalize = "all",
+    constraint: Constraint = "squared_hinge",
+    multiplier: LagrangeMultiplier | None = None,
+    cvar_alpha: float = 0.5,
+    margin: float = 1.0,
+    clip_eps: float = 0.2,
     validate: bool = True,
     num_groups: int | Tensor | None = None,
     num_tokens: int | Tensor | None = None,
@@ -189,6 +210,8 @@ def disco_loss(
 
     with J the discriminative objective of :func:`discriminative_objective` over the sequence
     scores of :func:`sequence_scores`, and the KL the token mean of :func:`kl_divergence`.
+    The defaults are DisCO as published; the other options are its ablations
+    (:mod:`discoloss.constraints`, and the objective table in the README).
 
     Args:
       log_probs: (B, T) token log-probs under the current policy. The only input that receives
@@ -198,15 +221,27 @@ def disco_loss(
       rewards: (B,) rewards; positive iff reward > ``threshold``.
       group_ids: (B,) integer tensor, the question (prompt) of each response; any order, any
         values, any group sizes.
-      score: ``"log_likelihood"`` or ``"likelihood_ratio"``.
-      objective: ``"disco"`` (KL-DRO log-mean-exp over negatives) or ``"disco_b"`` (mean).
-      tau: DRO temperature, > 0; None gives 10 for log_likelihood and 1 for likelihood_ratio.
+      score: ``"log_likelihood"``, ``"likelihood_ratio"``, or ``"clipped_ratio"`` (GRPO's
+        clipped surrogate, for the clipping-vs-constraint ablation; uses ``clip_eps``).
+      objective: ``"disco"`` (KL-DRO log-mean-exp over negatives), ``"disco_b"`` (mean),
+        ``"cvar"`` (mean of the hardest ``cvar_alpha`` fraction of negatives),
+        ``"disco_2way"`` (DRO over negatives and, soft-min, over positives),
+        ``"auc_sq_hinge"`` / ``"auc_logistic"`` (pairwise AUC surrogates over a question's
+        positive-negative pairs; ``margin`` / ``tau``; O(B^2) memory).
+      tau: DRO temperature, > 0; None gives 10 for log_likelihood and 1 otherwise.
       delta: KL constraint radius, >= 0.
       beta: penalty strength, >= 0.
       kl_estimator: ``"k1"`` (log pi_old - log pi_theta) or ``"k3"``.
       threshold: reward threshold of the positive label.
       normalize: ``"all"`` (divide by all distinct groups, as published) or ``"valid"`` (by
         groups with both a positive and a negative).
+      constraint: ``"squared_hinge"`` (DisCO), ``"hinge"``, ``"kl_penalty"`` (beta * KL),
+        ``"lagrangian"`` (needs ``multiplier``) or ``"none"``; see
+        :mod:`discoloss.constraints`.
+      multiplier: a :class:`discoloss.constraints.LagrangeMultiplier` for ``"lagrangian"``.
+      cvar_alpha: fraction of hardest negatives for ``"cvar"``, in (0, 1]; 1 is DisCO-b.
+      margin: margin of ``"auc_sq_hinge"``, >= 0.
+      clip_eps: clip range of ``"clipped_ratio"``, in (0, 1).
       validate: check values (non-finite inputs, empty responses, mask values) with one host
         sync. With ``validate=False`` the loss issues no host sync at all (local mode).
       num_groups: for a batch that is a piece of a larger one whose groups are whole in each
@@ -215,8 +250,9 @@ def disco_loss(
       num_tokens: likewise, the number of response tokens of the larger batch. ``kl`` is then
         this piece's additive share ``sum(kl_i) / num_tokens`` and ``penalty`` its token share
         ``n_piece / num_tokens`` times the penalty of the piece's own token-mean KL: exact when
-        the pieces' KLs are equal, an upper bound (Jensen) otherwise. For the exact penalty of a
-        mini-batch split into micro-batches use :mod:`discoloss.accumulation`.
+        the pieces' KLs are equal (and always for the linear constraints), an upper bound
+        (Jensen) otherwise. For the exact penalty of a mini-batch split into micro-batches use
+        :mod:`discoloss.accumulation`.
       process_group: a ``torch.distributed`` group. When given, groups are formed across all
         its ranks (a question's responses may sit on different ranks, ranks may hold different
         numbers of responses and sequence lengths). Only per-response scalars are exchanged,
@@ -241,12 +277,22 @@ def disco_loss(
       ValueError / TypeError naming the argument for bad shapes, dtypes, devices, options and
       (when ``validate``) values.
     """
-    check_option("score", score, SCORES)
-    check_option("kl_estimator", kl_estimator, KL_ESTIMATORS)
-    tau_f = resolve_tau(tau, score)
-    tau_f, threshold_f = check_objective_options(objective, tau_f, threshold, normalize)
-    delta_f = check_number("delta", delta, non_negative=True)
-    beta_f = check_number("beta", beta, non_negative=True)
+    options = DiscoOptions(
+        score=score,
+        objective=objective,
+        tau=tau,
+        delta=delta,
+        beta=beta,
+        kl_estimator=kl_estimator,
+        threshold=threshold,
+        normalize=normalize,
+        constraint=constraint,
+        cvar_alpha=cvar_alpha,
+        margin=margin,
+        clip_eps=clip_eps,
+    )
+    if constraint == "lagrangian" and multiplier is None:
+        raise ValueError('constraint="lagrangian" needs multiplier=LagrangeMultiplier(...)')
     log_probs, old_log_probs, mask = check_token_inputs(log_probs, old_log_probs, mask)
     check_response_inputs(rewards, group_ids, ("log_probs", log_probs))
     groups_t = as_count("num_groups", num_groups, log_probs.device)
@@ -257,16 +303,15 @@ def disco_loss(
             "already normalises by the global counts"
         )
 
-    need_ratio = score == "likelihood_ratio" or kl_estimator == "k3"
     sums, checks = token_sums(
-        log_probs, old_log_probs, mask, need_ratio=need_ratio, validate=validate
+        log_probs, old_log_probs, mask, need_ratio=options.needs_ratio, validate=validate
     )
     if validate:
         checks += reward_checks(rewards)
     raise_if_failed(checks)
 
-    scores = scores_from_sums(sums, score)
-    kl_sums = kl_row_sums(sums, kl_estimator)
+    scores = response_scores(sums, log_probs, old_log_probs, mask, rewards, options)
+    kl_sums = kl_row_sums(sums, options.kl_estimator)
     lengths = sums.lengths
     if process_group is not None:
         from discoloss.distributed import gather_response_stats
@@ -280,12 +325,8 @@ def disco_loss(
         lengths,
         rewards,
         group_ids,
-        objective=objective,
-        tau=tau_f,
-        delta=delta_f,
-        beta=beta_f,
-        threshold=threshold_f,
-        normalize=normalize,
+        options=options,
+        multiplier=multiplier,
         num_groups=groups_t,
         num_tokens=tokens_t,
     )

@@ -24,7 +24,7 @@ no Python loop, no sort-and-view, no host sync.
 from __future__ import annotations
 
 import math
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor
@@ -33,13 +33,11 @@ from discoloss._checks import (
     Check,
     check_batch,
     check_device,
-    check_number,
-    check_option,
     check_tensor,
     first_index,
     raise_if_failed,
 )
-from discoloss._types import NORMALIZES, OBJECTIVES, Normalize, Objective
+from discoloss._types import Normalize, Objective
 
 __all__ = ["discriminative_objective", "discriminative_weights"]
 
@@ -94,6 +92,92 @@ class DiscriminativeTerms(NamedTuple):
     effective_negatives: Tensor
 
 
+class GroupAggregate(NamedTuple):
+    """One side's term of a question: term (B,) per dense group, differentiable; q (B,) per
+    response, the detached weight d term / d s_i, summing to 1 over the group's members."""
+
+    term: Tensor
+    q: Tensor
+
+
+def group_mean(scores: Tensor, member: Tensor, dense: Tensor, count: Tensor) -> GroupAggregate:
+    zeros = torch.zeros_like(count)
+    inv = 1.0 / count.clamp_min(1.0)
+    term = zeros.index_add(0, dense, torch.where(member, scores, 0.0)) * inv
+    return GroupAggregate(term, torch.where(member, inv[dense], 0.0))
+
+
+def group_log_mean_exp(
+    scores: Tensor, member: Tensor, dense: Tensor, count: Tensor, tau: float
+) -> GroupAggregate:
+    """tau * log mean_{j in group, member} exp(s_j / tau), stable; q = softmax(s / tau)."""
+    # Shift by the per-group max. The shift cancels exactly in the value and the gradient, so
+    # it is detached.
+    smax = torch.full_like(count, -math.inf).scatter_reduce(
+        0, dense, torch.where(member, scores.detach(), -math.inf), "amax", include_self=True
+    )
+    smax = torch.where(count > 0, smax, 0.0)
+    # exp of -inf (non-members) is 0 with zero gradient; no inf * 0 in the backward pass.
+    z = torch.where(member, (scores - smax[dense]) / tau, -math.inf)
+    e = torch.exp(z)
+    total = torch.zeros_like(count).index_add(0, dense, e)
+    safe = torch.where(count > 0, total, 1.0)
+    # tau * log(mean e) as tau * log1p(mean(e - 1)): with a huge tau every e rounds to 1 and
+    # log(mean e) to 0, while expm1 keeps z itself, so the value still tends to the mean.
+    em1 = torch.zeros_like(count).index_add(0, dense, torch.where(member, torch.expm1(z), 0.0))
+    term = smax + tau * torch.log1p(em1 / count.clamp_min(1.0))
+    return GroupAggregate(term, (e / safe[dense]).detach())
+
+
+def group_cvar(
+    scores: Tensor, member: Tensor, dense: Tensor, count: Tensor, alpha: float
+) -> GroupAggregate:
+    """Conditional value at risk of the members' scores at level alpha: the mean of the
+    highest alpha-fraction (fractional member included with a partial weight). Sync-free:
+    within-group descending ranks come from three stable sorts."""
+    b = scores.shape[0]
+    s = scores.detach()
+    order = torch.argsort(s, descending=True, stable=True)
+    order = order[torch.argsort((~member[order]).to(torch.int8), stable=True)]
+    order = order[torch.argsort(dense[order], stable=True)]
+    sizes = torch.zeros_like(dense).index_add(0, dense, torch.ones_like(dense))
+    starts = torch.cumsum(sizes, 0) - sizes
+    rank = torch.empty_like(dense)
+    rank[order] = torch.arange(b, device=dense.device) - starts[dense[order]]
+    k = alpha * count[dense]
+    weight = torch.clamp(k - rank.to(s.dtype), 0.0, 1.0) / k.clamp_min(torch.finfo(s.dtype).tiny)
+    q = torch.where(member, weight, 0.0)
+    term = torch.zeros_like(count).index_add(0, dense, q * scores)
+    return GroupAggregate(term, q)
+
+
+PAIRWISE = ("auc_sq_hinge", "auc_logistic")
+
+
+def pairwise_group_objective(
+    scores: Tensor,
+    positive: Tensor,
+    dense: Tensor,
+    n_pos: Tensor,
+    n_neg: Tensor,
+    *,
+    objective: str,
+    tau: float,
+    margin: float,
+) -> Tensor:
+    """(B,) per group: minus the mean pairwise surrogate loss over the group's (positive,
+    negative) pairs. Uses a (B, B) pair matrix: O(B^2) memory."""
+    pair = (dense[:, None] == dense[None, :]) & positive[:, None] & ~positive[None, :]
+    diff = scores[:, None] - scores[None, :]
+    if objective == "auc_sq_hinge":
+        loss = torch.clamp(margin - diff, min=0.0) ** 2
+    else:
+        loss = tau * torch.nn.functional.softplus(-diff / tau)
+    per_pos = torch.where(pair, loss, 0.0).sum(1)
+    total = torch.zeros_like(n_pos).index_add(0, dense, per_pos)
+    return -total / (n_pos * n_neg).clamp_min(1.0)
+
+
 def discriminative_terms(
     scores: Tensor,
     positive: Tensor,
@@ -103,6 +187,8 @@ def discriminative_terms(
     tau: float,
     normalize: str,
     num_groups: Tensor | None = None,
+    cvar_alpha: float = 0.5,
+    margin: float = 1.0,
 ) -> DiscriminativeTerms:
     """Core of the objective; inputs already validated.
 
@@ -111,36 +197,11 @@ def discriminative_terms(
     """
     f = scores.dtype
     dense = index.dense
-    b = scores.shape[0]
     negative = ~positive
-    zeros = torch.zeros(b, dtype=f, device=scores.device)
+    zeros = torch.zeros(scores.shape[0], dtype=f, device=scores.device)
     n_pos = zeros.index_add(0, dense, positive.to(f))
     n_neg = zeros.index_add(0, dense, negative.to(f))
     valid = (n_pos > 0) & (n_neg > 0)
-    valid_r = valid[dense]
-    inv_pos = 1.0 / n_pos.clamp_min(1.0)
-    inv_neg = 1.0 / n_neg.clamp_min(1.0)
-    mean_pos = zeros.index_add(0, dense, torch.where(positive, scores, 0.0)) * inv_pos
-
-    if objective == "disco_b":
-        neg_term = zeros.index_add(0, dense, torch.where(negative, scores, 0.0)) * inv_neg
-        q = torch.where(negative, inv_neg[dense], 0.0)
-    else:
-        z = scores / tau
-        # Shift by the per-group max over negatives. The shift cancels exactly in the value and
-        # the gradient, so it is detached.
-        zmax = torch.full((b,), -math.inf, dtype=f, device=scores.device).scatter_reduce(
-            0, dense, torch.where(negative, z.detach(), -math.inf), "amax", include_self=True
-        )
-        zmax = torch.where(n_neg > 0, zmax, 0.0)
-        # exp of -inf (positives) is 0 with zero gradient; no inf * 0 in the backward pass.
-        e = torch.exp(torch.where(negative, z - zmax[dense], -math.inf))
-        s = zeros.index_add(0, dense, e)
-        s_safe = torch.where(n_neg > 0, s, 1.0)
-        neg_term = tau * (zmax + torch.log(s_safe * inv_neg))
-        q = (e / s_safe[dense]).detach()
-
-    per_group = torch.where(valid, mean_pos - neg_term, 0.0)
     num_valid = valid.sum()
     if num_groups is not None:
         count = num_groups
@@ -149,10 +210,43 @@ def discriminative_terms(
     else:
         count = index.num_groups
     denom = count.to(f).clamp_min(1.0)
-    obj = per_group.sum() / denom
 
-    w = torch.where(positive, inv_pos[dense], -q)
-    weights = (torch.where(valid_r, w, 0.0) / denom).detach()
+    if objective in PAIRWISE:
+        # No closed form worth keeping: the weights come from autograd on a (B,) leaf.
+        def per_group_of(s: Tensor) -> Tensor:
+            g = pairwise_group_objective(
+                s, positive, dense, n_pos, n_neg, objective=objective, tau=tau, margin=margin
+            )
+            return torch.where(valid, g, 0.0)
+
+        per_group = per_group_of(scores)
+        with torch.enable_grad():
+            leaf = scores.detach().requires_grad_()
+            (w,) = torch.autograd.grad(per_group_of(leaf).sum(), leaf)
+        weights = (w / denom).detach()
+        q = torch.where(negative, -w, 0.0)
+        q = q / torch.zeros_like(n_neg).index_add(0, dense, q)[dense].clamp_min(
+            torch.finfo(f).tiny
+        )
+    else:
+        if objective == "disco_2way":
+            # soft-min over positives: -tau * log mean exp(-s / tau)
+            agg = group_log_mean_exp(-scores, positive, dense, n_pos, tau)
+            pos = GroupAggregate(-agg.term, agg.q)
+        else:
+            pos = group_mean(scores, positive, dense, n_pos)
+        if objective == "disco_b":
+            neg = group_mean(scores, negative, dense, n_neg)
+        elif objective == "cvar":
+            neg = group_cvar(scores, negative, dense, n_neg, cvar_alpha)
+        else:
+            neg = group_log_mean_exp(scores, negative, dense, n_neg, tau)
+        per_group = torch.where(valid, pos.term - neg.term, 0.0)
+        w = torch.where(positive, pos.q, -neg.q)
+        weights = (torch.where(valid[dense], w, 0.0) / denom).detach()
+        q = neg.q
+
+    obj = per_group.sum() / denom
     sq = zeros.index_add(0, dense, q * q)
     ess = torch.where(valid, 1.0 / sq.clamp_min(torch.finfo(f).tiny), 0.0).sum()
     effective_negatives = (ess / num_valid.clamp_min(1).to(f)).detach()
@@ -188,34 +282,22 @@ def reward_checks(rewards: Tensor) -> list[Check]:
     return [
         (
             rewards.isfinite().all(),
-            lambda: f"rewards: non-finite value {rewards[first_index(~rewards.isfinite())].item()!r}"
-            f" at response {first_index(~rewards.isfinite())}; every reward must be finite to be "
-            "labelled positive or negative",
+            lambda: f"rewards: non-finite value at response {first_index(~rewards.isfinite())}; "
+            "every reward must be finite to be labelled positive or negative",
         )
     ]
-
-
-def check_objective_options(objective: str, tau: float, threshold: float, normalize: str) -> tuple[
-    float, float
-]:
-    check_option("objective", objective, OBJECTIVES)
-    check_option("normalize", normalize, NORMALIZES)
-    tau = check_number("tau", tau, positive=True)
-    threshold = check_number("threshold", threshold)
-    return tau, threshold
 
 
 def _prepare(
     scores: Tensor,
     rewards: Tensor,
     group_ids: Tensor,
-    objective: str,
-    tau: float,
-    threshold: float,
-    normalize: str,
     validate: bool,
+    **options: Any,
 ) -> DiscriminativeTerms:
-    tau, threshold = check_objective_options(objective, tau, threshold, normalize)
+    from discoloss.options import DiscoOptions
+
+    o = DiscoOptions(**options)
     check_tensor("scores", scores, ndim=1, kind="float")
     check_response_inputs(rewards, group_ids, ("scores", scores))
     if validate:
@@ -231,11 +313,13 @@ def _prepare(
     s = scores if scores.dtype == torch.float64 else scores.float()
     return discriminative_terms(
         s,
-        rewards > threshold,
+        rewards > o.threshold,
         dense_group_ids(group_ids),
-        objective=objective,
-        tau=tau,
-        normalize=normalize,
+        objective=o.objective,
+        tau=o.tau_value,
+        normalize=o.normalize,
+        cvar_alpha=o.cvar_alpha,
+        margin=o.margin,
     )
 
 
@@ -248,6 +332,8 @@ def discriminative_objective(
     tau: float = 10.0,
     threshold: float = 0.5,
     normalize: Normalize = "all",
+    cvar_alpha: float = 0.5,
+    margin: float = 1.0,
     validate: bool = True,
 ) -> Tensor:
     r"""DisCO's discriminative objective J (to be maximised), arXiv 2505.12366 eq. 8 / 10.
@@ -268,17 +354,32 @@ def discriminative_objective(
       rewards: (B,) rewards; a response is positive iff reward > ``threshold``.
       group_ids: (B,) integer tensor: the question each response answers. Any order, any
         values, any group sizes.
-      objective: ``"disco"`` (log-mean-exp over negatives) or ``"disco_b"`` (mean).
+      objective: ``"disco"`` (log-mean-exp over negatives), ``"disco_b"`` (mean), or one of
+        the ablation variants ``"cvar"``, ``"disco_2way"``, ``"auc_sq_hinge"``,
+        ``"auc_logistic"`` (see :func:`discoloss.disco_loss`).
       tau: temperature of the log-mean-exp, > 0 (unused by ``"disco_b"``).
       threshold: reward threshold of the positive label.
       normalize: ``"all"`` divides by the number of distinct groups, ``"valid"`` by the number
         of groups with at least one positive and one negative.
+      cvar_alpha: fraction of hardest negatives of ``"cvar"``, in (0, 1].
+      margin: margin of ``"auc_sq_hinge"``.
       validate: check values (one host sync).
 
     Returns:
       0-d tensor J, float32 (float64 for float64 scores).
     """
-    return _prepare(scores, rewards, group_ids, objective, tau, threshold, normalize, validate)[0]
+    return _prepare(
+        scores,
+        rewards,
+        group_ids,
+        validate,
+        objective=objective,
+        tau=tau,
+        threshold=threshold,
+        normalize=normalize,
+        cvar_alpha=cvar_alpha,
+        margin=margin,
+    ).objective
 
 
 def discriminative_weights(
@@ -290,6 +391,8 @@ def discriminative_weights(
     tau: float = 10.0,
     threshold: float = 0.5,
     normalize: Normalize = "all",
+    cvar_alpha: float = 0.5,
+    margin: float = 1.0,
     validate: bool = True,
 ) -> Tensor:
     r"""Per-response discriminative weights :math:`w = \partial J / \partial s` (no gradient).
@@ -307,4 +410,15 @@ def discriminative_weights(
 
     Same arguments as :func:`discriminative_objective`. Returns a (B,) detached tensor.
     """
-    return _prepare(scores, rewards, group_ids, objective, tau, threshold, normalize, validate)[1]
+    return _prepare(
+        scores,
+        rewards,
+        group_ids,
+        validate,
+        objective=objective,
+        tau=tau,
+        threshold=threshold,
+        normalize=normalize,
+        cvar_alpha=cvar_alpha,
+        margin=margin,
+    ).weights

@@ -247,7 +247,9 @@ def check_token_inputs(
     check_device(names, (log_probs, old_log_probs, mask))
     check_batch(names, (log_probs, old_log_probs, mask))
     if log_probs.shape[1] == 0:
-        raise ValueError("log_probs has 0 token positions (shape (B, 0)); responses cannot be empty")
+        raise ValueError(
+            "log_probs has 0 token positions (shape (B, 0)); responses cannot be empty"
+        )
     return log_probs, old_log_probs, mask
 
 
@@ -343,7 +345,8 @@ def sequence_scores(
         May be None for ``score="log_likelihood"``, which does not use it.
       mask: (B, T) bool or 0/1 tensor, True at response tokens. Padding positions may hold any
         value (inf and nan included): they are ignored and get zero gradient.
-      score: ``"log_likelihood"`` or ``"likelihood_ratio"``.
+      score: ``"log_likelihood"`` or ``"likelihood_ratio"`` (the label-dependent
+        ``"clipped_ratio"`` is computed by :func:`clipped_ratio_scores`).
       validate: check values (one host sync); metadata is always checked.
 
     Returns:
@@ -351,6 +354,11 @@ def sequence_scores(
       float32.
     """
     check_option("score", score, SCORES)
+    if score == "clipped_ratio":
+        raise ValueError(
+            "score='clipped_ratio' depends on each response's label; use disco_loss or "
+            "clipped_ratio_scores(..., positive=...)"
+        )
     if old_log_probs is None and score != "log_likelihood":
         raise ValueError(f"old_log_probs is required for score={score!r}")
     log_probs, old_log_probs, mask = check_token_inputs(log_probs, old_log_probs, mask)
@@ -359,3 +367,37 @@ def sequence_scores(
     )
     raise_if_failed(checks)
     return scores_from_sums(sums, score)
+
+
+def clipped_ratio_scores(
+    log_probs: Tensor,
+    old_log_probs: Tensor,
+    mask: Tensor,
+    positive: Tensor,
+    *,
+    clip_eps: float,
+) -> Tensor:
+    r"""GRPO's clipped ratio surrogate used as a DisCO score (the clipping-vs-constraint
+    ablation of arXiv 2505.12366, section 3.1): with :math:`\rho_t = \pi_\theta / \pi_{old}`,
+
+    .. math::
+
+        s^+(o) = \frac{1}{|o|}\sum_t \min(\rho_t, 1 + \epsilon),\qquad
+        s^-(o) = \frac{1}{|o|}\sum_t \max(\rho_t, 1 - \epsilon)
+
+    for positive and negative responses. A clipped token contributes no gradient.
+
+    Args:
+      log_probs, old_log_probs, mask: (B, T) as in :func:`sequence_scores` (metadata-checked).
+      positive: (B,) bool labels.
+      clip_eps: epsilon in (0, 1).
+    """
+    acc = _accum_dtype(log_probs.dtype)
+    bmask = as_bool_mask(mask)
+    d = torch.where(bmask, log_probs.to(acc) - old_log_probs.detach().to(acc), 0.0)
+    rho = torch.exp(d)
+    upper = torch.clamp(rho, max=1.0 + clip_eps)
+    lower = torch.clamp(rho, min=1.0 - clip_eps)
+    clipped = torch.where(positive[:, None], upper, lower)
+    lengths = bmask.sum(-1, dtype=acc).clamp_min(1.0)
+    return torch.where(bmask, clipped, 0.0).sum(-1) / lengths

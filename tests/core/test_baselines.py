@@ -300,9 +300,7 @@ def test_metrics_match_naive_counts() -> None:
     assert m["num_groups"].item() == 5
     groups = batch["group_ids"].tolist()
     rewards = batch["rewards"].tolist()
-    signal = sum(
-        len({r for r, gg in zip(rewards, groups) if gg == g}) > 1 for g in set(groups)
-    )
+    signal = sum(len({r for r, gg in zip(rewards, groups) if gg == g}) > 1 for g in set(groups))
     assert m["groups_with_signal"].item() == signal
     assert m["mean_response_length"].item() == pytest.approx(n_tok / lp.shape[0])
     assert m["loss"].item() == out.loss.item()
@@ -426,12 +424,18 @@ def test_filtered_batch_keeps_every_nonzero_advantage() -> None:
             "rewards",
         ),
         (
-            lambda b: dr_grpo_loss(**dict(b, mask=b["mask"] & (torch.arange(b["mask"].shape[0]) != 2)[:, None])),
+            lambda b: dr_grpo_loss(
+                **dict(b, mask=b["mask"] & (torch.arange(b["mask"].shape[0]) != 2)[:, None])
+            ),
             ValueError,
             "response 2",
         ),
         (lambda b: group_advantages(b["rewards"], b["group_ids"][:3]), ValueError, "group_ids"),
-        (lambda b: dynamic_sampling_filter(b["rewards"], b["group_ids"], threshold="x"), TypeError, "threshold"),
+        (
+            lambda b: dynamic_sampling_filter(b["rewards"], b["group_ids"], threshold="x"),
+            TypeError,
+            "threshold",
+        ),
     ],
 )
 def test_bad_inputs_raise_naming_the_argument(

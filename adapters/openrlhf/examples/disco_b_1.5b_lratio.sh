@@ -1,0 +1,9 @@
+#!/usr/bin/env bash
+# DisCO on OpenRLHF: DeepSeek-R1-Distill-Qwen-1.5B, DisCO-b, likelihood-ratio score.
+set -euo pipefail
+source "$(dirname "${BASH_SOURCE[0]}")/_common.sh"
+disco_launch disco-b-1.5b-lratio \
+  --actor.model_name_or_path "${MODEL:-deepseek-ai/DeepSeek-R1-Distill-Qwen-1.5B}" \
+  --actor.adam.lr 2e-6 \
+  --algo.disco.score likelihood_ratio --algo.disco.objective disco_b --algo.disco.tau 1 \
+  "$@"

@@ -1,0 +1,147 @@
+r"""The DisCO policy loss as OpenRLHF's actor sees it: one micro-batch at a time.
+
+OpenRLHF's ``ActorPPOTrainer.training_step`` calls ``self.actor_loss_fn(log_probs, old_log_probs,
+advantages, action_mask=..., rollout_log_probs=..., dp_size=..., batch_num_tokens=...,
+global_batch_size=...)`` once per micro-batch and hands the result to DeepSpeed, which divides
+every backward loss by the accumulation steps ``gas`` and averages gradients over the ``dp``
+data-parallel ranks. An optimizer step (mini-batch) ``W`` thus applies the gradient of
+
+    L_W = 1/(gas * dp) * sum_{m in W, all ranks} loss_m .
+
+Every micro-batch holds whole questions (see :mod:`.patch`). With G_W the mini-batch's
+questions (all of them, or those with a positive and a negative, per ``normalize``) and T_W
+its response tokens, both summed over all ranks, each micro-batch m returns
+
+    loss_m = gas * dp * disco_loss(..., num_groups=G_W, num_tokens=T_W)
+           = gas * dp * ( -(1/G_W) sum_{q in m} J_q + (t_m / T_W) * P(KL_m) )
+
+(t_m tokens and KL_m the token-mean KL of micro-batch m, P(x) = beta/2 [x - delta]_+^2), so the
+optimizer step applies exactly
+
+    L_W = -(1/G_W) sum_{q in W} J_q + sum_m (t_m / T_W) * P(KL_m) .
+
+The objective term is exactly DisCO's mini-batch objective (each J_q only needs its own
+question's responses, all in one micro-batch). The penalty is the token-weighted mean of the
+micro-batch penalties. The squared hinge is convex and non-decreasing, so
+``sum_m (t_m/T_W) P(KL_m) >= P(KL_W)`` (Jensen, KL_W = sum_m (t_m/T_W) KL_m), with equality
+when ``gas * dp == 1``, when every micro-batch KL is <= delta (notably the first mini-batch of
+a step, where theta = theta_old and KL = 0) or when all micro-batch KLs are equal. Its gradient
+is ``sum_m (t_m/T_W) * beta * [KL_m - delta]_+ * grad KL_m``: each micro-batch is pulled back in
+proportion to its own constraint violation. (The exact mini-batch penalty would need the
+mini-batch KL at the current parameters before the first backward, i.e. an extra forward pass;
+see :mod:`discoloss.accumulation`.)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from discoloss import disco_loss
+from discoloss.adapters.openrlhf.settings import DiscoSettings
+
+__all__ = ["DiscoMicroBatch", "DiscoPolicyLoss", "policy_loss_outputs"]
+
+
+@dataclass(frozen=True)
+class DiscoMicroBatch:
+    """What the loss needs beyond OpenRLHF's arguments, for one micro-batch.
+
+    group_ids: (B,) int64 question id of each response.
+    rewards: (B,) reward of each response (positive iff > threshold).
+    num_groups: G_W, questions of the optimizer step over all ranks (the objective normaliser);
+      a 0-d tensor on the loss device or an int.
+    num_tokens: T_W, response tokens of the optimizer step over all ranks (likewise).
+    scale: gas * dp, undoing DeepSpeed's 1/gas loss scaling and its gradient mean over ranks.
+    info: the micro-batch's ``experience.info``; DisCO metrics are written into it.
+    """
+
+    group_ids: Tensor
+    rewards: Tensor
+    num_groups: int | Tensor
+    num_tokens: int | Tensor
+    scale: float
+    info: dict[str, Any]
+
+
+def policy_loss_outputs(loss_fn: nn.Module) -> tuple[bool, ...]:
+    """Call OpenRLHF's configured ``PolicyLoss`` once on a tiny input and return, per item of the
+    tuple it returns, whether that item is a tensor (True) or None.
+
+    The tuple grew from 4 items (0.11.0: loss, clip_ratio, ppo_kl, vllm_kl) to 5 (0.11.2: ...,
+    is_filter_ratio); ``training_step`` unpacks exactly that many, so the DisCO loss returns the
+    same shape.
+    """
+    zeros = torch.zeros(1, 2)
+    mask = torch.ones(1, 2, dtype=torch.bool)
+    with torch.no_grad():
+        out = loss_fn(zeros, zeros.clone(), zeros.clone(), action_mask=mask,
+                      rollout_log_probs=zeros.clone())
+    if not isinstance(out, tuple) or len(out) < 3:
+        raise RuntimeError(
+            "discoloss: OpenRLHF's PolicyLoss returned "
+            f"{type(out).__name__}{'' if not isinstance(out, tuple) else f' of {len(out)} items'}; "
+            "expected a tuple (loss, clip_ratio, ppo_kl, ...). This OpenRLHF version is not supported."
+        )
+    return tuple(o is not None for o in out)
+
+
+class DiscoPolicyLoss(nn.Module):
+    """Drop-in replacement for OpenRLHF's ``PolicyLoss`` computing the scaled DisCO loss.
+
+    The trainer binds a :class:`DiscoMicroBatch` before each micro-batch (:meth:`bind`); the
+    ``advantages`` OpenRLHF passes are ignored (DisCO builds its signal from the rewards and
+    question ids). Returns a tuple shaped like the wrapped ``PolicyLoss``'s:
+    ``(loss, clip_ratio=0, ppo_kl=KL_m, <None or 0 for the rest>)``.
+    """
+
+    def __init__(self, settings: DiscoSettings, outputs: tuple[bool, ...]) -> None:
+        super().__init__()
+        self.settings = settings
+        self.outputs = outputs
+        self._batch: DiscoMicroBatch | None = None
+
+    def bind(self, batch: DiscoMicroBatch) -> None:
+        self._batch = batch
+
+    def unbind(self) -> None:
+        self._batch = None
+
+    def forward(
+        self,
+        log_probs: Tensor,
+        old_log_probs: Tensor,
+        advantages: Tensor | None = None,
+        action_mask: Tensor | None = None,
+        rollout_log_probs: Tensor | None = None,
+        dp_size: int = 1,
+        batch_num_tokens: Any = None,
+        global_batch_size: Any = None,
+    ) -> tuple[Tensor | None, ...]:
+        batch = self._batch
+        if batch is None:
+            raise RuntimeError(
+                "discoloss: the DisCO loss was called without question ids and rewards; "
+                "ActorPPOTrainer.training_step must run through the discoloss adapter"
+            )
+        if action_mask is None:
+            raise ValueError("action_mask: required by the DisCO loss")
+        out = disco_loss(
+            log_probs,
+            old_log_probs,
+            action_mask,
+            batch.rewards,
+            batch.group_ids,
+            num_groups=batch.num_groups,
+            num_tokens=batch.num_tokens,
+            **self.settings.loss_kwargs(),
+        )
+        loss = batch.scale * out.loss
+        for key, value in out.metrics.items():
+            batch.info[f"disco/{key}"] = value
+        kl = out.kl.detach()
+        extras = [torch.zeros_like(kl) if is_tensor else None for is_tensor in self.outputs[3:]]
+        return (loss, torch.zeros_like(kl), kl, *extras)

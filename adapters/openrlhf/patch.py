@@ -1,0 +1,446 @@
+"""Install DisCO into OpenRLHF's classes, in whatever process imports them.
+
+OpenRLHF has no plugin mechanism, so the adapter wraps a few methods. Every wrapper checks
+``args.algo.advantage.estimator == "disco"`` at call time and otherwise calls the original
+unchanged, so installing it is harmless for other runs.
+
+* ``RemoteExperienceMaker.compute_advantages_and_returns`` (driver-side trainer actor): for
+  ``disco``, applies OpenRLHF's length penalties to the rewards, stores each sample's question
+  id (``index // n_samples_per_prompt``) in ``experience.info["disco_group_id"]`` (the only field
+  that survives the replay buffer's per-sample split; ``index`` is dropped there), and leaves
+  advantages/returns empty.
+* ``ActorPPOTrainer.__init__``: replaces ``actor_loss_fn`` by :class:`DiscoPolicyLoss` shaped like
+  the installed ``PolicyLoss``'s output tuple (detected by calling it once).
+* ``ActorPPOTrainer.ppo_train``: serves the replay buffer through :class:`GroupedMicroBatches`:
+  questions are shuffled as units and packed ``train.micro_batch_size / n`` per micro-batch, so
+  OpenRLHF's ``DataLoader(shuffle=True)`` only permutes whole-question micro-batches.
+* ``ppo_actor.iter_grad_accum_global_norm``: the same optimizer-step windows as OpenRLHF's, plus
+  the DisCO normalisers of each window (questions and tokens over all DP ranks: one all-reduce of
+  three numbers per optimizer step, next to OpenRLHF's own, outside the loss).
+* ``ActorPPOTrainer.training_step``: binds the micro-batch's question ids, rewards and scales to
+  the loss, then runs OpenRLHF's own step (backward, optimizer, entropy/KL terms, metrics).
+
+Patching happens when the module is imported (a post-import hook), so that processes which
+never import the trainer (e.g. vLLM engines) are not made to import DeepSpeed.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.abc
+import importlib.machinery
+import sys
+import threading
+from collections.abc import Callable, Iterable, Iterator
+from types import ModuleType
+from typing import Any
+
+import torch
+
+from discoloss.adapters.openrlhf.loss import DiscoMicroBatch, DiscoPolicyLoss, policy_loss_outputs
+from discoloss.adapters.openrlhf.settings import ESTIMATOR, DiscoSettings, settings_from_args
+
+__all__ = [
+    "GROUP_KEY",
+    "GroupedMicroBatches",
+    "install",
+    "installed_modules",
+    "is_disco",
+]
+
+#: Key of ``experience.info`` carrying each sample's question id from the experience maker to
+#: the actor.
+GROUP_KEY = "disco_group_id"
+#: Attribute set on a collated micro-batch ``Experience``: a dict moved by ``to_device``.
+BATCH_ATTR = "disco"
+
+EXPERIENCE_MAKER = "openrlhf.trainer.ppo_utils.experience_maker"
+PPO_ACTOR = "openrlhf.trainer.ray.ppo_actor"
+
+_MARK = "__discoloss_original__"
+_lock = threading.RLock()
+_patched: set[str] = set()
+
+
+def is_disco(args: Any) -> bool:
+    algo = getattr(args, "algo", None)
+    advantage = getattr(algo, "advantage", None)
+    return getattr(advantage, "estimator", None) == ESTIMATOR
+
+
+def _wrap(owner: Any, name: str, make: Callable[[Callable[..., Any]], Callable[..., Any]]) -> None:
+    original = getattr(owner, name, None)
+    if original is None:
+        raise RuntimeError(
+            f"discoloss: {getattr(owner, '__name__', owner)}.{name} not found in the installed "
+            "OpenRLHF; the DisCO adapter supports openrlhf 0.11.x"
+        )
+    if getattr(original, _MARK, None) is not None:
+        return
+    wrapper = make(original)
+    functools.update_wrapper(wrapper, original)
+    setattr(wrapper, _MARK, original)
+    setattr(owner, name, wrapper)
+
+
+# --------------------------------------------------------------------------------------------
+# Experience maker (runs in the PPOTrainer Ray actor)
+# --------------------------------------------------------------------------------------------
+
+
+def disco_experiences(experiences: list[Any], args: Any, apply_length_penalties: Callable[..., Any]
+                      ) -> list[Any]:
+    """The ``disco`` branch of ``compute_advantages_and_returns``.
+
+    Rewards are promoted to float32 and pass through OpenRLHF's length penalties, as for every
+    other estimator. Sample ``i`` of the rollout (``experience.index``) belongs to question
+    ``i // n``: the samples generator appends a prompt's n responses consecutively.
+    """
+    n = int(args.rollout.n_samples_per_prompt)
+    for exp in experiences:
+        exp.rewards = exp.rewards.to(torch.promote_types(exp.rewards.dtype, torch.float32))
+    apply_length_penalties(experiences, args)
+
+    index = [int(i) for exp in experiences for i in exp.index]
+    total = len(index)
+    if sorted(index) != list(range(total)):
+        raise RuntimeError("discoloss: experience.index is not a permutation of the rollout; "
+                           "cannot recover question ids")
+    if total % n:
+        raise ValueError(f"--rollout.n_samples_per_prompt: the rollout has {total} samples, not a "
+                         f"multiple of n={n}; DisCO needs every question's n responses")
+    rewards = torch.empty(total, dtype=torch.float32)
+    rewards[torch.tensor(index)] = torch.cat([exp.rewards.float().reshape(-1) for exp in experiences])
+    group_std = rewards.view(-1, n).std(-1)
+    for exp in experiences:
+        ids = torch.tensor([int(i) for i in exp.index], dtype=torch.long) // n
+        exp.info[GROUP_KEY] = ids
+        exp.info["group_reward_std"] = group_std[ids]
+        exp.info["return"] = exp.rewards.reshape(-1).clone()
+        exp.advantages = None
+        exp.returns = None
+        exp.kl = None
+    return experiences
+
+
+def _patch_experience_maker(module: ModuleType) -> None:
+    cls = module.RemoteExperienceMaker
+    penalties = getattr(module, "apply_length_penalties", None)
+    if penalties is None:
+        raise RuntimeError("discoloss: openrlhf experience_maker.apply_length_penalties not found; "
+                           "the DisCO adapter supports openrlhf 0.11.x")
+
+    def make(original: Callable[..., Any]) -> Callable[..., Any]:
+        def compute_advantages_and_returns(self: Any, experiences: Any, *args: Any, **kwargs: Any
+                                           ) -> Any:
+            if not is_disco(self.strategy.args):
+                return original(self, experiences, *args, **kwargs)
+            return disco_experiences(experiences, self.strategy.args, module.apply_length_penalties)
+
+        return compute_advantages_and_returns
+
+    _wrap(cls, "compute_advantages_and_returns", make)
+
+
+# --------------------------------------------------------------------------------------------
+# Actor (runs in every PolicyModelActor Ray actor)
+# --------------------------------------------------------------------------------------------
+
+
+class GroupedMicroBatches(torch.utils.data.Dataset):  # type: ignore[type-arg]
+    """The replay buffer seen as a list of micro-batches of whole questions.
+
+    ``ppo_train`` builds ``DataLoader(buffer, batch_size=buffer.sample_batch_size,
+    shuffle=..., collate_fn=buffer.collate_fn)``; with this view ``sample_batch_size`` is 1 and
+    an element is a whole micro-batch, so shuffling permutes micro-batches, never splits them.
+    Questions are shuffled as units (``torch.randperm``, OpenRLHF's seeded default generator)
+    when the view is built. Other attributes are those of the wrapped buffer.
+    """
+
+    sample_batch_size = 1
+
+    def __init__(self, buffer: Any, *, micro_batch_size: int, n_samples_per_prompt: int) -> None:
+        self.buffer = buffer
+        self.micro_batches = group_micro_batches(
+            [_item_group(item) for item in buffer.items],
+            micro_batch_size=micro_batch_size,
+            n_samples_per_prompt=n_samples_per_prompt,
+        )
+
+    def __len__(self) -> int:
+        return len(self.micro_batches)
+
+    def __getitem__(self, idx: int) -> list[Any]:
+        return [self.buffer.items[i] for i in self.micro_batches[idx]]
+
+    def collate_fn(self, batch: list[list[Any]]) -> Any:
+        (items,) = batch
+        experience = self.buffer.collate_fn(items)
+        ids = experience.info.pop(GROUP_KEY)
+        group_ids = ids if isinstance(ids, torch.Tensor) else torch.stack(
+            [torch.as_tensor(i) for i in ids])
+        setattr(experience, BATCH_ATTR, {"group_ids": group_ids.reshape(-1).long()})
+        return experience
+
+    def __getattr__(self, name: str) -> Any:
+        if name == "buffer":
+            raise AttributeError(name)
+        return getattr(self.buffer, name)
+
+
+def _item_group(item: Any) -> int:
+    try:
+        value = item.info[GROUP_KEY]
+    except (KeyError, TypeError):
+        raise RuntimeError(
+            "discoloss: a replay-buffer sample has no question id (experience.info"
+            f"[{GROUP_KEY!r}]); the experiences were not made with the DisCO estimator in this "
+            "process tree (is the worker setup hook installed in the trainer actor?)"
+        ) from None
+    return int(value)
+
+
+def group_micro_batches(group_of: list[int], *, micro_batch_size: int, n_samples_per_prompt: int
+                        ) -> list[list[int]]:
+    """Pack sample indices into micro-batches of whole questions, questions in random order.
+
+    group_of[i] is the question id of sample i. Every question must hold exactly
+    ``n_samples_per_prompt`` samples on this rank, and ``micro_batch_size`` must be a multiple of
+    it; the number of samples must fill whole micro-batches.
+    """
+    n = n_samples_per_prompt
+    if micro_batch_size % n:
+        raise ValueError(f"--train.micro_batch_size={micro_batch_size} must be a multiple of "
+                         f"--rollout.n_samples_per_prompt={n}")
+    members: dict[int, list[int]] = {}
+    for i, g in enumerate(group_of):
+        members.setdefault(g, []).append(i)
+    for g, idx in members.items():
+        if len(idx) != n:
+            raise RuntimeError(
+                f"discoloss: question {g} has {len(idx)} of its n={n} responses on this actor rank; "
+                "its responses were split across ranks. This happens with a partial last rollout "
+                "batch (make the number of prompts a multiple of --rollout.batch_size) or a layout "
+                "that does not deal whole questions to the ranks"
+            )
+    if len(group_of) % micro_batch_size:
+        raise RuntimeError(
+            f"discoloss: {len(group_of)} samples on this rank do not fill micro-batches of "
+            f"--train.micro_batch_size={micro_batch_size}"
+        )
+    groups = list(members.values())
+    order = torch.randperm(len(groups)).tolist()
+    per_micro = micro_batch_size // n
+    return [
+        [i for k in order[j:j + per_micro] for i in groups[k]]
+        for j in range(0, len(order), per_micro)
+    ]
+
+
+def _dp_group_and_size(strategy: Any) -> tuple[Any, int]:
+    dist = torch.distributed
+    if not (dist.is_available() and dist.is_initialized()):
+        return None, 1
+    mesh = getattr(strategy, "ds_device_mesh", None)
+    group = mesh["dp"].get_group() if mesh is not None else None
+    return group, dist.get_world_size(group=group)
+
+
+def _window_counts(experience: Any, mask: torch.Tensor, settings: DiscoSettings
+                   ) -> tuple[float, float, float]:
+    """(questions, questions with a positive and a negative, response tokens) of a micro-batch."""
+    ids = getattr(experience, BATCH_ATTR)["group_ids"]
+    positive = experience.rewards.reshape(-1) > settings.threshold
+    _, dense = torch.unique(ids, return_inverse=True)
+    num = int(dense.max()) + 1 if dense.numel() else 0
+    pos = torch.zeros(num, dtype=torch.long).index_add_(0, dense.cpu(), positive.long().cpu())
+    cnt = torch.bincount(dense.cpu(), minlength=num)
+    valid = int(((pos > 0) & (pos < cnt)).sum())
+    return float(num), float(valid), float(mask.sum())
+
+
+def disco_windows(original: Callable[..., Iterator[Any]], data_iter: Iterable[Any], strategy: Any,
+                  accumulated_gradient: int, mask_fn: Callable[[Any], torch.Tensor]
+                  ) -> Iterator[Any]:
+    """OpenRLHF's optimizer-step windows, each micro-batch given its DisCO scales.
+
+    Groups ``data_iter`` into windows of ``gas`` micro-batches exactly as
+    ``iter_grad_accum_global_norm`` does (DeepSpeed's accumulation boundaries), sums the window's
+    questions and tokens over the DP ranks and gives every micro-batch the window's normalisers
+    G_W, T_W and the scale gas * dp (see :mod:`discoloss.adapters.openrlhf.loss`); then yields
+    what OpenRLHF's function yields.
+    """
+    settings = settings_from_args(strategy.args)
+    gas = max(int(accumulated_gradient), 1)
+    group, dp = _dp_group_and_size(strategy)
+
+    def emit(window: list[Any]) -> Iterator[Any]:
+        counts = [_window_counts(exp, mask_fn(exp), settings) for exp in window]
+        device = (torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available()
+                  else torch.device("cpu"))
+        totals = torch.tensor([sum(c[i] for c in counts) for i in range(3)], dtype=torch.float64,
+                              device=device)
+        if group is not None or dp > 1:
+            torch.distributed.all_reduce(totals, group=group)
+        # 0-d tensors on the loss device: nothing is read back to the host
+        num_groups = totals[0 if settings.normalize == "all" else 1].clamp_min(1.0)
+        num_tokens = totals[2].clamp_min(1.0)
+        for exp in window:
+            batch = getattr(exp, BATCH_ATTR)
+            batch["num_groups"] = num_groups
+            batch["num_tokens"] = num_tokens
+            batch["scale"] = float(gas * dp)
+        yield from original(iter(window), strategy, gas, mask_fn)
+
+    window: list[Any] = []
+    for item in data_iter:
+        window.append(item)
+        if len(window) == gas:
+            yield from emit(window)
+            window = []
+    if window:
+        yield from emit(window)
+
+
+def _patch_ppo_actor(module: ModuleType) -> None:
+    cls = module.ActorPPOTrainer
+
+    def make_init(original: Callable[..., Any]) -> Callable[..., Any]:
+        def __init__(self: Any, strategy: Any, *args: Any, **kwargs: Any) -> None:
+            original(self, strategy, *args, **kwargs)
+            if is_disco(self.args):
+                self.actor_loss_fn = DiscoPolicyLoss(
+                    settings_from_args(self.args), policy_loss_outputs(self.actor_loss_fn))
+
+        return __init__
+
+    def make_ppo_train(original: Callable[..., Any]) -> Callable[..., Any]:
+        def ppo_train(self: Any, *args: Any, **kwargs: Any) -> Any:
+            if not is_disco(self.args):
+                return original(self, *args, **kwargs)
+            buffer = self.replay_buffer
+            self.replay_buffer = GroupedMicroBatches(
+                buffer,
+                micro_batch_size=int(self.micro_train_batch_size),
+                n_samples_per_prompt=int(self.args.rollout.n_samples_per_prompt),
+            )
+            try:
+                return original(self, *args, **kwargs)
+            finally:
+                self.replay_buffer = buffer
+
+        return ppo_train
+
+    def make_training_step(original: Callable[..., Any]) -> Callable[..., Any]:
+        def training_step(self: Any, experience: Any, *args: Any, **kwargs: Any) -> Any:
+            if not is_disco(self.args):
+                return original(self, experience, *args, **kwargs)
+            batch = getattr(experience, BATCH_ATTR, None)
+            if not batch or "scale" not in batch:
+                raise RuntimeError(
+                    "discoloss: this micro-batch was not formed by the DisCO adapter "
+                    "(no question ids / scales); ActorPPOTrainer.ppo_train must be the patched one"
+                )
+            if not isinstance(self.actor_loss_fn, DiscoPolicyLoss):
+                raise RuntimeError("discoloss: actor_loss_fn is not the DisCO loss; the trainer was "
+                                   "constructed before the adapter was installed")
+            self.actor_loss_fn.bind(DiscoMicroBatch(
+                group_ids=batch["group_ids"],
+                rewards=experience.rewards,
+                num_groups=batch["num_groups"],
+                num_tokens=batch["num_tokens"],
+                scale=batch["scale"],
+                info=experience.info,
+            ))
+            try:
+                return original(self, experience, *args, **kwargs)
+            finally:
+                self.actor_loss_fn.unbind()
+
+        return training_step
+
+    def make_windows(original: Callable[..., Any]) -> Callable[..., Any]:
+        def iter_grad_accum_global_norm(data_iter: Any, strategy: Any, accumulated_gradient: Any,
+                                        mask_fn: Any) -> Any:
+            if not is_disco(strategy.args):
+                return original(data_iter, strategy, accumulated_gradient, mask_fn)
+            return disco_windows(original, data_iter, strategy, accumulated_gradient, mask_fn)
+
+        return iter_grad_accum_global_norm
+
+    _wrap(cls, "__init__", make_init)
+    _wrap(cls, "ppo_train", make_ppo_train)
+    _wrap(cls, "training_step", make_training_step)
+    _wrap(module, "iter_grad_accum_global_norm", make_windows)
+
+
+_PATCHERS: dict[str, Callable[[ModuleType], None]] = {
+    EXPERIENCE_MAKER: _patch_experience_maker,
+    PPO_ACTOR: _patch_ppo_actor,
+}
+
+
+def _apply(name: str, module: ModuleType) -> None:
+    with _lock:
+        if name in _patched:
+            return
+        _PATCHERS[name](module)
+        _patched.add(name)
+
+
+class _PatchingLoader(importlib.abc.Loader):
+    def __init__(self, inner: Any, name: str) -> None:
+        self._inner = inner
+        self._name = name
+
+    def create_module(self, spec: importlib.machinery.ModuleSpec) -> ModuleType | None:
+        return self._inner.create_module(spec)  # type: ignore[no-any-return]
+
+    def exec_module(self, module: ModuleType) -> None:
+        self._inner.exec_module(module)
+        _apply(self._name, module)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._inner, name)
+
+
+class _PostImportFinder(importlib.abc.MetaPathFinder):
+    """Patches the target modules right after they are executed by the normal import."""
+
+    def find_spec(self, fullname: str, path: Any, target: Any = None
+                  ) -> importlib.machinery.ModuleSpec | None:
+        if fullname not in _PATCHERS or fullname in _patched:
+            return None
+        for finder in sys.meta_path:
+            if finder is self or isinstance(finder, _PostImportFinder):
+                continue
+            find_spec = getattr(finder, "find_spec", None)
+            if find_spec is None:
+                continue
+            spec = find_spec(fullname, path, target)
+            if spec is not None:
+                break
+        else:
+            return None
+        if spec.loader is not None and hasattr(spec.loader, "exec_module"):
+            spec.loader = _PatchingLoader(spec.loader, fullname)
+        return spec  # type: ignore[no-any-return]
+
+
+def install() -> None:
+    """Install the DisCO adapter in this process (idempotent).
+
+    Modules already imported are patched now; the others when they are first imported.
+    """
+    with _lock:
+        if not any(isinstance(f, _PostImportFinder) for f in sys.meta_path):
+            sys.meta_path.insert(0, _PostImportFinder())
+        for name in _PATCHERS:
+            module = sys.modules.get(name)
+            if module is not None:
+                _apply(name, module)
+
+
+def installed_modules() -> frozenset[str]:
+    """Names of the OpenRLHF modules patched in this process so far."""
+    return frozenset(_patched)

@@ -1,0 +1,20 @@
+"""DisCO for TRL: ``DisCOConfig`` (a ``GRPOConfig``) and ``DisCOTrainer`` (a ``GRPOTrainer``).
+
+    from discoloss.adapters.trl import DisCOConfig, DisCOTrainer
+
+Switching a TRL GRPO script to DisCO is two renamed classes. Tested with the TRL range pinned
+by the ``trl`` extra (``pip install "discoloss[trl]"``). See ``trainer.py`` for how the loss is
+split across processes, gradient accumulation and several optimizer steps per generation.
+"""
+
+from __future__ import annotations
+
+try:
+    import trl  # noqa: F401
+except ImportError as exc:  # pragma: no cover - exercised only without the extra
+    raise ImportError("discoloss.adapters.trl needs TRL: pip install 'discoloss[trl]'") from exc
+
+from .config import GRPO_ONLY_OPTIONS, DisCOConfig
+from .trainer import DisCOTrainer
+
+__all__ = ["GRPO_ONLY_OPTIONS", "DisCOConfig", "DisCOTrainer"]

@@ -1,0 +1,4 @@
+#!/usr/bin/env bash
+# DisCO, likelihood-ratio score (tau 1), 1.5B, lr 2e-6.
+source "$(dirname "$0")/common.sh"
+disco_run deepseek-ai/DeepSeek-R1-Distill-Qwen-1.5B 2e-6 likelihood_ratio disco 1 disco-1.5b-lratio "$@"

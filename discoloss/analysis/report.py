@@ -1,0 +1,522 @@
+"""Difficulty report of a batch: which questions carry signal, and how much weight each method
+puts on them.
+
+:func:`difficulty_report` runs each method's own estimator on the batch (the baselines'
+:func:`~discoloss.baselines.group_advantages`, the core's
+:func:`~discoloss.discriminative_weights`) and measures the weight per question with
+:func:`~discoloss.analysis.implied_weights`; the closed forms of
+:func:`~discoloss.analysis.difficulty_weight` give the curves of the plot. Rendering needs
+nothing beyond the standard library (text table, JSON); the plot imports matplotlib when called.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, cast
+
+import torch
+from torch import Tensor
+
+from discoloss._checks import check_batch, check_device, check_number, check_tensor
+from discoloss.analysis.weights import (
+    METHODS,
+    Method,
+    WeightKind,
+    difficulty_weight,
+    implied_weights,
+)
+from discoloss.baselines import group_advantages
+from discoloss.objectives import discriminative_weights
+
+__all__ = ["DifficultyReport", "difficulty_report"]
+
+#: Accuracy rows of the table: exact k/n values when every group has the same size up to this.
+_MAX_EXACT_ROWS = 32
+_LABELS = {
+    "grpo": "GRPO",
+    "dr_grpo": "Dr. GRPO",
+    "dapo": "DAPO",
+    "disco": "DisCO",
+    "disco_b": "DisCO-b",
+}
+_STYLE = {  # colour, line style, marker
+    "grpo": ("tab:blue", "-", "o"),
+    "dr_grpo": ("tab:orange", "-", "s"),
+    "dapo": ("tab:green", (0, (4, 2)), "^"),
+    "disco": ("tab:red", "-", "D"),
+    "disco_b": ("tab:purple", (0, (1, 2)), "v"),
+}
+
+
+@dataclass(frozen=True)
+class AccuracyRow:
+    """One row of the table: the questions whose accuracy falls in [low, high] (label)."""
+
+    label: str
+    low: float
+    high: float
+    questions: int
+    mean_weight: dict[str, float]
+    weight_share: dict[str, float]
+
+
+@dataclass(frozen=True)
+class DifficultyReport:
+    """Per-question accuracies and weights of a batch, with summaries.
+
+    Per question (Q of them, ascending group id): ``group_ids``, ``size`` (responses),
+    ``accuracy`` (share with reward > threshold) and ``weights[method]`` (the weight that
+    method's estimator put on it, see :func:`~discoloss.analysis.implied_weights`).
+    Summaries: ``frac_no_correct`` / ``frac_all_correct`` (questions no method learns from),
+    ``frac_with_signal``, the negative-to-positive imbalance over questions with signal
+    (``imbalance_mean`` / ``imbalance_median`` of |N|/|P|, ``frac_more_negatives``,
+    ``negatives_per_positive`` pooled), the accuracy histogram (``hist_edges``, ``hist_counts``)
+    and ``rows``, the table's accuracy buckets.
+    """
+
+    threshold: float
+    methods: tuple[str, ...]
+    group_ids: Tensor
+    size: Tensor
+    accuracy: Tensor
+    weights: dict[str, Tensor]
+    num_responses: int
+    binary_rewards: bool
+    binarized: bool
+    frac_no_correct: float
+    frac_all_correct: float
+    frac_with_signal: float
+    imbalance_mean: float
+    imbalance_median: float
+    frac_more_negatives: float
+    negatives_per_positive: float
+    positive_rate: float
+    hist_edges: list[float]
+    hist_counts: list[int]
+    rows: list[AccuracyRow]
+    common_size: int | None
+    eps: float
+    std_unbiased: bool
+    group_names: list[str] | None = field(default=None)
+
+    @property
+    def num_questions(self) -> int:
+        return int(self.group_ids.numel())
+
+    # ------------------------------------------------------------------ text
+
+    def to_table(self, *, per_question: bool = False, max_rows: int | None = None) -> str:
+        """Plain-text report: summary lines and the accuracy-bucket table.
+
+        Per bucket: the number of questions, each method's mean weight per question and the
+        share of the method's total weight that lands in the bucket. ``per_question`` appends
+        one line per question (at most ``max_rows``).
+        """
+        q = self.num_questions
+        lines: list[str] = []
+        sizes = self.size.tolist()
+        if self.common_size is not None:
+            size_txt = f"{self.common_size} responses each"
+        else:
+            size_txt = f"{min(sizes)}-{max(sizes)} responses each, ragged"
+        lines.append(
+            f"Difficulty report: {self.num_responses} responses, {q} questions ({size_txt}); "
+            f"correct iff reward > {self.threshold:g}"
+        )
+        if not self.binary_rewards:
+            how = "labels (binarized)" if self.binarized else "raw rewards"
+            lines.append(f"  rewards are not 0/1: GRPO-family advantages use the {how}")
+        lines.append(
+            f"  no correct answer: {_pct(self.frac_no_correct)}   all correct: "
+            f"{_pct(self.frac_all_correct)}   -> no signal for any method: "
+            f"{_pct(1.0 - self.frac_with_signal)} of questions"
+        )
+        if self.frac_with_signal > 0:
+            lines.append(
+                f"  imbalance (questions with signal): {self.imbalance_mean:.2f} negatives per "
+                f"positive on average (median {self.imbalance_median:.2f}, pooled "
+                f"{self.negatives_per_positive:.2f}); "
+                f"{_pct(self.frac_more_negatives)} have more negatives than positives"
+            )
+        lines.append("")
+        lines.extend(self._bucket_table())
+        lines.append("")
+        lines.append(
+            "  weight: G x positive mass per question (DisCO = 1 on every question with signal); "
+            "share: % of the method's total weight"
+        )
+        if per_question:
+            lines.append("")
+            lines.extend(self._question_table(max_rows))
+        return "\n".join(lines)
+
+    def _bucket_table(self) -> list[str]:
+        methods = self.methods
+        head1 = f"{'accuracy':>11} {'questions':>9} |"
+        head2 = f"{'':>11} {'':>9} |"
+        for m in methods:
+            head1 += f" {_LABELS[m]:^15} |"
+            head2 += f" {'weight':>7} {'share':>7} |"
+        out = [head1, head2, "-" * len(head1)]
+        for row in self.rows:
+            line = f"{row.label:>11} {row.questions:>9} |"
+            for m in methods:
+                if row.questions == 0:
+                    line += f" {'-':>7} {'-':>7} |"
+                else:
+                    line += f" {row.mean_weight[m]:>7.3f} {_pct(row.weight_share[m]):>7} |"
+            out.append(line)
+        out.append("-" * len(head1))
+        total = f"{'all':>11} {self.num_questions:>9} |"
+        for m in methods:
+            w = self.weights[m]
+            mean = float(w.mean()) if w.numel() else 0.0
+            total += f" {mean:>7.3f} {'':>7} |"
+        out.append(total)
+        return out
+
+    def _question_table(self, max_rows: int | None) -> list[str]:
+        names = self._names()
+        width = min(max((len(n) for n in names), default=8), 40)
+        head = f"{'question':<{width}} {'n':>4} {'accuracy':>8}"
+        for m in self.methods:
+            head += f" {_LABELS[m]:>9}"
+        out = [head, "-" * len(head)]
+        order = sorted(range(self.num_questions), key=lambda i: float(self.accuracy[i]))
+        shown = order if max_rows is None else order[:max_rows]
+        for i in shown:
+            name = names[i] if len(names[i]) <= width else names[i][: width - 3] + "..."
+            line = f"{name:<{width}} {int(self.size[i]):>4} {float(self.accuracy[i]):>8.3f}"
+            for m in self.methods:
+                line += f" {float(self.weights[m][i]):>9.4f}"
+            out.append(line)
+        if len(shown) < len(order):
+            out.append(f"... {len(order) - len(shown)} more questions")
+        return out
+
+    def _names(self) -> list[str]:
+        if self.group_names is not None:
+            return list(self.group_names)
+        return [str(g) for g in self.group_ids.tolist()]
+
+    def __str__(self) -> str:
+        return self.to_table()
+
+    # ------------------------------------------------------------------ JSON
+
+    def to_dict(self, *, per_question: bool = True) -> dict[str, Any]:
+        """JSON-serialisable summary (floats, ints, strings, lists)."""
+        out: dict[str, Any] = {
+            "num_responses": self.num_responses,
+            "num_questions": self.num_questions,
+            "threshold": self.threshold,
+            "group_size": self.common_size
+            if self.common_size is not None
+            else {"min": int(self.size.min()), "max": int(self.size.max())},
+            "binary_rewards": self.binary_rewards,
+            "binarized": self.binarized,
+            "std_unbiased": self.std_unbiased,
+            "eps": self.eps,
+            "frac_no_correct": self.frac_no_correct,
+            "frac_all_correct": self.frac_all_correct,
+            "frac_with_signal": self.frac_with_signal,
+            "positive_rate": self.positive_rate,
+            "imbalance": {
+                "mean_negatives_per_positive": _finite_or_none(self.imbalance_mean),
+                "median_negatives_per_positive": _finite_or_none(self.imbalance_median),
+                "pooled_negatives_per_positive": _finite_or_none(self.negatives_per_positive),
+                "frac_more_negatives": self.frac_more_negatives,
+            },
+            "accuracy_histogram": {"edges": self.hist_edges, "counts": self.hist_counts},
+            "methods": list(self.methods),
+            "mean_weight": {m: float(self.weights[m].mean()) for m in self.methods},
+            "rows": [
+                {
+                    "label": r.label,
+                    "low": r.low,
+                    "high": r.high,
+                    "questions": r.questions,
+                    "mean_weight": r.mean_weight,
+                    "weight_share": r.weight_share,
+                }
+                for r in self.rows
+            ],
+        }
+        if per_question:
+            names = self._names()
+            out["questions"] = [
+                {
+                    "group": names[i],
+                    "size": int(self.size[i]),
+                    "accuracy": float(self.accuracy[i]),
+                    "weights": {m: float(self.weights[m][i]) for m in self.methods},
+                }
+                for i in range(self.num_questions)
+            ]
+        return out
+
+    # ------------------------------------------------------------------ plot
+
+    def plot(self, path: str | Path, *, dpi: int = 120, title: str | None = None) -> Path:
+        """Write a PNG: weight vs accuracy (closed-form curve per method, this batch's questions
+        as points) above the histogram of the questions' accuracies. Needs matplotlib."""
+        try:
+            from matplotlib.backends.backend_agg import FigureCanvasAgg
+            from matplotlib.figure import Figure
+        except ImportError as exc:  # pragma: no cover - exercised without the extra
+            raise ImportError(
+                "plotting needs matplotlib: pip install 'discoloss[analysis]'"
+            ) from exc
+        path = Path(path)
+        fig = Figure(figsize=(8.0, 6.4), layout="constrained")
+        FigureCanvasAgg(fig)
+        ax, hx = fig.subplots(2, 1, sharex=True, height_ratios=[3, 1])
+        grid = torch.linspace(0.0, 1.0, 401, dtype=torch.float64)
+        n = self.common_size
+        acc = self.accuracy
+        for k, m in enumerate(self.methods):
+            colour, style, marker = _STYLE[m]
+            label = _LABELS[m]
+            if n is not None and n > 1:
+                curve = difficulty_weight(
+                    grid, cast(Method, m), n=n, std_unbiased=self.std_unbiased, eps=self.eps
+                )
+                ax.plot(grid, curve, color=colour, linestyle=":", linewidth=1.0, alpha=0.8)
+            pop = difficulty_weight(grid, cast(Method, m))
+            ax.plot(grid, pop, color=colour, linestyle=style, linewidth=1.8, label=label)
+            jitter = (k - (len(self.methods) - 1) / 2) * 0.004
+            ax.scatter(
+                acc + jitter, self.weights[m], color=colour, marker=marker, s=22, alpha=0.55,
+                edgecolors="none",
+            )  # fmt: skip
+        ax.set_ylabel("weight on the question  omega")
+        top = max(
+            [1.0] + [float(self.weights[m].max()) for m in self.methods if self.num_questions]
+        )
+        ax.set_ylim(0.0, 1.3 * top)
+        ax.grid(alpha=0.3)
+        handles, labels = ax.get_legend_handles_labels()
+        from matplotlib.lines import Line2D
+
+        handles.append(Line2D([], [], color="grey", linestyle="-", linewidth=1.8))
+        labels.append("population omega(p)")
+        if n is not None and n > 1:
+            handles.append(Line2D([], [], color="grey", linestyle=":", linewidth=1.0))
+            labels.append(f"computed from n={n} responses")
+        handles.append(Line2D([], [], color="grey", marker="o", linestyle="", alpha=0.6))
+        labels.append("this batch's questions")
+        ax.legend(handles, labels, loc="upper center", fontsize=8, ncols=4)
+        ax.set_title(
+            title
+            or (
+                f"Difficulty weights: {self.num_questions} questions, "
+                f"{_pct(1.0 - self.frac_with_signal)} without signal"
+            )
+        )
+        edges = self.hist_edges
+        hx.stairs(self.hist_counts, edges, fill=True, color="tab:gray", alpha=0.6)
+        hx.set_xlabel("question accuracy p (share of correct responses)")
+        hx.set_ylabel("questions")
+        hx.set_xlim(-0.02, 1.02)
+        hx.grid(alpha=0.3)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fig.savefig(path, dpi=dpi, format="png")
+        return path
+
+
+def _pct(x: float) -> str:
+    return f"{100.0 * x:.1f}%"
+
+
+def _finite_or_none(x: float) -> float | None:
+    return x if math.isfinite(x) else None
+
+
+def _method_weights(
+    rewards: Tensor,
+    group_ids: Tensor,
+    methods: Sequence[str],
+    *,
+    threshold: float,
+    binarize: bool,
+    std_unbiased: bool,
+    eps: float,
+) -> dict[str, Tensor]:
+    """Run each method's estimator on the batch and measure its weight per question."""
+    labels = (rewards > threshold).to(torch.float64)
+    pg_rewards = labels if binarize else rewards
+    out: dict[str, Tensor] = {}
+    for m in methods:
+        kind: WeightKind = "advantages"
+        if m in ("grpo", "dapo"):
+            adv = group_advantages(
+                pg_rewards, group_ids, scale="std", std_unbiased=std_unbiased, eps=eps,
+                validate=False,
+            )  # fmt: skip
+        elif m == "dr_grpo":
+            adv = group_advantages(pg_rewards, group_ids, scale="none", validate=False)
+        else:
+            # DisCO's weight per question does not depend on the scores: equal scores suffice.
+            scores = torch.zeros(rewards.shape[0], dtype=torch.float64, device=rewards.device)
+            objective = cast(Literal["disco", "disco_b"], m)
+            adv = discriminative_weights(
+                scores, rewards, group_ids, objective=objective, threshold=threshold, validate=False
+            )
+            kind = "weights"
+        iw = implied_weights(adv, rewards, group_ids, kind=kind, threshold=threshold)
+        out[m] = iw.weight.cpu()
+    return out
+
+
+def _rows(
+    accuracy: Tensor,
+    size: Tensor,
+    weights: Mapping[str, Tensor],
+    methods: Sequence[str],
+    *,
+    common: int | None,
+    bins: int,
+) -> tuple[list[AccuracyRow], list[float], list[int]]:
+    """Table buckets and histogram: exact k/n values for a common group size n, else bins."""
+    if common is not None and common <= _MAX_EXACT_ROWS:
+        n = common
+        ks = torch.round(accuracy * n).to(torch.int64)
+        buckets = [(f"{k}/{n}", k / n, k / n, ks == k) for k in range(n + 1)]
+        edges = [(k - 0.5) / n for k in range(n + 2)]  # one bar centred on each k/n
+    else:
+        inner = [(i / bins, (i + 1) / bins) for i in range(bins)]
+        buckets = [("0", 0.0, 0.0, accuracy == 0)]
+        for lo, hi in inner:
+            sel = (accuracy > 0) & (accuracy < 1) & (accuracy >= lo)
+            sel = sel & ((accuracy < hi) if hi < 1 else (accuracy < 1))
+            buckets.append((f"{lo:.2f}-{hi:.2f}", lo, hi, sel))
+        buckets.append(("1", 1.0, 1.0, accuracy == 1))
+        edges = [i / bins for i in range(bins + 1)]
+    totals = {m: float(weights[m].sum()) for m in methods}
+    rows = []
+    for label, lo, hi, sel in buckets:
+        count = int(sel.sum())
+        mean_w = {m: float(weights[m][sel].mean()) if count else 0.0 for m in methods}
+        share = {
+            m: (float(weights[m][sel].sum()) / totals[m]) if totals[m] > 0 else 0.0 for m in methods
+        }
+        rows.append(AccuracyRow(label, lo, hi, count, mean_w, share))
+    if common is not None and common <= _MAX_EXACT_ROWS:
+        counts = [r.questions for r in rows]
+    else:
+        hist = torch.histogram(accuracy.to(torch.float64), bins=bins, range=(0.0, 1.0))
+        counts = [int(c) for c in hist.hist.tolist()]
+    return rows, edges, counts
+
+
+def difficulty_report(
+    rewards: Tensor,
+    group_ids: Tensor,
+    *,
+    threshold: float = 0.5,
+    methods: Sequence[Method] = METHODS,  # type: ignore[assignment]
+    bins: int = 10,
+    binarize: bool = False,
+    std_unbiased: bool = True,
+    eps: float = 1e-6,
+    group_names: Sequence[str] | None = None,
+) -> DifficultyReport:
+    """Difficulty analysis of one batch of rollouts (no log-probs needed).
+
+    For every question (group): its size and accuracy (share of responses with reward >
+    ``threshold``); the share of questions with no correct / only correct answers (no method
+    learns from them); the negative-to-positive imbalance of the others; and the weight each
+    method puts on each question, measured by running the method's estimator on the batch
+    (GRPO / DAPO: std-normalised group advantages, Dr. GRPO: centred rewards, DisCO / DisCO-b:
+    discriminative weights) and reading it with :func:`implied_weights`. DAPO's token-level
+    weighting is not modelled (rollout dumps carry no lengths): at equal lengths it equals
+    GRPO's.
+
+    Args:
+      rewards: (B,) rewards.
+      group_ids: (B,) integer group ids (any order, ragged groups).
+      threshold: reward threshold of a correct answer (DisCO's positive label).
+      methods: methods to include, any of ``"grpo"``, ``"dr_grpo"``, ``"dapo"``, ``"disco"``,
+        ``"disco_b"``.
+      bins: histogram bins of the accuracy when groups differ in size (or exceed 32 responses);
+        otherwise the exact accuracies k/n are used.
+      binarize: feed the GRPO-family estimators the 0/1 labels instead of the raw rewards (only
+        matters for non-binary rewards).
+      std_unbiased, eps: the GRPO std convention (verl: True, 1e-6; TRL: True, 1e-4).
+      group_names: optional display name of each distinct group id, in ascending id order.
+
+    Returns:
+      :class:`DifficultyReport` (tensors on the CPU).
+    """
+    threshold = check_number("threshold", threshold)
+    eps = check_number("eps", eps, non_negative=True)
+    if isinstance(bins, bool) or not isinstance(bins, int) or bins < 1:
+        raise ValueError(f"bins must be a positive int, got {bins!r}")
+    methods = tuple(methods)
+    if not methods:
+        raise ValueError("methods is empty; pass at least one of " + ", ".join(METHODS))
+    for m in methods:
+        if m not in METHODS:
+            raise ValueError(
+                f"methods: {m!r} is not a method; expected any of {', '.join(METHODS)}"
+            )
+    check_tensor("rewards", rewards, ndim=1, kind="real")
+    check_tensor("group_ids", group_ids, ndim=1, kind="int")
+    check_batch(("rewards", "group_ids"), (rewards, group_ids))
+    check_device(("rewards", "group_ids"), (rewards, group_ids))
+    r = rewards.detach().cpu()
+    g = group_ids.detach().cpu()
+    if r.dtype.is_floating_point and not bool(r.isfinite().all()):
+        raise ValueError("rewards: every reward must be finite to be labelled correct or not")
+    r = r.to(torch.float64)
+
+    weights = _method_weights(
+        r, g, methods, threshold=threshold, binarize=binarize, std_unbiased=std_unbiased, eps=eps
+    )
+    base = implied_weights(torch.zeros_like(r), r, g, threshold=threshold)
+    acc, size = base.accuracy, base.size
+    q = acc.numel()
+    if group_names is not None:
+        group_names = [str(x) for x in group_names]
+        if len(group_names) != q:
+            raise ValueError(f"group_names has {len(group_names)} names for {q} distinct groups")
+
+    n_pos = torch.round(acc * size).to(torch.float64)
+    n_neg = size.to(torch.float64) - n_pos
+    signal = (n_pos > 0) & (n_neg > 0)
+    ratio = n_neg[signal] / n_pos[signal]
+    sizes = set(size.tolist())
+    common = next(iter(sizes)) if len(sizes) == 1 else None
+    rows, edges, counts = _rows(acc, size, weights, methods, common=common, bins=bins)
+    distinct = set(torch.unique(r).tolist())
+    return DifficultyReport(
+        threshold=threshold,
+        methods=methods,
+        group_ids=base.group_ids,
+        size=size,
+        accuracy=acc,
+        weights=weights,
+        num_responses=int(r.numel()),
+        binary_rewards=distinct <= {0.0, 1.0},
+        binarized=binarize,
+        frac_no_correct=float((n_pos == 0).to(torch.float64).mean()),
+        frac_all_correct=float((n_neg == 0).to(torch.float64).mean()),
+        frac_with_signal=float(signal.to(torch.float64).mean()),
+        imbalance_mean=float(ratio.mean()) if ratio.numel() else math.nan,
+        imbalance_median=float(torch.quantile(ratio, 0.5)) if ratio.numel() else math.nan,
+        frac_more_negatives=float((ratio > 1).to(torch.float64).mean()) if ratio.numel() else 0.0,
+        negatives_per_positive=float(n_neg[signal].sum() / n_pos[signal].sum())
+        if ratio.numel()
+        else math.nan,
+        positive_rate=float(n_pos.sum() / size.sum()),
+        hist_edges=edges,
+        hist_counts=counts,
+        rows=rows,
+        common_size=common,
+        eps=eps,
+        std_unbiased=std_unbiased,
+        group_names=list(group_names) if group_names is not None else None,
+    )

@@ -1,0 +1,84 @@
+"""Validated options of the DisCO loss, shared by the core functions and the engine adapters.
+
+Engines validate a user's settings once, before any worker starts, with
+``DiscoOptions(**settings)``; the loss functions build the same object from their keyword
+arguments, so both reject the same values with the same messages.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields
+from typing import Any
+
+from discoloss._checks import check_number, check_option
+from discoloss._types import (
+    CONSTRAINTS,
+    DEFAULT_TAU,
+    KL_ESTIMATORS,
+    NORMALIZES,
+    OBJECTIVES,
+    SCORES,
+)
+
+__all__ = ["DiscoOptions"]
+
+
+@dataclass(frozen=True)
+class DiscoOptions:
+    """Options of :func:`discoloss.disco_loss` (same names and defaults).
+
+    ``tau=None`` resolves to 10 for ``score="log_likelihood"`` and 1 otherwise; read the
+    resolved value from :attr:`tau_value`. Construction raises ValueError / TypeError naming
+    the option for a bad value.
+    """
+
+    score: str = "log_likelihood"
+    objective: str = "disco"
+    tau: float | None = None
+    delta: float = 1e-4
+    beta: float = 1e3
+    kl_estimator: str = "k1"
+    threshold: float = 0.5
+    normalize: str = "all"
+    constraint: str = "squared_hinge"
+    cvar_alpha: float = 0.5
+    margin: float = 1.0
+    clip_eps: float = 0.2
+
+    def __post_init__(self) -> None:
+        check_option("score", self.score, SCORES)
+        check_option("objective", self.objective, OBJECTIVES)
+        check_option("kl_estimator", self.kl_estimator, KL_ESTIMATORS)
+        check_option("normalize", self.normalize, NORMALIZES)
+        check_option("constraint", self.constraint, CONSTRAINTS)
+        if self.tau is not None:
+            object.__setattr__(self, "tau", check_number("tau", self.tau, positive=True))
+        for name in ("delta", "beta", "margin"):
+            object.__setattr__(
+                self, name, check_number(name, getattr(self, name), non_negative=True)
+            )
+        object.__setattr__(self, "threshold", check_number("threshold", self.threshold))
+        alpha = check_number("cvar_alpha", self.cvar_alpha, positive=True)
+        if alpha > 1.0:
+            raise ValueError(f"cvar_alpha must be in (0, 1], got {self.cvar_alpha!r}")
+        object.__setattr__(self, "cvar_alpha", alpha)
+        eps = check_number("clip_eps", self.clip_eps, positive=True)
+        if eps >= 1.0:
+            raise ValueError(f"clip_eps must be in (0, 1), got {self.clip_eps!r}")
+        object.__setattr__(self, "clip_eps", eps)
+
+    @property
+    def tau_value(self) -> float:
+        return DEFAULT_TAU[self.score] if self.tau is None else float(self.tau)
+
+    @property
+    def needs_ratio(self) -> bool:
+        """Whether the token pass must compute exp(log_probs - old_log_probs)."""
+        return self.score == "likelihood_ratio" or self.kl_estimator == "k3"
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def names(cls) -> tuple[str, ...]:
+        return tuple(f.name for f in fields(cls))

@@ -1,0 +1,5 @@
+"""Stand-in for vllm.inputs."""
+
+
+class TokensPrompt(dict):
+    pass

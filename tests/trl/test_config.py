@@ -1,0 +1,117 @@
+"""Bad configurations fail when the config (or the trainer) is built, with a message that names
+the option and says what to do."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import pytest
+from discoloss.adapters.trl import GRPO_ONLY_OPTIONS, DisCOConfig, DisCOTrainer
+from trl import GRPOConfig
+from trl_support import load_example, tiny_config
+
+
+def test_defaults_are_disco_loss_defaults(tmp_path: Any) -> None:
+    config = tiny_config(str(tmp_path))
+    assert (config.score, config.objective, config.tau, config.kl_estimator) == (
+        "log_likelihood",
+        "disco",
+        None,
+        "k1",
+    )
+    assert (config.disco_delta, config.disco_beta, config.threshold, config.normalize) == (
+        1e-4,
+        1e3,
+        0.5,
+        "all",
+    )
+    assert config.beta == 0.0 and not config.allow_reference_kl
+    assert isinstance(config, GRPOConfig)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "match"),
+    [
+        ({"num_generations": 1}, r"num_generations=1: DisCO .* at least 2 generations"),
+        ({"beta": 1e3}, r"beta=1000.0: .*KL-to-reference .*disco_beta.*allow_reference_kl"),
+        ({"loss_type": "grpo"}, r"loss_type='grpo' is not supported by DisCOTrainer"),
+        ({"epsilon": 0.3}, r"epsilon=0.3 is not supported"),
+        ({"epsilon_high": 0.28}, r"epsilon_high=0.28 is not supported"),
+        ({"delta": 2.0}, r"delta=2.0 is not supported .*disco_delta"),
+        ({"importance_sampling_level": "sequence"}, r"importance_sampling_level"),
+        ({"top_entropy_quantile": 0.2}, r"top_entropy_quantile=0.2"),
+        ({"entropy_coef": 0.01}, r"entropy_coef=0.01"),
+        ({"mask_truncated_completions": True}, r"mask_truncated_completions=True"),
+        ({"multi_objective_aggregation": "normalize_then_sum"}, r"multi_objective_aggregation"),
+        ({"off_policy_mask_threshold": 0.5}, r"off_policy_mask_threshold=0.5"),
+        ({"use_vllm": True}, r"vllm_importance_sampling_correction=False"),
+        (
+            {"steps_per_generation": 3, "gradient_accumulation_steps": 2},
+            r"steps_per_generation=3 must be a multiple of gradient_accumulation_steps=2",
+        ),
+        ({"score": "log_ratio"}, r"score='log_ratio' is not a valid option"),
+        ({"objective": "grpo"}, r"objective='grpo' is not a valid option"),
+        ({"kl_estimator": "k2"}, r"kl_estimator='k2' is not a valid option"),
+        ({"normalize": "none"}, r"normalize='none' is not a valid option"),
+        ({"tau": 0.0}, r"tau must be > 0"),
+        ({"disco_beta": -1.0}, r"disco_beta must be >= 0"),
+        ({"disco_delta": float("nan")}, r"disco_delta must be finite"),
+        ({"threshold": float("inf")}, r"threshold must be finite"),
+    ],
+)
+def test_bad_config_fails_at_construction(
+    tmp_path: Any, overrides: dict[str, Any], match: str
+) -> None:
+    with pytest.raises(ValueError, match=match):
+        tiny_config(str(tmp_path), **overrides)
+
+
+def test_grpo_only_options_cover_real_fields() -> None:
+    names = {f.name for f in dataclasses.fields(GRPOConfig)}
+    assert set(GRPO_ONLY_OPTIONS) <= names
+
+
+def test_allowed_combinations(tmp_path: Any) -> None:
+    tiny_config(str(tmp_path), beta=0.04, allow_reference_kl=True)
+    tiny_config(str(tmp_path), use_vllm=True, vllm_importance_sampling_correction=False)
+    tiny_config(str(tmp_path), steps_per_generation=4, gradient_accumulation_steps=2)
+
+
+def test_trainer_requires_a_disco_config(tmp_path: Any) -> None:
+    ex = load_example()
+    grpo = GRPOConfig(output_dir=str(tmp_path), use_cpu=True, bf16=False, report_to="none")
+    with pytest.raises(TypeError, match="args must be a DisCOConfig, got GRPOConfig"):
+        DisCOTrainer(
+            model=ex.build_model(),
+            reward_funcs=ex.parity_reward,
+            args=grpo,
+            train_dataset=ex.build_dataset(),
+            processing_class=ex.build_tokenizer(),
+        )
+
+
+def test_config_round_trips_through_the_cli_parser(tmp_path: Any) -> None:
+    """TRL scripts build configs with HfArgumentParser: the DisCO fields must parse."""
+    from transformers import HfArgumentParser
+
+    (config,) = HfArgumentParser(DisCOConfig).parse_args_into_dataclasses(
+        [
+            "--output_dir",
+            str(tmp_path),
+            "--use_cpu",
+            "--bf16",
+            "false",
+            "--objective",
+            "disco_b",
+            "--disco_beta",
+            "500",
+            "--tau",
+            "2.0",
+        ]
+    )
+    assert (config.objective, config.disco_beta, config.tau) == ("disco_b", 500.0, 2.0)
+    with pytest.raises(SystemExit):
+        HfArgumentParser(DisCOConfig).parse_args_into_dataclasses(
+            ["--output_dir", str(tmp_path), "--objective", "ppo"]
+        )

@@ -1,0 +1,281 @@
+"""verl's real ppo_trainer config, composed with the README's overrides, through verl's own
+validate_config (wrapped by the adapter); bad values fail with the adapter's messages."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any
+
+import discoloss.adapters.verl as adapter
+import pytest
+from conftest import readme_overrides
+from discoloss.adapters.verl import DiscoConfigError
+from discoloss.adapters.verl.config import TARGET, DiscoPolicyLossConfig
+from hydra import compose, initialize_config_dir, initialize_config_module
+from omegaconf import OmegaConf
+
+CONF_DIR = str(Path(adapter.__file__).parent / "conf")
+
+
+def verl_config(*overrides: str) -> Any:
+    with initialize_config_module(config_module="verl.trainer.config", version_base=None):
+        return compose(config_name="ppo_trainer", overrides=list(overrides))
+
+
+def shipped_config(*overrides: str) -> Any:
+    with initialize_config_dir(config_dir=CONF_DIR, version_base=None):
+        return compose(config_name="disco_trainer", overrides=list(overrides))
+
+
+def validate(config: Any) -> None:
+    from verl.trainer.ppo.utils import need_critic, need_reference_policy
+    from verl.utils.config import validate_config
+
+    assert getattr(validate_config, "__discoloss__", False), "the adapter's hook is not installed"
+    validate_config(
+        config, use_reference_policy=need_reference_policy(config), use_critic=need_critic(config)
+    )
+
+
+def actor_of(config: Any) -> Any:
+    from verl.utils.config import omega_conf_to_dataclass
+
+    return omega_conf_to_dataclass(config.actor_rollout_ref.actor)
+
+
+def test_readme_command_passes_verl_validation() -> None:
+    cfg = verl_config(*readme_overrides())
+    validate(cfg)
+    assert cfg.actor_rollout_ref.actor.policy_loss._target_ == TARGET
+    pl = actor_of(cfg).policy_loss
+    assert isinstance(pl, DiscoPolicyLossConfig)
+    assert (pl.score, pl.objective, pl.tau, pl.delta, pl.beta) == (
+        "log_likelihood",
+        "disco",
+        None,
+        1e-4,
+        1e3,
+    )
+
+
+def test_shipped_config_options_need_no_plus() -> None:
+    cfg = shipped_config(
+        *[o for o in readme_overrides() if "loss_mode" not in o and "adv_estimator" not in o],
+        "actor_rollout_ref.actor.policy_loss.score=likelihood_ratio",
+        "actor_rollout_ref.actor.policy_loss.objective=disco_b",
+        "actor_rollout_ref.actor.policy_loss.tau=2.5",
+        "actor_rollout_ref.actor.policy_loss.kl_estimator=k3",
+    )
+    validate(cfg)
+    pl = actor_of(cfg).policy_loss
+    assert (pl.loss_mode, pl.score, pl.objective, pl.tau, pl.kl_estimator) == (
+        "disco",
+        "likelihood_ratio",
+        "disco_b",
+        2.5,
+        "k3",
+    )
+    assert cfg.algorithm.adv_estimator == "disco"
+
+
+def test_plus_options_on_verl_config() -> None:
+    cfg = verl_config(
+        *readme_overrides(),
+        "+actor_rollout_ref.actor.policy_loss.tau=5",
+        "+actor_rollout_ref.actor.policy_loss.threshold=0.0",
+    )
+    validate(cfg)
+    pl = actor_of(cfg).policy_loss
+    assert (pl.tau, pl.threshold) == (5.0, 0.0)
+
+
+def test_non_disco_run_untouched() -> None:
+    cfg = verl_config(
+        "algorithm.adv_estimator=grpo",
+        "actor_rollout_ref.rollout.n=5",
+        "actor_rollout_ref.actor.ppo_micro_batch_size_per_gpu=3",
+        "actor_rollout_ref.rollout.log_prob_micro_batch_size_per_gpu=3",
+    )
+    validate(cfg)  # micro 3 is not a multiple of n, shuffle etc.: DisCO rules do not apply
+    assert (
+        cfg.actor_rollout_ref.actor.policy_loss._target_ == "verl.workers.config.PolicyLossConfig"
+    )
+
+
+# Messages are the core's (discoloss.options.DiscoOptions), prefixed with the verl setting path.
+P = "actor_rollout_ref.actor.policy_loss."
+BAD_OPTIONS = [
+    ("tau=-1", P + "tau must be > 0"),
+    ("tau=0", P + "tau must be > 0"),
+    ("delta=-0.1", P + "delta must be >= 0"),
+    ("beta=-1", P + "beta must be >= 0"),
+    ("score=logl", P + "score='logl' is not a valid option; expected one of"),
+    ("objective=grpo", P + "objective='grpo' is not a valid option; expected one of"),
+    ("kl_estimator=k2", P + "kl_estimator='k2' is not a valid option; expected one of"),
+    ("normalize=valid", "normalize='valid' is not supported with verl"),
+    ("normalize=none", P + "normalize='none' is not a valid option; expected one of"),
+    ("threshold=nan", P + "threshold must be finite"),
+    # the ablation variants' options
+    ("constraint=trust", P + "constraint='trust' is not a valid option; expected one of"),
+    ("cvar_alpha=0", P + "cvar_alpha must be > 0"),
+    ("cvar_alpha=1.5", P + "cvar_alpha must be in (0, 1]"),
+    ("margin=-1", P + "margin must be >= 0"),
+    ("clip_eps=1.0", P + "clip_eps must be in (0, 1)"),
+    ("clip_eps=0", P + "clip_eps must be > 0"),
+    ("tau=abc", P + "tau must be a real number, got str"),
+    ("constraint=lagrangian", P + "constraint='lagrangian' is not supported with verl"),
+]
+
+
+@pytest.mark.parametrize(("override", "message"), BAD_OPTIONS)
+def test_bad_option_values(override: str, message: str) -> None:
+    cfg = shipped_config(
+        *[o for o in readme_overrides()], f"actor_rollout_ref.actor.policy_loss.{override}"
+    )
+    with pytest.raises(DiscoConfigError, match=re.escape(message)):
+        validate(cfg)
+
+
+BAD_LAYOUT = [
+    (["algorithm.adv_estimator=grpo"], "loss_mode=disco needs algorithm.adv_estimator=disco"),
+    (
+        ["actor_rollout_ref.actor.policy_loss.loss_mode=vanilla"],
+        "set actor_rollout_ref.actor.policy_loss.loss_mode=disco",
+    ),
+    (
+        ["actor_rollout_ref.rollout.n=1", "actor_rollout_ref.actor.ppo_micro_batch_size_per_gpu=1"],
+        "rollout.n=1",
+    ),
+    (["actor_rollout_ref.actor.shuffle=true"], "actor.shuffle=true"),
+    (
+        ["actor_rollout_ref.actor.ppo_micro_batch_size_per_gpu=6"],
+        "ppo_micro_batch_size_per_gpu=6 is not a multiple",
+    ),
+    (
+        ["trainer.n_gpus_per_node=3"],
+        "ppo_mini_batch_size=32 \\(questions\\) is not a multiple of the actor's "
+        "data-parallel size 3",
+    ),
+    (["data.train_batch_size=100"], "data.train_batch_size=100 is not a multiple"),
+    (["algorithm.use_kl_in_reward=true"], "use_kl_in_reward"),
+    (["critic.enable=true"], "critic.enable=true"),
+    (["trainer.use_v1=false"], "trainer.balance_batch=true"),
+    (
+        [
+            "trainer.use_v1=false",
+            "trainer.balance_batch=false",
+            "actor_rollout_ref.actor.use_dynamic_bsz=true",
+            "actor_rollout_ref.rollout.log_prob_use_dynamic_bsz=true",
+        ],
+        "use_dynamic_bsz=true splits questions in the legacy",
+    ),
+]
+
+
+@pytest.mark.parametrize(("overrides", "message"), BAD_LAYOUT)
+def test_layout_and_pairing_refused(overrides: list[str], message: str) -> None:
+    base = {o.split("=")[0]: o for o in readme_overrides()}
+    for o in overrides:
+        base[o.split("=")[0]] = o
+    cfg = verl_config(*base.values())
+    with pytest.raises(DiscoConfigError, match=message):
+        validate(cfg)
+
+
+def test_layout_handled_not_refused() -> None:
+    """Settings the adapter keeps correct instead of refusing (parity in test_verl_parity)."""
+    base = {o.split("=")[0]: o for o in readme_overrides()}
+    for o in [
+        "actor_rollout_ref.actor.use_dynamic_bsz=true",
+        "actor_rollout_ref.rollout.log_prob_use_dynamic_bsz=true",
+        "trainer.balance_batch=true",
+        "trainer.n_gpus_per_node=8",
+        "trainer.nnodes=2",
+    ]:
+        base[o.split("=")[0]] = o
+    validate(verl_config(*base.values()))
+
+
+def test_dataclass_rejects_bad_value_directly() -> None:
+    with pytest.raises(DiscoConfigError, match=re.escape(P + "beta must be >= 0")):
+        DiscoPolicyLossConfig(beta=-2.0)
+    with pytest.raises(DiscoConfigError, match=re.escape(P + "constraint='lagrangian'")):
+        DiscoPolicyLossConfig(constraint="lagrangian")
+    assert OmegaConf.is_config(verl_config())
+
+
+# Every ablation variant is one override of the shipped config (no "+"), and one "+" override
+# of verl's own config; it reaches the loss's options unchanged.
+VARIANT_OVERRIDES = [
+    ("objective", "cvar"),
+    ("objective", "disco_2way"),
+    ("objective", "auc_sq_hinge"),
+    ("objective", "auc_logistic"),
+    ("score", "clipped_ratio"),
+    ("constraint", "hinge"),
+    ("constraint", "kl_penalty"),
+    ("constraint", "none"),
+    ("cvar_alpha", 0.25),
+    ("margin", 0.5),
+    ("clip_eps", 0.1),
+]
+
+
+@pytest.mark.parametrize(("name", "value"), VARIANT_OVERRIDES)
+@pytest.mark.parametrize("base", ["shipped", "verl"])
+def test_variant_is_one_override(name: str, value: Any, base: str) -> None:
+    from discoloss.adapters.verl.loss import options_of
+
+    if base == "shipped":
+        others = [
+            o for o in readme_overrides() if "loss_mode" not in o and "adv_estimator" not in o
+        ]
+        cfg = shipped_config(*others, f"{P}{name}={value}")
+    else:
+        cfg = verl_config(*readme_overrides(), f"+{P}{name}={value}")
+    validate(cfg)
+    actor = actor_of(cfg)
+    assert isinstance(actor.policy_loss, DiscoPolicyLossConfig)
+    assert getattr(actor.policy_loss, name) == value
+    assert getattr(options_of(actor).disco, name) == value  # what the loss passes to disco_loss
+
+
+def test_option_names_are_the_core_names() -> None:
+    """The adapter's dataclass and shipped yaml carry exactly disco_loss's options (from the
+    core's DiscoOptions, defaults included) plus the adapter-only ``validate``."""
+    from dataclasses import fields
+
+    from verl.workers.config import PolicyLossConfig
+
+    from discoloss.options import DiscoOptions
+
+    core = DiscoOptions()
+    own = {f.name for f in fields(DiscoPolicyLossConfig)} - {
+        f.name for f in fields(PolicyLossConfig)
+    }
+    assert own == set(DiscoOptions.names()) | {"validate"}
+    pl = DiscoPolicyLossConfig()
+    shipped = shipped_config().actor_rollout_ref.actor.policy_loss
+    for name in DiscoOptions.names():
+        assert getattr(pl, name) == getattr(core, name), name
+        assert shipped[name] == getattr(core, name), name
+    assert set(shipped) - {"_target_", "loss_mode"} - {
+        f.name for f in fields(PolicyLossConfig)
+    } == set(DiscoOptions.names()) | {"validate"}
+
+
+def test_readme_options_table_lists_every_option() -> None:
+    from conftest import README
+    from discoloss.adapters.verl._options import OPTION_NAMES
+
+    section = README.read_text().split("### Options", 1)[1].split("###", 1)[0]
+    rows = re.findall(r"^\| `(\w+)` \| `([^`]*)` \|", section, re.M)
+    assert [name for name, _ in rows] == list(OPTION_NAMES)
+    shipped = shipped_config().actor_rollout_ref.actor.policy_loss
+    for name, default in rows:
+        value = shipped[name]
+        if isinstance(value, float):
+            assert float(default) == value, name
+        else:
+            assert default == {None: "null", True: "true", False: "false"}.get(value, value), name
