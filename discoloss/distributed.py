@@ -39,7 +39,7 @@ class _GatherRows(torch.autograd.Function):
     """all_gather of a (n_local, k) tensor with ragged n across ranks; autograd without comms."""
 
     @staticmethod
-    def forward(  # type: ignore[override]
+    def forward(
         ctx: Any, payload: Tensor, group: Any, counts: list[int], rank: int
     ) -> Tensor:
         world = len(counts)
@@ -54,7 +54,7 @@ class _GatherRows(torch.autograd.Function):
         return torch.cat([p[:c] for p, c in zip(parts, counts)], dim=0)
 
     @staticmethod
-    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None, None, None]:  # type: ignore[override]
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None, None, None]:
         local = grad[ctx.offset : ctx.offset + ctx.n]
         return local * ctx.world, None, None, None
 
@@ -99,6 +99,6 @@ def gather_response_stats(
     )
     counts = gather_counts(payload.shape[0], payload.device, group)
     rank = dist.get_rank(group)
-    full = _GatherRows.apply(payload, group, counts, rank)
+    full: Tensor = _GatherRows.apply(payload, group, counts, rank)  # type: ignore[no-untyped-call]
     ids = full[:, 4].detach().contiguous().view(torch.int64)
     return full[:, 0], full[:, 1], full[:, 2], full[:, 3], ids

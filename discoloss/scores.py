@@ -153,7 +153,7 @@ class _MaskedTokenSums(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(  # type: ignore[override]
+    def forward(
         ctx: Any, log_probs: Tensor, old_log_probs: Tensor, mask: Tensor, need_ratio: bool
     ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         acc = _accum_dtype(log_probs.dtype)
@@ -188,7 +188,7 @@ class _MaskedTokenSums(torch.autograd.Function):
         return lengths, s_lp, s_old, s_e
 
     @staticmethod
-    def backward(  # type: ignore[override]
+    def backward(
         ctx: Any,
         g_len: Tensor | None,
         g_lp: Tensor | None,
@@ -214,7 +214,7 @@ class _MaskedTokenSums(torch.autograd.Function):
                 assert g_lp is not None
                 return g_lp[r].to(dtype).unsqueeze(-1)
             assert g_e is not None
-            t = log_probs[r].to(acc) - old_log_probs[r].to(acc)
+            t: Tensor = log_probs[r].to(acc) - old_log_probs[r].to(acc)
             t.exp_()
             t.mul_(g_e[r].to(acc).unsqueeze(-1))
             if g_lp is not None:
@@ -267,7 +267,7 @@ def token_sums(
     the caller can evaluate all of its checks with one host sync.
     """
     bmask = as_bool_mask(mask)
-    lengths, s_lp, s_old, s_e = _MaskedTokenSums.apply(
+    lengths, s_lp, s_old, s_e = _MaskedTokenSums.apply(  # type: ignore[no-untyped-call]
         log_probs, old_log_probs.detach(), bmask, need_ratio
     )
     sums = TokenSums(lengths, s_lp, s_old, s_e if need_ratio else None)
