@@ -15,21 +15,25 @@ its response tokens, both summed over all ranks, each micro-batch m returns
     loss_m = gas * dp * disco_loss(..., num_groups=G_W, num_tokens=T_W)
            = gas * dp * ( -(1/G_W) sum_{q in m} J_q + (t_m / T_W) * P(KL_m) )
 
-(t_m tokens and KL_m the token-mean KL of micro-batch m, P(x) = beta/2 [x - delta]_+^2), so the
+(t_m tokens and KL_m the token-mean KL of micro-batch m, P the penalty of
+``--algo.disco.constraint``, by default the squared hinge P(x) = beta/2 [x - delta]_+^2), so the
 optimizer step applies exactly
 
     L_W = -(1/G_W) sum_{q in W} J_q + sum_m (t_m / T_W) * P(KL_m) .
 
-The objective term is exactly DisCO's mini-batch objective (each J_q only needs its own
-question's responses, all in one micro-batch). The penalty is the token-weighted mean of the
-micro-batch penalties. The squared hinge is convex and non-decreasing, so
-``sum_m (t_m/T_W) P(KL_m) >= P(KL_W)`` (Jensen, KL_W = sum_m (t_m/T_W) KL_m), with equality
-when ``gas * dp == 1``, when every micro-batch KL is <= delta (notably the first mini-batch of
-a step, where theta = theta_old and KL = 0) or when all micro-batch KLs are equal. Its gradient
-is ``sum_m (t_m/T_W) * beta * [KL_m - delta]_+ * grad KL_m``: each micro-batch is pulled back in
-proportion to its own constraint violation. (The exact mini-batch penalty would need the
-mini-batch KL at the current parameters before the first backward, i.e. an extra forward pass;
-see :mod:`discoloss.accumulation`.)
+The objective term is exactly the mini-batch objective for every ``objective`` and ``score``
+(each J_q only needs its own question's responses, all in one micro-batch; ``clipped_ratio``
+takes each response's label from its reward). With KL_W = sum_m (t_m/T_W) KL_m the mini-batch
+KL, the penalty term equals P(KL_W) whenever P is linear: ``kl_penalty`` (beta * KL) and
+``none``, value and gradient. The squared hinge and the hinge are convex and non-decreasing, so
+``sum_m (t_m/T_W) P(KL_m) >= P(KL_W)`` (Jensen), with equality when ``gas * dp == 1``, when every
+micro-batch KL is <= delta (notably the first mini-batch of a step, where theta = theta_old and
+KL = 0), when all micro-batch KLs are equal, or (hinge) when all are on the same side of delta.
+The squared hinge's gradient is ``sum_m (t_m/T_W) * beta * [KL_m - delta]_+ * grad KL_m``: each
+micro-batch is pulled back in proportion to its own constraint violation. (The exact mini-batch
+penalty would need the mini-batch KL at the current parameters before the first backward, i.e.
+an extra forward pass; see :mod:`discoloss.accumulation`.) ``lagrangian`` is refused
+(:func:`discoloss.adapters.openrlhf.settings.check_for_openrlhf`).
 """
 
 from __future__ import annotations

@@ -2,22 +2,28 @@
 
 Everything here works on plain values (argparse namespaces, ``SimpleNamespace`` trees); nothing
 imports OpenRLHF, so the checks also run in the driver before any Ray actor starts.
+
+The DisCO options are those of :func:`discoloss.disco_loss` and are validated by the core's
+:class:`discoloss.options.DiscoOptions` (same names, defaults, ranges and messages); the adapter
+only names the flag, ``--algo.disco.<name>``, in every message, and refuses
+``--algo.disco.constraint lagrangian`` (:func:`check_for_openrlhf`).
 """
 
 from __future__ import annotations
 
 import argparse
-import math
-from dataclasses import asdict, dataclass
-from typing import Any, get_args
+from typing import Any
 
-from discoloss._types import KLEstimator, Normalize, Objective, Score
+from discoloss._types import CONSTRAINTS, KL_ESTIMATORS, NORMALIZES, OBJECTIVES, SCORES
+from discoloss.options import DiscoOptions
 
 __all__ = [
     "ESTIMATOR",
+    "OPTION_NAMES",
     "DiscoSettings",
     "LayoutError",
     "add_disco_arguments",
+    "check_for_openrlhf",
     "check_layout",
     "settings_from_args",
 ]
@@ -28,73 +34,60 @@ ESTIMATOR = "disco"
 #: Prefix of the DisCO flags (``--algo.disco.tau`` ...); the parsed values land in ``args.algo.disco``.
 PREFIX = "algo.disco."
 
+#: The DisCO options, exactly those of :func:`discoloss.disco_loss` (from the core).
+OPTION_NAMES: tuple[str, ...] = DiscoOptions.names()
 
-@dataclass(frozen=True)
-class DiscoSettings:
-    """The options of :func:`discoloss.disco_loss`, with its names and defaults.
 
-    ``tau=None`` resolves to 10 for ``log_likelihood`` and 1 for ``likelihood_ratio``.
+class DiscoSettings(DiscoOptions):
+    """The validated options of :func:`discoloss.disco_loss` (the core's
+    :class:`~discoloss.options.DiscoOptions`: score, objective, tau, delta, beta, kl_estimator,
+    threshold, normalize, constraint, cvar_alpha, margin, clip_eps), with its names and defaults.
+
+    ``tau=None`` resolves to 10 for ``log_likelihood`` and 1 otherwise.
     """
-
-    score: Score = "log_likelihood"
-    objective: Objective = "disco"
-    tau: float | None = None
-    delta: float = 1e-4
-    beta: float = 1e3
-    kl_estimator: KLEstimator = "k1"
-    threshold: float = 0.5
-    normalize: Normalize = "all"
 
     def loss_kwargs(self) -> dict[str, Any]:
         """Keyword arguments for :func:`discoloss.disco_loss`."""
-        return asdict(self)
+        return self.as_dict()
 
 
+#: The string options and their values, from the core's ``Literal`` types (shown by ``--help``).
 _CHOICES: dict[str, tuple[str, ...]] = {
-    "score": get_args(Score),
-    "objective": get_args(Objective),
-    "kl_estimator": get_args(KLEstimator),
-    "normalize": get_args(Normalize),
+    "score": SCORES,
+    "objective": OBJECTIVES,
+    "kl_estimator": KL_ESTIMATORS,
+    "normalize": NORMALIZES,
+    "constraint": CONSTRAINTS,
 }
 
 _HELP: dict[str, str] = {
-    "score": "sequence score: length-normalised log-likelihood or likelihood ratio",
-    "objective": "disco (log-mean-exp over a question's negatives) or disco_b (plain mean)",
-    "tau": "DRO temperature of the disco objective, > 0 (default: 10 for log_likelihood, "
-    "1 for likelihood_ratio)",
+    "score": "sequence score: length-normalised log-likelihood, likelihood ratio, or the "
+    "clipped ratio (clip side by label, range clip_eps)",
+    "objective": "disco (log-mean-exp over a question's negatives), disco_b (plain mean) or an "
+    "ablation: cvar, disco_2way, auc_sq_hinge, auc_logistic",
+    "tau": "temperature of the disco, disco_2way and auc_logistic objectives, > 0 (default: 10 "
+    "for log_likelihood, 1 otherwise)",
     "delta": "KL constraint radius, >= 0",
-    "beta": "squared-hinge penalty strength, >= 0",
+    "beta": "penalty strength of the squared_hinge, hinge and kl_penalty constraints, >= 0",
     "kl_estimator": "token KL(pi_old || pi_theta) estimator: k1 = log pi_old - log pi_theta, "
     "k3 = rho - 1 - log rho",
     "threshold": "a response is positive iff its reward > threshold",
     "normalize": "divide the objective by all questions of the mini-batch (all, as published) "
     "or by those with both a positive and a negative (valid)",
+    "constraint": "KL penalty: squared_hinge (DisCO), hinge, kl_penalty (beta KL) or none; "
+    "lagrangian is not supported with OpenRLHF",
+    "cvar_alpha": "objective cvar: fraction of the hardest negatives, in (0, 1]",
+    "margin": "objective auc_sq_hinge: pair margin, >= 0",
+    "clip_eps": "score clipped_ratio: clip range, in (0, 1)",
 }
-
-
-def _number(name: str, *, positive: bool = False, non_negative: bool = False) -> Any:
-    def parse(text: str) -> float:
-        try:
-            value = float(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{name} must be a number, got {text!r}") from None
-        if not math.isfinite(value):
-            raise argparse.ArgumentTypeError(f"{name} must be finite, got {text!r}")
-        if positive and not value > 0:
-            raise argparse.ArgumentTypeError(f"{name} must be > 0, got {text!r}")
-        if non_negative and not value >= 0:
-            raise argparse.ArgumentTypeError(f"{name} must be >= 0, got {text!r}")
-        return value
-
-    parse.__name__ = name
-    return parse
 
 
 def add_disco_arguments(parser: argparse.ArgumentParser) -> list[str]:
     """Add the ``--algo.disco.*`` flags to ``parser``; return their ``dest`` names.
 
     The flags default to ``argparse.SUPPRESS`` so that a namespace only holds the ones given on
-    the command line; :func:`settings_from_args` fills in the defaults.
+    the command line; :func:`settings_from_args` fills in the defaults and validates the values
+    (argparse only turns numbers into floats).
     """
     defaults = DiscoSettings()
     group = parser.add_argument_group(
@@ -103,39 +96,72 @@ def add_disco_arguments(parser: argparse.ArgumentParser) -> list[str]:
         "discoloss.disco_loss.",
     )
     dests = []
-    for name in ("score", "objective", "tau", "delta", "beta", "kl_estimator", "threshold",
-                 "normalize"):
+    for name in OPTION_NAMES:
         dest = PREFIX + name
         default = getattr(defaults, name)
         kwargs: dict[str, Any] = {"dest": dest, "default": argparse.SUPPRESS,
                                   "help": f"{_HELP[name]} (default: {default})"}
         if name in _CHOICES:
-            kwargs.update(type=str, choices=_CHOICES[name])
-        elif name == "tau":
-            kwargs.update(type=_number("tau", positive=True))
-        elif name in ("delta", "beta"):
-            kwargs.update(type=_number(name, non_negative=True))
+            kwargs.update(type=str, metavar="{" + ",".join(_CHOICES[name]) + "}")
         else:
-            kwargs.update(type=_number(name))
+            kwargs.update(type=float, metavar=name.upper())
         group.add_argument("--" + dest, **kwargs)
         dests.append(dest)
     return dests
 
 
-def settings_from_args(args: Any) -> DiscoSettings:
-    """Read the DisCO options from OpenRLHF's (hierarchical) args; missing ones take defaults."""
+def _flag_error(error: ValueError | TypeError) -> ValueError:
+    """The core's message, which starts with the option's name, with the flag's name instead."""
+    message = str(error)
+    for name in sorted(OPTION_NAMES, key=len, reverse=True):
+        rest = message[len(name):]
+        if message.startswith(name) and not (rest[:1].isalnum() or rest[:1] == "_"):
+            return ValueError(f"--{PREFIX}{message}")
+    return ValueError(f"--{PREFIX}*: {message}")
+
+
+def _given(args: Any) -> dict[str, Any]:
+    """The DisCO options set in ``args``: a hierarchical namespace (``args.algo.disco.tau``, as
+    OpenRLHF's trainers see it) or argparse's flat one (``"algo.disco.tau"``); None = default."""
+    flat = {k[len(PREFIX):]: v for k, v in vars(args).items()
+            if isinstance(k, str) and k.startswith(PREFIX)} if hasattr(args, "__dict__") else {}
     disco = getattr(getattr(args, "algo", None), "disco", None)
-    values = {} if disco is None else {k: v for k, v in vars(disco).items() if v is not None}
-    known = set(DiscoSettings.__dataclass_fields__)
-    unknown = set(values) - known
-    if unknown:
-        raise ValueError(f"unknown DisCO options in args.algo.disco: {sorted(unknown)}")
-    settings = DiscoSettings(**values)
-    for name, choices in _CHOICES.items():
-        if getattr(settings, name) not in choices:
-            raise ValueError(f"--algo.disco.{name}={getattr(settings, name)!r}: expected one of "
-                             f"{', '.join(choices)}")
+    nested = {} if disco is None else dict(vars(disco))
+    return {k: v for k, v in {**nested, **flat}.items() if v is not None}
+
+
+def check_for_openrlhf(settings: DiscoSettings) -> DiscoSettings:
+    """Refuse the options that are valid for :func:`discoloss.disco_loss` but cannot run
+    correctly in OpenRLHF's actor (the message names the flag and the alternatives)."""
+    if settings.constraint == "lagrangian":
+        raise ValueError(
+            f"--{PREFIX}constraint=lagrangian is not supported with OpenRLHF: its multiplier is "
+            "training state that every actor rank would have to update once per optimizer step "
+            "with the mini-batch's global KL (all-reduced over the data-parallel ranks) and save "
+            "in checkpoints, and OpenRLHF's actor has no per-step hook or checkpoint slot for a "
+            f"policy loss. Use --{PREFIX}constraint kl_penalty (fixed coefficient "
+            f"--{PREFIX}beta, exact under gradient accumulation), squared_hinge (DisCO, the "
+            "default), hinge or none; the TRL adapter supports lagrangian."
+        )
     return settings
+
+
+def settings_from_args(args: Any) -> DiscoSettings:
+    """Read and validate the DisCO options from OpenRLHF's args (hierarchical or flat);
+    missing ones take :func:`discoloss.disco_loss`'s defaults.
+
+    Raises ValueError naming the ``--algo.disco.<name>`` flag of a bad or unsupported value.
+    """
+    values = _given(args)
+    unknown = sorted(set(values) - set(OPTION_NAMES))
+    if unknown:
+        raise ValueError(f"unknown DisCO options in args.algo.disco: {unknown}; expected "
+                         f"{', '.join(OPTION_NAMES)}")
+    try:
+        settings = DiscoSettings(**values)
+    except (ValueError, TypeError) as error:
+        raise _flag_error(error) from error
+    return check_for_openrlhf(settings)
 
 
 class LayoutError(ValueError):

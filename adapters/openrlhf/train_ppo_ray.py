@@ -4,8 +4,9 @@ Runs OpenRLHF's own ``openrlhf.cli.train_ppo_ray`` (its parser, checks and ``tra
 additions, active only with ``--algo.advantage.estimator disco``:
 
 * the parser accepts ``disco`` as an estimator and the ``--algo.disco.*`` options (shown by
-  ``--help``), and rejects bad values and layouts that cannot keep a question's responses in one
-  micro-batch, naming the flag, before anything starts;
+  ``--help``), and rejects bad values (checked by the core's ``DiscoOptions``), unsupported
+  options (``--algo.disco.constraint lagrangian``) and layouts that cannot keep a question's
+  responses in one micro-batch, naming the flag, before anything starts;
 * OpenRLHF's ``ray.init`` gets ``runtime_env["worker_process_setup_hook"]`` so that the adapter
   is installed in every Ray worker (where the trainers run);
 * the adapter is installed in the driver too.
@@ -30,9 +31,9 @@ from typing import Any
 
 from discoloss.adapters.openrlhf.settings import (
     ESTIMATOR,
-    LayoutError,
     add_disco_arguments,
     check_layout,
+    settings_from_args,
 )
 
 __all__ = ["OPENRLHF_MODULE", "extended_cli", "main"]
@@ -72,8 +73,9 @@ def _validate(parser: argparse.ArgumentParser, args: argparse.Namespace, dests: 
         if not hasattr(args, dest):
             setattr(args, dest, None)  # filled with disco_loss's default by settings_from_args
     try:
+        settings_from_args(args)  # the core's checks, messages naming the flag
         check_layout(args)
-    except LayoutError as err:
+    except ValueError as err:  # LayoutError included
         parser.error(str(err))
     return True
 
@@ -100,12 +102,7 @@ def extended_cli() -> Iterator[dict[str, Any]]:
         parsed = original_parse(self, args, namespace)
         state["disco"] = _validate(self, parsed, dests)
         if state["disco"] and os.environ.get("DISCOLOSS_DRY_RUN") == "1":
-            from discoloss.adapters.openrlhf.settings import settings_from_args
-
-            resolved = {d[len("algo.disco."):]: getattr(parsed, d) for d in dests}
-            settings = settings_from_args(argparse.Namespace(algo=argparse.Namespace(
-                disco=argparse.Namespace(**resolved))))
-            print(json.dumps({"disco": settings.loss_kwargs()}))
+            print(json.dumps({"disco": settings_from_args(parsed).loss_kwargs()}))
             raise SystemExit(0)
         if state["disco"]:
             from discoloss.adapters.openrlhf.patch import install

@@ -10,7 +10,8 @@ from typing import Any
 
 import torch
 
-from discoloss import disco_loss, kl_divergence, squared_hinge_penalty
+from discoloss import disco_loss, kl_divergence
+from discoloss.constraints import constraint_penalty
 from discoloss.adapters.openrlhf.patch import BATCH_ATTR
 
 N = 4  # responses per question in the tests
@@ -49,6 +50,10 @@ def make_args(**overrides: Any) -> SimpleNamespace:
         "algo.disco.kl_estimator": None,
         "algo.disco.threshold": None,
         "algo.disco.normalize": None,
+        "algo.disco.constraint": None,
+        "algo.disco.cvar_alpha": None,
+        "algo.disco.margin": None,
+        "algo.disco.clip_eps": None,
         "actor.eps_clip_low_high": (0.2, 0.2),
         "actor.dual_clip": None,
         "actor.loss_agg_mode": "token-mean",
@@ -301,7 +306,8 @@ def reference_gradient(actor0: Any, micro: list[dict[str, Any]], settings: dict[
                        *, local_penalty: bool) -> list[torch.Tensor]:
     """Gradient of DisCO on the mini-batch made of ``micro``, at the parameters ``actor0``:
     ``disco_loss`` on the concatenated mini-batch; with ``local_penalty`` its penalty replaced by
-    the token-weighted mean of the micro-batch penalties (the adapter's stated rule)."""
+    the token-weighted mean of the micro-batch penalties (the adapter's stated rule), each the
+    selected constraint's penalty of the micro-batch's own token-mean KL."""
     actor0.zero_grad()
     log_probs = [actor0(m["sequences"], m["action_mask"], attention_mask=m["attention_mask"])
                  for m in micro]
@@ -317,9 +323,10 @@ def reference_gradient(actor0: Any, micro: list[dict[str, Any]], settings: dict[
         tokens = [m["action_mask"].sum() for m in micro]
         total = sum(tokens)
         penalty = sum(
-            t / total * squared_hinge_penalty(
+            t / total * constraint_penalty(
                 kl_divergence(lp, m["old"], m["action_mask"].bool(),
                               estimator=settings.get("kl_estimator", "k1")),
+                constraint=settings.get("constraint", "squared_hinge"),
                 delta=settings["delta"], beta=settings["beta"])
             for t, lp, m in zip(tokens, log_probs, micro)
         )

@@ -85,7 +85,8 @@ def test_disco_flags_reach_the_training_args(launch):
     settings = settings_from_args(out.args)
     assert settings.loss_kwargs() == dict(score="likelihood_ratio", objective="disco_b", tau=2.5,
                                           delta=1e-3, beta=7.0, kl_estimator="k3", threshold=0.0,
-                                          normalize="valid")
+                                          normalize="valid", constraint="squared_hinge",
+                                          cvar_alpha=0.5, margin=1.0, clip_eps=0.2)
     # the worker setup hook is added to OpenRLHF's own ray.init call, which keeps its env vars
     (init,) = out.inits
     assert init["runtime_env"]["worker_process_setup_hook"] == HOOK
@@ -114,8 +115,12 @@ def test_help_lists_disco_options(capsys):
     text = capsys.readouterr().out
     assert "DisCO (discoloss)" in text
     for name in ("score", "objective", "tau", "delta", "beta", "kl_estimator", "threshold",
-                 "normalize"):
+                 "normalize", "constraint", "cvar_alpha", "margin", "clip_eps"):
         assert f"--algo.disco.{name}" in text
+    # the values of the string options come from the core's types
+    for value in ("clipped_ratio", "cvar", "disco_2way", "auc_sq_hinge", "auc_logistic",
+                  "kl_penalty", "hinge"):
+        assert value in text
     assert "disco" in re.search(r"--algo.advantage.estimator \{([^}]*)\}", text).group(1)
 
 
@@ -124,13 +129,62 @@ def test_help_lists_disco_options(capsys):
     ("--algo.disco.delta", "-1e-4"), ("--algo.disco.beta", "-1"), ("--algo.disco.beta", "inf"),
     ("--algo.disco.threshold", "abc"), ("--algo.disco.score", "ratio"),
     ("--algo.disco.objective", "grpo"), ("--algo.disco.kl_estimator", "k2"),
-    ("--algo.disco.normalize", "some"),
+    ("--algo.disco.normalize", "some"), ("--algo.disco.constraint", "trust_region"),
+    ("--algo.disco.cvar_alpha", "0"), ("--algo.disco.cvar_alpha", "1.5"),
+    ("--algo.disco.margin", "-0.1"), ("--algo.disco.clip_eps", "1"),
+    ("--algo.disco.clip_eps", "0"),
 ])
 def test_bad_values_are_rejected(launch, capsys, flag, value):
     with pytest.raises(SystemExit) as exit_info:
-        launch(DISCO + [flag, value])
+        launch(DISCO + [f"{flag}={value}"])  # "=": argparse reads "-1e-4" as a flag otherwise
     assert exit_info.value.code == 2
-    assert f"argument {flag}:" in capsys.readouterr().err
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    # argparse's own message for a non-number, else the core's check with the flag's name
+    assert f"argument {flag}:" in err or f"error: {flag}" in err, err
+    assert value in err or repr(float(value)) in err, err  # the bad value is shown
+
+
+VARIANT_FLAGS = {
+    "cvar": (["--algo.disco.objective", "cvar", "--algo.disco.cvar_alpha", "0.25"],
+             dict(objective="cvar", cvar_alpha=0.25)),
+    "disco_2way": (["--algo.disco.objective", "disco_2way", "--algo.disco.tau", "0.5"],
+                   dict(objective="disco_2way", tau=0.5)),
+    "auc_sq_hinge": (["--algo.disco.objective", "auc_sq_hinge", "--algo.disco.margin", "0"],
+                     dict(objective="auc_sq_hinge", margin=0.0)),
+    "auc_logistic": (["--algo.disco.objective", "auc_logistic"], dict(objective="auc_logistic")),
+    "clipped_ratio": (["--algo.disco.score", "clipped_ratio", "--algo.disco.clip_eps", "0.1"],
+                      dict(score="clipped_ratio", clip_eps=0.1)),
+    "hinge": (["--algo.disco.constraint", "hinge"], dict(constraint="hinge")),
+    "kl_penalty": (["--algo.disco.constraint", "kl_penalty", "--algo.disco.beta", "0.05"],
+                   dict(constraint="kl_penalty", beta=0.05)),
+    "none": (["--algo.disco.constraint", "none"], dict(constraint="none")),
+}
+
+
+@pytest.mark.parametrize("variant", list(VARIANT_FLAGS))
+def test_variant_flags_reach_the_training_args(launch, variant):
+    import inspect
+
+    from discoloss import disco_loss
+
+    flags, want = VARIANT_FLAGS[variant]
+    got = settings_from_args(launch(DISCO + flags).args).loss_kwargs()
+    params = inspect.signature(disco_loss).parameters
+    assert got == {k: want.get(k, params[k].default) for k in got}
+
+
+def test_lagrangian_is_refused_before_training(launch, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        launch(DISCO + ["--algo.disco.constraint", "lagrangian"])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "--algo.disco.constraint=lagrangian is not supported with OpenRLHF" in err
+    for alternative in ("kl_penalty", "squared_hinge", "hinge", "none"):
+        assert alternative in err
+    # and in the actor too (args built without the launcher)
+    with pytest.raises(ValueError, match="--algo.disco.constraint=lagrangian"):
+        settings_from_args(SimpleNamespace(algo=SimpleNamespace(disco=SimpleNamespace(
+            constraint="lagrangian"))))
 
 
 def _replace(argv: list[str], flag: str, value: str | None) -> list[str]:
@@ -208,7 +262,8 @@ def test_readme_command(launch):
     assert out.args.algo.advantage.estimator == "disco"
     assert settings_from_args(out.args).loss_kwargs() == dict(
         score="log_likelihood", objective="disco", tau=10.0, delta=1e-4, beta=1e3,
-        kl_estimator="k1", threshold=0.5, normalize="all")
+        kl_estimator="k1", threshold=0.5, normalize="all", constraint="squared_hinge",
+        cvar_alpha=0.5, margin=1.0, clip_eps=0.2)
     assert out.args.rollout.n_samples_per_prompt == 8 and out.args.train.batch_size == 256
 
 

@@ -97,6 +97,94 @@ def test_one_update_equals_disco_loss(case, tiny_model_path, standin_ray, monkey
     assert "disco/objective" in status and "disco/kl" in status and "policy_loss" in status
 
 
+# Ablation variants (README "Ablation variants"), one --algo.disco.* option each, through one
+# real update with gas = 2 and micro-batch KLs that differ. Every objective and score is exact
+# (questions are whole per micro-batch) and so are the constraints linear in the KL (token
+# shares add up); the objectives run with the squared hinge inactive (delta = 1) or with an
+# exact constraint. hinge is checked against its stated per-micro-batch rule.
+VARIANTS = {
+    "cvar": dict(objective="cvar", cvar_alpha=0.3, delta=1.0),
+    "cvar-Lratio-kl_penalty": dict(objective="cvar", cvar_alpha=0.25, score="likelihood_ratio",
+                                   constraint="kl_penalty", beta=5.0),
+    "disco_2way": dict(objective="disco_2way", tau=0.5, delta=1.0),
+    "auc_sq_hinge": dict(objective="auc_sq_hinge", margin=0.5, delta=1.0),
+    "auc_logistic-none": dict(objective="auc_logistic", tau=0.5, constraint="none"),
+    "clipped_ratio-kl_penalty": dict(score="clipped_ratio", clip_eps=0.02, threshold=0.0,
+                                     constraint="kl_penalty", beta=5.0),
+    "kl_penalty-k3-disco_b": dict(objective="disco_b", constraint="kl_penalty", beta=5.0,
+                                  kl_estimator="k3"),
+    "hinge-stated-rule": dict(constraint="hinge", beta=5.0, delta=0.05),
+}
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS), ids=list(VARIANTS))
+def test_one_update_equals_disco_loss_variants(variant, tiny_model_path, standin_ray,
+                                               monkeypatch):
+    options = VARIANTS[variant]
+    settings = {"delta": 1e-4, "beta": 1e3, **options}
+    num_prompts, micro = 4, 2 * N
+    args = make_args(**{
+        "train.batch_size": num_prompts * N, "train.micro_batch_size": micro,
+        "rollout.batch_size": num_prompts, "rollout.micro_batch_size": 4,
+        **{f"algo.disco.{k}": v for k, v in options.items()},
+    })
+    # rewards -1/+1 (the clipped_ratio case uses threshold 0); every question has both labels
+    rewards = [1.0, 0.0, 1.0, 0.0,   1.0, 1.0, 1.0, 0.0,   1.0, 0.0, 0.0, 0.0,   0.0, 1.0, 0.0, 1.0]
+    if options.get("threshold") == 0.0:
+        rewards = [2 * r - 1 for r in rewards]
+    actor = load_actor(tiny_model_path)
+    experiences = make_experiences(args, actor, rollout_samples(num_prompts, N, seed=6,
+                                                                rewards=rewards))
+    g = torch.Generator().manual_seed(7)
+    # per-question KL levels: whatever the pairing of questions into the two micro-batches, the
+    # micro-batch holding question 3 has KL > 0.1 and the other < 0.03; ratios on both sides of 1
+    levels = [0.0, 0.01, 0.02, 0.2]
+    for exp in experiences:
+        level = torch.tensor([levels[int(i) // N] for i in exp.index]).unsqueeze(1)
+        noise = level + 0.05 * (2 * torch.rand(exp.action_log_probs.shape, generator=g) - 1)
+        exp.action_log_probs = exp.action_log_probs + noise * exp.action_mask
+    actor0 = copy.deepcopy(actor)
+    trainer, strategy = build_trainer(args, actor, micro=micro, gas=2, monkeypatch=monkeypatch)
+    assert trainer.actor_loss_fn.settings.loss_kwargs() == {
+        **trainer.actor_loss_fn.settings.loss_kwargs(), **options}
+    for exp in experiences:
+        trainer.replay_buffer.append(exp)
+    seen = record_micro_batches(monkeypatch)
+    trainer.ppo_train(0.0)
+    assert len(seen) == 2 and len(strategy.step_grads) == 1
+
+    with torch.no_grad():
+        lps = [actor0(m["sequences"], m["action_mask"], attention_mask=m["attention_mask"])
+               for m in seen]
+    kls = [float(kl_divergence(lp, m["old"], m["action_mask"].bool())) for lp, m in zip(lps, seen)]
+    assert abs(kls[0] - kls[1]) > 5e-2, kls  # else accumulation would be trivially exact
+
+    got = strategy.step_grads[0]
+    stated = variant.startswith("hinge")
+    want = reference_gradient(copy.deepcopy(actor0), seen, settings, local_penalty=stated)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=2e-4, atol=1e-7)
+    assert max(float(w.abs().max()) for w in want) > 1e-4  # not a vacuous comparison
+
+    if options.get("constraint") in ("kl_penalty", "hinge"):  # the penalty is really there
+        off = reference_gradient(copy.deepcopy(actor0), seen, {**settings, "constraint": "none"},
+                                 local_penalty=False)
+        assert max(float((w - o).abs().max()) for w, o in zip(want, off)) > 1e-4
+    if stated:  # micro-batch KLs on both sides of delta: the rule is not the exact penalty
+        assert min(kls) < settings["delta"] < max(kls), kls
+        exact = reference_gradient(copy.deepcopy(actor0), seen, settings, local_penalty=False)
+        assert max(float((a - e).abs().max()) for a, e in zip(got, exact)) > 1e-4
+    if options.get("score") == "clipped_ratio":  # clipping happens on both sides
+        eps = options["clip_eps"]
+        rho = torch.cat([torch.exp(lp - m["old"])[m["action_mask"].bool()]
+                         for lp, m in zip(lps, seen)])
+        assert bool((rho > 1 + eps).any()) and bool((rho < 1 - eps).any())
+        # the labels matter: flipping them changes the gradient
+        flipped = [{**m, "rewards": -m["rewards"]} for m in seen]
+        other = reference_gradient(copy.deepcopy(actor0), flipped, settings, local_penalty=False)
+        assert max(float((w - o).abs().max()) for w, o in zip(want, other)) > 1e-4
+
+
 def test_accumulated_penalty_is_the_stated_rule_not_the_exact_one(tiny_model_path, standin_ray,
                                                                    monkeypatch):
     """With gas > 1 and an active constraint the applied penalty is the token-weighted mean of
