@@ -1,7 +1,7 @@
 """``discoloss demo``: command line and orchestration.
 
     discoloss demo                      # default run (~10 min on 2 CPU cores)
-    discoloss demo --quick              # smaller budget (~2 min)
+    discoloss demo --quick              # smaller RL budget (~1 min once the warm-up is cached)
     discoloss demo --methods disco,grpo --steps 30 --seed 1 --out runs/a
 
 Writes into ``--out``: ``table.md`` (also printed), ``results.json`` (every number) and the
@@ -47,16 +47,16 @@ class Preset:
 def _presets() -> dict[str, Preset]:
     TaskConfig, ModelConfig, WarmupConfig, RLConfig = _configs()
     default = Preset(
-        task=TaskConfig(buckets=(2, 3, 4), test_per_bucket=400),
+        task=TaskConfig(buckets=(2, 3, 4, 5), test_per_bucket=400),
         model=ModelConfig(hidden=64, layers=4, heads=4, ffn=256),
-        warmup=WarmupConfig(steps=800, batch_size=128, lr=3e-3),
-        rl=RLConfig(steps=60, questions=64, samples=8, minibatches=4, eval_every=10),
+        warmup=WarmupConfig(steps=1000, batch_size=128, lr=3e-3),
+        rl=RLConfig(steps=60, questions=64, samples=8, minibatches=4, eval_every=15),
     )
     quick = Preset(
-        task=TaskConfig(buckets=(2, 3, 4), test_per_bucket=200),
-        model=ModelConfig(hidden=128, layers=4, heads=4, ffn=512),
-        warmup=WarmupConfig(steps=400, batch_size=128, lr=3e-3),
-        rl=RLConfig(steps=20, questions=32, samples=8, minibatches=2, eval_every=5,
+        task=replace(default.task, test_per_bucket=200),
+        model=default.model,
+        warmup=default.warmup,  # same checkpoint (cache key) as the default run
+        rl=RLConfig(steps=15, questions=32, samples=8, minibatches=2, eval_every=5,
                     eval_samples=2),
     )
     return {"default": default, "quick": quick}
@@ -146,26 +146,28 @@ def build_parser() -> argparse.ArgumentParser:
                    help="comma-separated losses to compare, from disco, disco_b, grpo, "
                         "dr_grpo, dapo (default: disco,grpo,dr_grpo,dapo)")
     p.add_argument("--steps", type=_positive_int("--steps"), default=None,
-                   help="RL steps per method (default: 60; --quick: 20)")
+                   help="RL steps per method (default: 60; --quick: 15)")
     p.add_argument("--seed", type=_positive_int("--seed", 0), default=0,
                    help="seed of the warm-up, the question stream and the sampling (default 0)")
     p.add_argument("--quick", action="store_true",
-                   help="smaller budget: shorter warm-up, fewer steps and test questions")
+                   help="smaller RL budget: 15 steps of 32 questions, 200 test questions per bucket")
     p.add_argument("--cache-dir", type=Path, default=None,
                    help="where the warm-up checkpoint is cached (default: "
                         "$XDG_CACHE_HOME/discoloss/demo or ~/.cache/discoloss/demo)")
     p.add_argument("--no-cache", action="store_true",
                    help="always train the warm-up, do not read or write the cache")
     p.add_argument("--warmup-steps", type=_positive_int("--warmup-steps"), default=None,
-                   help="supervised warm-up steps (default: 1200; --quick: 400)")
+                   help="supervised warm-up steps (default 1000, --quick too: both share the "
+                        "cached checkpoint)")
     p.add_argument("--buckets", type=_buckets, default=None,
-                   help="difficulty buckets: digit counts of the larger operand (default 2,3,4)")
+                   help="difficulty buckets: digit counts of the larger operand "
+                        "(default 2,3,4,5)")
     p.add_argument("--test-per-bucket", type=_positive_int("--test-per-bucket"), default=None,
                    help="held-out questions per difficulty bucket (default 400; --quick: 200)")
     p.add_argument("--eval-every", type=_positive_int("--eval-every"), default=None,
-                   help="evaluate on the held-out set every N steps (default 10; --quick: 5)")
+                   help="evaluate on the held-out set every N steps (default 15; --quick: 5)")
     p.add_argument("--lr", type=_positive_float("--lr"), default=None,
-                   help="RL learning rate (AdamW), the same for every method (default 2e-5)")
+                   help="RL learning rate (AdamW), the same for every method (default 5e-5)")
     p.add_argument("--threads", type=_positive_int("--threads"), default=1,
                    help="torch CPU threads (default 1: the model is too small to gain much "
                         "from more, and several threads slow down badly on a busy machine); "
@@ -328,11 +330,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.warmup_steps is not None:
             warm = replace(warm, steps=args.warmup_steps)
         task = preset.task
+        changes: dict[str, Any] = {}
+        if args.buckets is not None:
+            changes["buckets"] = args.buckets
+        if args.test_per_bucket is not None:
+            changes["test_per_bucket"] = args.test_per_bucket
         try:
-            if args.buckets is not None:
-                task = replace(task, buckets=args.buckets)
-            if args.test_per_bucket is not None:
-                task = replace(task, test_per_bucket=args.test_per_bucket)
+            task = replace(task, **changes)
         except ValueError as exc:
             raise _Error(f"--buckets / --test-per-bucket: {exc}") from None
         preset = Preset(task=task, model=preset.model, warmup=warm, rl=rl)

@@ -36,12 +36,12 @@ __all__ = [
 
 @dataclass(frozen=True)
 class ModelConfig:
-    """Size of the Llama-style policy (about 0.8M parameters at the defaults)."""
+    """Size of the Llama-style policy (264k parameters at the defaults)."""
 
-    hidden: int = 128
+    hidden: int = 64
     layers: int = 4
     heads: int = 4
-    ffn: int = 512
+    ffn: int = 256
 
     def as_dict(self) -> dict[str, int]:
         return asdict(self)

@@ -91,14 +91,17 @@ class RLConfig:
     """RL budget and hyper-parameters, shared by every method.
 
     One step: ``questions`` questions x ``samples`` responses at ``temperature``, split into
-    ``minibatches`` mini-batches of whole groups, one AdamW update each.
+    ``minibatches`` mini-batches of whole groups, one AdamW update each. The learning rate
+    ramps up linearly over the first ``lr_warmup_steps`` steps (Adam's first updates have
+    the full size ``lr`` on every parameter, which is a large move for a model this small).
     """
 
     steps: int = 60
     questions: int = 64
     samples: int = 8
     minibatches: int = 4
-    lr: float = 2e-5
+    lr: float = 5e-5
+    lr_warmup_steps: int = 5
     temperature: float = 1.0
     grad_clip: float = 1.0
     eval_every: int = 10
@@ -164,11 +167,17 @@ def warmup(
 ) -> tuple[Any, dict[str, Any]]:
     """The warm-up checkpoint, trained or loaded from ``cache_dir``.
 
-    The cache key hashes the task, model and warm-up configs, the seed and
-    :data:`WARMUP_FORMAT`. Returns (model, info) with info = {"key", "cached", "seconds",
+    The cache key hashes the task's buckets, the model and warm-up configs, the seed and
+    :data:`WARMUP_FORMAT` (not the size of the held-out set, so ``--quick`` and the default
+    run share the checkpoint). Returns (model, info) with info = {"key", "cached", "seconds",
     "final_loss", "path"}.
     """
-    key = config_key(task, model_config, config, {"seed": seed, "format": WARMUP_FORMAT})
+    key = config_key(
+        {"buckets": list(task.buckets)},
+        model_config,
+        config,
+        {"seed": seed, "format": WARMUP_FORMAT},
+    )
     path = None if cache_dir is None else Path(cache_dir) / f"warmup-{key}.pt"
     model = build_model(model_config, task, seed=seed)
     if path is not None and path.exists():
@@ -363,6 +372,8 @@ def rl_train(
         raise ValueError(f"method={method!r} is not a valid option; expected one of {METHODS}")
     loss_fn = _method_loss(method, config, task.max_answer_tokens)
     opt = torch.optim.AdamW(model.parameters(), lr=config.lr, betas=(0.9, 0.999), weight_decay=0.0)
+    ramp = max(1, config.lr_warmup_steps * config.minibatches)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda u: min(1.0, (u + 1) / ramp))
     n, q_per_step = config.samples, config.questions
     group_ids = torch.arange(q_per_step).repeat_interleave(n)
     steps: list[dict[str, Any]] = []
@@ -411,6 +422,7 @@ def rl_train(
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
             opt.step()
+            sched.step()
             losses.append(float(loss.detach()))
             kls.append(float(metrics["kl"]))
             for k, v in metrics.items():

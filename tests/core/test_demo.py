@@ -293,7 +293,8 @@ def _strip_timing(doc: dict[str, object]) -> dict[str, object]:
         doc.pop(k)
     doc["warmup"] = {k: v for k, v in doc["warmup"].items() if k in ("key", "final_loss")}
     for m in doc["methods"].values():
-        m.pop("seconds")
+        for k in ("seconds", "cpu_seconds", "eval_seconds"):
+            m.pop(k)
     for row in doc["summary"]:
         row.pop("seconds", None)
     return doc
