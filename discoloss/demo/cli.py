@@ -21,7 +21,7 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
-__all__ = ["DEFAULT", "QUICK", "Preset", "build_parser", "main", "run"]
+__all__ = ["Preset", "build_parser", "main", "run"]
 
 DEFAULT_METHODS = ("disco", "grpo", "dr_grpo", "dapo")
 
@@ -56,8 +56,7 @@ def _presets() -> dict[str, Preset]:
         task=replace(default.task, test_per_bucket=200),
         model=default.model,
         warmup=default.warmup,  # same checkpoint (cache key) as the default run
-        rl=RLConfig(steps=15, questions=32, samples=8, minibatches=2, eval_every=5,
-                    eval_samples=2),
+        rl=RLConfig(steps=15, questions=32, samples=8, minibatches=2, eval_every=5, eval_samples=2),
     )
     return {"default": default, "quick": quick}
 
@@ -140,38 +139,87 @@ def build_parser() -> argparse.ArgumentParser:
             "PNG plots and a JSON of every number into --out."
         ),
     )
-    p.add_argument("--out", type=Path, default=Path("demo_out"),
-                   help="output directory (created; default: ./demo_out)")
-    p.add_argument("--methods", type=_methods, default=DEFAULT_METHODS,
-                   help="comma-separated losses to compare, from disco, disco_b, grpo, "
-                        "dr_grpo, dapo (default: disco,grpo,dr_grpo,dapo)")
-    p.add_argument("--steps", type=_positive_int("--steps"), default=None,
-                   help="RL steps per method (default: 60; --quick: 15)")
-    p.add_argument("--seed", type=_positive_int("--seed", 0), default=0,
-                   help="seed of the warm-up, the question stream and the sampling (default 0)")
-    p.add_argument("--quick", action="store_true",
-                   help="smaller RL budget: 15 steps of 32 questions, 200 test questions per bucket")
-    p.add_argument("--cache-dir", type=Path, default=None,
-                   help="where the warm-up checkpoint is cached (default: "
-                        "$XDG_CACHE_HOME/discoloss/demo or ~/.cache/discoloss/demo)")
-    p.add_argument("--no-cache", action="store_true",
-                   help="always train the warm-up, do not read or write the cache")
-    p.add_argument("--warmup-steps", type=_positive_int("--warmup-steps"), default=None,
-                   help="supervised warm-up steps (default 1000, --quick too: both share the "
-                        "cached checkpoint)")
-    p.add_argument("--buckets", type=_buckets, default=None,
-                   help="difficulty buckets: digit counts of the larger operand "
-                        "(default 2,3,4,5)")
-    p.add_argument("--test-per-bucket", type=_positive_int("--test-per-bucket"), default=None,
-                   help="held-out questions per difficulty bucket (default 400; --quick: 200)")
-    p.add_argument("--eval-every", type=_positive_int("--eval-every"), default=None,
-                   help="evaluate on the held-out set every N steps (default 15; --quick: 5)")
-    p.add_argument("--lr", type=_positive_float("--lr"), default=None,
-                   help="RL learning rate (AdamW), the same for every method (default 5e-5)")
-    p.add_argument("--threads", type=_positive_int("--threads"), default=1,
-                   help="torch CPU threads (default 1: the model is too small to gain much "
-                        "from more, and several threads slow down badly on a busy machine); "
-                        "results are deterministic for a given seed and thread count")
+    p.add_argument(
+        "--out",
+        type=Path,
+        default=Path("demo_out"),
+        help="output directory (created; default: ./demo_out)",
+    )
+    p.add_argument(
+        "--methods",
+        type=_methods,
+        default=DEFAULT_METHODS,
+        help="comma-separated losses to compare, from disco, disco_b, grpo, "
+        "dr_grpo, dapo (default: disco,grpo,dr_grpo,dapo)",
+    )
+    p.add_argument(
+        "--steps",
+        type=_positive_int("--steps"),
+        default=None,
+        help="RL steps per method (default: 60; --quick: 15)",
+    )
+    p.add_argument(
+        "--seed",
+        type=_positive_int("--seed", 0),
+        default=0,
+        help="seed of the warm-up, the question stream and the sampling (default 0)",
+    )
+    p.add_argument(
+        "--quick",
+        action="store_true",
+        help="smaller RL budget: 15 steps of 32 questions, 200 test questions per bucket",
+    )
+    p.add_argument(
+        "--cache-dir",
+        type=Path,
+        default=None,
+        help="where the warm-up checkpoint is cached (default: "
+        "$XDG_CACHE_HOME/discoloss/demo or ~/.cache/discoloss/demo)",
+    )
+    p.add_argument(
+        "--no-cache",
+        action="store_true",
+        help="always train the warm-up, do not read or write the cache",
+    )
+    p.add_argument(
+        "--warmup-steps",
+        type=_positive_int("--warmup-steps"),
+        default=None,
+        help="supervised warm-up steps (default 1000, --quick too: both share the "
+        "cached checkpoint)",
+    )
+    p.add_argument(
+        "--buckets",
+        type=_buckets,
+        default=None,
+        help="difficulty buckets: digit counts of the larger operand (default 2,3,4,5)",
+    )
+    p.add_argument(
+        "--test-per-bucket",
+        type=_positive_int("--test-per-bucket"),
+        default=None,
+        help="held-out questions per difficulty bucket (default 400; --quick: 200)",
+    )
+    p.add_argument(
+        "--eval-every",
+        type=_positive_int("--eval-every"),
+        default=None,
+        help="evaluate on the held-out set every N steps (default 15; --quick: 5)",
+    )
+    p.add_argument(
+        "--lr",
+        type=_positive_float("--lr"),
+        default=None,
+        help="RL learning rate (AdamW), the same for every method (default 5e-5)",
+    )
+    p.add_argument(
+        "--threads",
+        type=_positive_int("--threads"),
+        default=1,
+        help="torch CPU threads (default 1: the model is too small to gain much "
+        "from more, and several threads slow down badly on a busy machine); "
+        "results are deterministic for a given seed and thread count",
+    )
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     return p
 
@@ -238,9 +286,7 @@ def run(
         state0 = copy.deepcopy(model0.state_dict())
         test_set = test_questions(preset.task)
         t0 = time.perf_counter()
-        initial = evaluate(
-            model0, test_set, preset.task, samples=preset.rl.eval_samples, seed=seed
-        )
+        initial = evaluate(model0, test_set, preset.task, samples=preset.rl.eval_samples, seed=seed)
         eval0_seconds = time.perf_counter() - t0
         n_params = sum(p.numel() for p in model0.parameters())
         before = _param_vector(model0)
@@ -248,8 +294,14 @@ def run(
         for method in methods:
             model0.load_state_dict(state0)
             hist = rl_train(
-                method, model0, preset.task, preset.rl, seed=seed, test_set=test_set,
-                initial_eval=initial, progress=bar,
+                method,
+                model0,
+                preset.task,
+                preset.rl,
+                seed=seed,
+                test_set=test_set,
+                initial_eval=initial,
+                progress=bar,
             )
             delta = _param_vector(model0) - before
             hist["label"] = LABELS[method]

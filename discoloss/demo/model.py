@@ -121,12 +121,16 @@ def response_log_probs(model: Any, batch: Packed) -> tuple[Tensor, Tensor]:
     ``batch.response_mask`` is True. Differentiable (call under ``torch.no_grad()`` for the
     sampling policy's log-probs).
     """
-    logits = model(
-        input_ids=batch.input_ids,
-        attention_mask=batch.attention_mask,
-        position_ids=batch.position_ids,
-        use_cache=False,
-    ).logits[:, :-1].float()
+    logits = (
+        model(
+            input_ids=batch.input_ids,
+            attention_mask=batch.attention_mask,
+            position_ids=batch.position_ids,
+            use_cache=False,
+        )
+        .logits[:, :-1]
+        .float()
+    )
     logp_all = torch.log_softmax(logits, dim=-1)
     targets = batch.input_ids[:, 1:].unsqueeze(-1)
     log_probs = logp_all.gather(-1, targets).squeeze(-1)

@@ -98,7 +98,7 @@ def summary_rows(results: Mapping[str, Any]) -> list[dict[str, Any]]:
     Training stats are means over the last ``tail`` steps (a tenth of the run, at least 1).
     """
     buckets = results["config"]["task"]["buckets"]
-    rows = [
+    rows: list[dict[str, Any]] = [
         {
             "method": "start",
             "label": "warm-up checkpoint (step 0)",
@@ -240,8 +240,7 @@ def write_plots(results: Mapping[str, Any], out: Path) -> list[Path]:
         paths.append(p)
 
     panels = ["all", *[str(k) for k in buckets]]
-    fig, axes = plt.subplots(1, len(panels), figsize=(3.2 * len(panels), 3.4), dpi=100,
-                             sharex=True)
+    fig, axes = plt.subplots(1, len(panels), figsize=(3.2 * len(panels), 3.4), dpi=100, sharex=True)
     for ax, panel in zip(axes, panels):
         for m, hist in methods.items():
             xs, ys, lo, hi = [], [], [], []
@@ -276,8 +275,14 @@ def write_plots(results: Mapping[str, Any], out: Path) -> list[Path]:
             continue
         c = COLORS.get(m)
         jitter = (i - (len(methods) - 1) / 2) * 0.006
-        ax.scatter([a + jitter for a in lb["accuracy"]], lb["weight"], s=14, color=c,
-                   alpha=0.7, label=f"{hist['label']} (last batch)")
+        ax.scatter(
+            [a + jitter for a in lb["accuracy"]],
+            lb["weight"],
+            s=14,
+            color=c,
+            alpha=0.7,
+            label=f"{hist['label']} (last batch)",
+        )
         curve = difficulty_weight(grid, m, n=None)
         ax.plot(grid, curve.tolist(), color=c, lw=1, ls="--", alpha=0.8)
     ax.set_xlabel(f"question accuracy p in the batch (k correct of n = {n})")

@@ -114,7 +114,7 @@ def _max_test_pairs(k: int) -> int:
     # Half the expected number of held-out ordered pairs of bucket k (for the config check).
     lo = 0 if k == 1 else 10 ** (k - 1)
     n_large = 10**k - lo
-    return (2 * n_large * 10**k - n_large**2) // (2 * TEST_MODULUS)
+    return int(2 * n_large * 10**k - n_large**2) // (2 * TEST_MODULUS)
 
 
 def _mix64(x: int) -> int:

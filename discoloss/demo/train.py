@@ -35,7 +35,14 @@ from typing import Any, Literal, NamedTuple
 import torch
 from torch import Tensor
 
-from discoloss.demo.model import ModelConfig, Packed, build_model, generate, pack, response_log_probs
+from discoloss.demo.model import (
+    ModelConfig,
+    Packed,
+    build_model,
+    generate,
+    pack,
+    response_log_probs,
+)
 from discoloss.demo.task import (
     Question,
     TaskConfig,
@@ -43,7 +50,6 @@ from discoloss.demo.task import (
     encode_prompt,
     rewards,
     sample_questions,
-    test_questions,
 )
 
 __all__ = [
@@ -144,8 +150,9 @@ class StepLog:
 
 
 def config_key(*parts: Any) -> str:
-    blob = json.dumps([asdict(p) if hasattr(p, "__dataclass_fields__") else p for p in parts],
-                      sort_keys=True)
+    blob = json.dumps(
+        [asdict(p) if hasattr(p, "__dataclass_fields__") else p for p in parts], sort_keys=True
+    )
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
@@ -278,7 +285,11 @@ def _method_loss(
 
         def disco(lp: Tensor, old: Tensor, m: Tensor, r: Tensor, g: Tensor) -> Any:
             out = disco_loss(
-                lp, old, m, r, g,
+                lp,
+                old,
+                m,
+                r,
+                g,
                 score="log_likelihood",
                 objective=method,  # type: ignore[arg-type]
                 tau=config.tau,
@@ -299,7 +310,11 @@ def _method_loss(
             )
         else:
             out = baselines.dapo_loss(
-                lp, old, m, r, g,
+                lp,
+                old,
+                m,
+                r,
+                g,
                 clip_eps_low=config.clip_eps,
                 clip_eps_high=config.clip_eps_high,
             )
@@ -335,11 +350,15 @@ def question_weights(
     if method in ("disco", "disco_b"):
         scores = sequence_scores(old_log_probs, old_log_probs, m)
         w = discriminative_weights(
-            scores, rewards_t, group_ids, objective=method, tau=config.tau  # type: ignore[arg-type]
+            scores,
+            rewards_t,
+            group_ids,
+            objective=method,  # type: ignore[arg-type]
+            tau=config.tau,
         )
         iw = implied_weights(w, rewards_t, group_ids, kind="weights")
     else:
-        scale = "std" if method in ("grpo", "dapo") else "none"
+        scale: Literal["std", "none"] = "std" if method in ("grpo", "dapo") else "none"
         adv = baselines.group_advantages(rewards_t, group_ids, scale=scale)
         if method == "grpo":
             iw = implied_weights(adv, rewards_t, group_ids)
@@ -391,8 +410,11 @@ def rl_train(
         prompts = [encode_prompt(q) for q in qs for _ in range(n)]
         qreps = [q for q in qs for _ in range(n)]
         responses = generate(
-            model, prompts, max_new_tokens=task.max_answer_tokens,
-            temperature=config.temperature, generator=gen,
+            model,
+            prompts,
+            max_new_tokens=task.max_answer_tokens,
+            temperature=config.temperature,
+            generator=gen,
         )
         r = torch.tensor(rewards(qreps, responses), dtype=torch.float32)
         batch = pack(prompts, responses)
