@@ -1,0 +1,421 @@
+"""``discoloss demo``: command line and orchestration.
+
+    discoloss demo                      # default run (~10 min on 2 CPU cores)
+    discoloss demo --quick              # smaller RL budget (~1 min once the warm-up is cached)
+    discoloss demo --methods disco,grpo --steps 30 --seed 1 --out runs/a
+
+Writes into ``--out``: ``table.md`` (also printed), ``results.json`` (every number) and the
+PNG plots of :func:`discoloss.demo.report.write_plots`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import os
+import platform
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Any
+
+__all__ = ["Preset", "build_parser", "main", "run"]
+
+DEFAULT_METHODS = ("disco", "grpo", "dr_grpo", "dapo")
+
+
+def _configs() -> tuple[Any, Any, Any, Any]:
+    from discoloss.demo.model import ModelConfig
+    from discoloss.demo.task import TaskConfig
+    from discoloss.demo.train import RLConfig, WarmupConfig
+
+    return TaskConfig, ModelConfig, WarmupConfig, RLConfig
+
+
+@dataclass(frozen=True)
+class Preset:
+    """Everything a run needs besides the seed and the methods."""
+
+    task: Any
+    model: Any
+    warmup: Any
+    rl: Any
+
+
+def _presets() -> dict[str, Preset]:
+    TaskConfig, ModelConfig, WarmupConfig, RLConfig = _configs()
+    default = Preset(
+        task=TaskConfig(buckets=(2, 3, 4, 5), test_per_bucket=400),
+        model=ModelConfig(hidden=64, layers=4, heads=4, ffn=256),
+        warmup=WarmupConfig(steps=1000, batch_size=128, lr=3e-3),
+        rl=RLConfig(steps=60, questions=64, samples=8, minibatches=4, eval_every=15),
+    )
+    quick = Preset(
+        task=replace(default.task, test_per_bucket=200),
+        model=default.model,
+        warmup=default.warmup,  # same checkpoint (cache key) as the default run
+        rl=RLConfig(steps=15, questions=32, samples=8, minibatches=2, eval_every=5, eval_samples=2),
+    )
+    return {"default": default, "quick": quick}
+
+
+def _default_cache_dir() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "discoloss" / "demo"
+
+
+class _Error(Exception):
+    """A bad option: printed as ``discoloss demo: error: ...``, exit status 2."""
+
+
+def _positive_int(name: str, minimum: int = 1) -> Any:
+    def parse(text: str) -> int:
+        try:
+            v = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{name} must be an integer, got {text!r}") from None
+        if v < minimum:
+            raise argparse.ArgumentTypeError(f"{name} must be >= {minimum}, got {v}")
+        return v
+
+    return parse
+
+
+def _positive_float(name: str) -> Any:
+    def parse(text: str) -> float:
+        try:
+            v = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{name} must be a number, got {text!r}") from None
+        if not (v > 0 and v < float("inf")):
+            raise argparse.ArgumentTypeError(f"{name} must be a finite number > 0, got {text!r}")
+        return v
+
+    return parse
+
+
+def _methods(text: str) -> tuple[str, ...]:
+    from discoloss.demo.train import METHODS
+
+    names = tuple(m.strip().lower().replace("-", "_").replace(".", "") for m in text.split(","))
+    if not names or any(not m for m in names):
+        raise argparse.ArgumentTypeError(
+            f"--methods must be a comma-separated list of {', '.join(METHODS)}; got {text!r}"
+        )
+    bad = [m for m in names if m not in METHODS]
+    if bad:
+        raise argparse.ArgumentTypeError(
+            f"--methods: unknown method {bad[0]!r}; expected a comma-separated list of "
+            f"{', '.join(METHODS)}"
+        )
+    if len(set(names)) != len(names):
+        raise argparse.ArgumentTypeError(f"--methods lists a method twice: {text!r}")
+    return names
+
+
+def _buckets(text: str) -> tuple[int, ...]:
+    try:
+        values = tuple(int(t) for t in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"--buckets must be comma-separated digit counts such as 2,3,4; got {text!r}"
+        ) from None
+    if any(v < 1 or v > 9 for v in values) or len(set(values)) != len(values):
+        raise argparse.ArgumentTypeError(
+            f"--buckets must be distinct digit counts between 1 and 9; got {text!r}"
+        )
+    return tuple(sorted(values))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="discoloss demo",
+        description=(
+            "DisCO vs GRPO, Dr. GRPO and DAPO, end to end on CPU: a tiny causal LM learns "
+            "multi-digit addition (supervised warm-up, cached), then RL from a binary verifier "
+            "with each loss from the same checkpoint, same budget and seeds. Writes a table, "
+            "PNG plots and a JSON of every number into --out."
+        ),
+    )
+    p.add_argument(
+        "--out",
+        type=Path,
+        default=Path("demo_out"),
+        help="output directory (created; default: ./demo_out)",
+    )
+    p.add_argument(
+        "--methods",
+        type=_methods,
+        default=DEFAULT_METHODS,
+        help="comma-separated losses to compare, from disco, disco_b, grpo, "
+        "dr_grpo, dapo (default: disco,grpo,dr_grpo,dapo)",
+    )
+    p.add_argument(
+        "--steps",
+        type=_positive_int("--steps"),
+        default=None,
+        help="RL steps per method (default: 60; --quick: 15)",
+    )
+    p.add_argument(
+        "--seed",
+        type=_positive_int("--seed", 0),
+        default=0,
+        help="seed of the warm-up, the question stream and the sampling (default 0)",
+    )
+    p.add_argument(
+        "--quick",
+        action="store_true",
+        help="smaller RL budget: 15 steps of 32 questions, 200 test questions per bucket",
+    )
+    p.add_argument(
+        "--cache-dir",
+        type=Path,
+        default=None,
+        help="where the warm-up checkpoint is cached (default: "
+        "$XDG_CACHE_HOME/discoloss/demo or ~/.cache/discoloss/demo)",
+    )
+    p.add_argument(
+        "--no-cache",
+        action="store_true",
+        help="always train the warm-up, do not read or write the cache",
+    )
+    p.add_argument(
+        "--warmup-steps",
+        type=_positive_int("--warmup-steps"),
+        default=None,
+        help="supervised warm-up steps (default 1000, --quick too: both share the "
+        "cached checkpoint)",
+    )
+    p.add_argument(
+        "--buckets",
+        type=_buckets,
+        default=None,
+        help="difficulty buckets: digit counts of the larger operand (default 2,3,4,5)",
+    )
+    p.add_argument(
+        "--test-per-bucket",
+        type=_positive_int("--test-per-bucket"),
+        default=None,
+        help="held-out questions per difficulty bucket (default 400; --quick: 200)",
+    )
+    p.add_argument(
+        "--eval-every",
+        type=_positive_int("--eval-every"),
+        default=None,
+        help="evaluate on the held-out set every N steps (default 15; --quick: 5)",
+    )
+    p.add_argument(
+        "--lr",
+        type=_positive_float("--lr"),
+        default=None,
+        help="RL learning rate (AdamW), the same for every method (default 5e-5)",
+    )
+    p.add_argument(
+        "--threads",
+        type=_positive_int("--threads"),
+        default=1,
+        help="torch CPU threads (default 1: the model is too small to gain much "
+        "from more, and several threads slow down badly on a busy machine); "
+        "results are deterministic for a given seed and thread count",
+    )
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    return p
+
+
+def _check_dependencies() -> None:
+    missing = []
+    for mod in ("transformers", "matplotlib", "tqdm"):
+        try:
+            __import__(mod)
+        except ImportError:
+            missing.append(mod)
+    if missing:
+        raise _Error(
+            f"missing {', '.join(missing)}: the demo needs the 'demo' extra "
+            "(pip install 'discoloss[demo]', or pip install -e '.[demo]' in a checkout)"
+        )
+
+
+def _param_vector(model: Any) -> Any:
+    import torch
+
+    return torch.cat([p.detach().reshape(-1).clone() for p in model.parameters()])
+
+
+def run(
+    preset: Preset,
+    *,
+    methods: Sequence[str],
+    seed: int,
+    out: Path,
+    cache_dir: Path | None,
+    threads: int,
+    progress: bool = True,
+    command: str = "",
+) -> dict[str, Any]:
+    """Warm-up (or load it), then RL with each method from the same checkpoint; write results.
+
+    Returns the results dictionary that ``results.json`` holds.
+    """
+    import torch
+
+    from discoloss.demo import report
+    from discoloss.demo.task import test_questions
+    from discoloss.demo.train import LABELS, evaluate, rl_train, warmup
+
+    bar: Any = None
+    if progress:
+        from functools import partial
+
+        from tqdm.auto import tqdm
+
+        bar = partial(tqdm, file=sys.stderr, dynamic_ncols=True, leave=True)
+
+    t_start = time.perf_counter()
+    cpu_start = time.process_time()
+    load_start = os.getloadavg() if hasattr(os, "getloadavg") else None
+    old_threads = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        model0, winfo = warmup(
+            preset.task, preset.model, preset.warmup, seed=seed, cache_dir=cache_dir, progress=bar
+        )
+        state0 = copy.deepcopy(model0.state_dict())
+        test_set = test_questions(preset.task)
+        t0 = time.perf_counter()
+        initial = evaluate(model0, test_set, preset.task, samples=preset.rl.eval_samples, seed=seed)
+        eval0_seconds = time.perf_counter() - t0
+        n_params = sum(p.numel() for p in model0.parameters())
+        before = _param_vector(model0)
+        histories: dict[str, Any] = {}
+        for method in methods:
+            model0.load_state_dict(state0)
+            hist = rl_train(
+                method,
+                model0,
+                preset.task,
+                preset.rl,
+                seed=seed,
+                test_set=test_set,
+                initial_eval=initial,
+                progress=bar,
+            )
+            delta = _param_vector(model0) - before
+            hist["label"] = LABELS[method]
+            hist["param_change_norm"] = float(delta.norm())
+            hist["params_changed"] = bool((delta != 0).any())
+            histories[method] = hist
+    finally:
+        torch.set_num_threads(old_threads)
+
+    import transformers
+
+    results: dict[str, Any] = {
+        "command": command,
+        "config": {
+            "seed": seed,
+            "methods": list(methods),
+            "threads": threads,
+            "task": asdict(preset.task),
+            "model": asdict(preset.model),
+            "model_parameters": n_params,
+            "warmup": asdict(preset.warmup),
+            "rl": asdict(preset.rl),
+        },
+        "environment": {
+            "python": platform.python_version(),
+            "torch": torch.__version__,
+            "transformers": transformers.__version__,
+            "platform": platform.platform(),
+            "processor": platform.processor(),
+            "cpu_count": os.cpu_count(),
+            "load_average_start": load_start,
+            "load_average_end": os.getloadavg() if hasattr(os, "getloadavg") else None,
+        },
+        "warmup": winfo,
+        "initial_eval": initial._asdict(),
+        "methods": histories,
+        "timing": {
+            "warmup_seconds": None if winfo["cached"] else winfo["seconds"],
+            "warmup_cached": winfo["cached"],
+            "initial_eval_seconds": eval0_seconds,
+            "methods_seconds": {m: h["seconds"] for m, h in histories.items()},
+            "total_seconds": time.perf_counter() - t_start,
+            "total_cpu_seconds": time.process_time() - cpu_start,
+        },
+    }
+    table = report.table_markdown(results)
+    (out / "table.md").write_text(table + "\n")
+    report.write_plots(results, out)
+    results["timing"]["total_seconds"] = time.perf_counter() - t_start
+    results["timing"]["total_cpu_seconds"] = time.process_time() - cpu_start
+    report.write_json(results, out / "results.json")
+    return results
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of ``discoloss demo``; returns the exit status."""
+    args_list = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser()
+    try:
+        args = parser.parse_args(args_list)
+    except SystemExit as exc:  # argparse printed the message (or --help)
+        return int(exc.code) if isinstance(exc.code, int) else 2
+    try:
+        _check_dependencies()
+        if args.out.exists() and not args.out.is_dir():
+            raise _Error(f"--out {str(args.out)!r} exists and is not a directory")
+        if args.no_cache and args.cache_dir is not None:
+            raise _Error("--no-cache and --cache-dir exclude each other")
+        preset = _presets()["quick" if args.quick else "default"]
+        rl = preset.rl
+        if args.steps is not None:
+            rl = replace(rl, steps=args.steps)
+        if args.eval_every is not None:
+            rl = replace(rl, eval_every=args.eval_every)
+        if args.lr is not None:
+            rl = replace(rl, lr=args.lr)
+        warm = preset.warmup
+        if args.warmup_steps is not None:
+            warm = replace(warm, steps=args.warmup_steps)
+        task = preset.task
+        changes: dict[str, Any] = {}
+        if args.buckets is not None:
+            changes["buckets"] = args.buckets
+        if args.test_per_bucket is not None:
+            changes["test_per_bucket"] = args.test_per_bucket
+        try:
+            task = replace(task, **changes)
+        except ValueError as exc:
+            raise _Error(f"--buckets / --test-per-bucket: {exc}") from None
+        preset = Preset(task=task, model=preset.model, warmup=warm, rl=rl)
+        threads = args.threads
+        cache_dir = None if args.no_cache else (args.cache_dir or _default_cache_dir())
+    except _Error as exc:
+        print(f"discoloss demo: error: {exc}", file=sys.stderr)
+        return 2
+
+    command = "discoloss demo " + " ".join(args_list)
+    results = run(
+        preset,
+        methods=args.methods,
+        seed=args.seed,
+        out=args.out,
+        cache_dir=cache_dir,
+        threads=threads,
+        progress=not args.no_progress,
+        command=command.strip(),
+    )
+    print((args.out / "table.md").read_text())
+    t = results["timing"]
+    print(
+        f"wall time {t['total_seconds']:.0f} s (warm-up "
+        + ("cached" if t["warmup_cached"] else f"{t['warmup_seconds']:.0f} s")
+        + "); results in "
+        + str(args.out)
+        + ": table.md, results.json, reward.png, entropy.png, kl.png, heldout.png, weights.png"
+    )
+    return 0

@@ -1,0 +1,298 @@
+"""Results of a demo run: the summary table, the PNG plots and the JSON of every number.
+
+Confidence intervals (95%):
+
+* greedy accuracy (one 0/1 outcome per question): Wilson score interval,
+  ``(k + z^2/2 +- z sqrt(k (n-k)/n + z^2/4)) / (n + z^2)``;
+* sampled pass@1 (per question, the mean reward of m samples at temperature 1): normal interval
+  across questions, ``mean +- z sd / sqrt(n)``, clipped to [0, 1] (the m samples of a question
+  are not independent of each other's question, so the interval is taken over questions).
+
+They describe the evaluation noise of one trained policy; they do not include the variation
+between training runs (seeds).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+__all__ = ["mean_interval", "summary_rows", "table_markdown", "wilson", "write_json", "write_plots"]
+
+Z95 = 1.959963984540054
+
+#: Plot colours per method (colour-blind friendly palette).
+COLORS = {
+    "disco": "#0072B2",
+    "disco_b": "#56B4E9",
+    "grpo": "#D55E00",
+    "dr_grpo": "#E69F00",
+    "dapo": "#009E73",
+}
+
+
+def wilson(k: float, n: int, z: float = Z95) -> tuple[float, float]:
+    """Wilson score interval of a binomial proportion k / n (n >= 1)."""
+    if n < 1:
+        raise ValueError(f"n must be >= 1, got {n}")
+    if not 0 <= k <= n:
+        raise ValueError(f"k must be in [0, n], got k={k}, n={n}")
+    p = k / n
+    den = 1.0 + z * z / n
+    centre = (p + z * z / (2 * n)) / den
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / den
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
+def mean_interval(total: float, total_sq: float, n: int, z: float = Z95) -> tuple[float, float]:
+    """Normal interval of a mean of n values in [0, 1] from their sum and sum of squares."""
+    if n < 1:
+        raise ValueError(f"n must be >= 1, got {n}")
+    mean = total / n
+    var = max(total_sq / n - mean * mean, 0.0) * n / max(n - 1, 1)
+    half = z * math.sqrt(var / n)
+    return max(0.0, mean - half), min(1.0, mean + half)
+
+
+def _eval_numbers(e: Mapping[str, Any], buckets: Sequence[int]) -> dict[str, Any]:
+    """Accuracies with intervals, per bucket and overall, from an EvalResult as dict."""
+
+    def key(d: Mapping[Any, Any], k: int) -> Any:
+        return d[k] if k in d else d[str(k)]
+
+    out: dict[str, Any] = {}
+    tot_n = tot_g = 0
+    tot_s = tot_s2 = 0.0
+    for k in buckets:
+        n = int(key(e["n"], k))
+        g = int(key(e["greedy_correct"], k))
+        s = float(key(e["sampled_sum"], k))
+        s2 = float(key(e["sampled_sumsq"], k))
+        out[str(k)] = {
+            "n": n,
+            "greedy": g / n,
+            "greedy_ci": wilson(g, n),
+            "pass1": s / n,
+            "pass1_ci": mean_interval(s, s2, n),
+        }
+        tot_n += n
+        tot_g += g
+        tot_s += s
+        tot_s2 += s2
+    out["all"] = {
+        "n": tot_n,
+        "greedy": tot_g / tot_n,
+        "greedy_ci": wilson(tot_g, tot_n),
+        "pass1": tot_s / tot_n,
+        "pass1_ci": mean_interval(tot_s, tot_s2, tot_n),
+    }
+    return out
+
+
+def summary_rows(results: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """One row per method (plus the warm-up start): final held-out numbers and training stats.
+
+    Training stats are means over the last ``tail`` steps (a tenth of the run, at least 1).
+    """
+    buckets = results["config"]["task"]["buckets"]
+    rows: list[dict[str, Any]] = [
+        {
+            "method": "start",
+            "label": "warm-up checkpoint (step 0)",
+            "eval": _eval_numbers(results["initial_eval"], buckets),
+        }
+    ]
+    for method, hist in results["methods"].items():
+        steps = hist["steps"]
+        tail = max(1, len(steps) // 10)
+        last = steps[-tail:]
+
+        def mean(field: str, rows_: list[dict[str, Any]] = last) -> float:
+            return sum(float(s[field]) for s in rows_) / len(rows_)
+
+        rows.append(
+            {
+                "method": method,
+                "label": hist["label"],
+                "eval": _eval_numbers(hist["evals"][-1][1], buckets),
+                "reward_first": mean("reward", steps[:tail]),
+                "reward_last": mean("reward"),
+                "entropy_first": mean("entropy", steps[:tail]),
+                "entropy_last": mean("entropy"),
+                "kl_mean": sum(float(s["kl"]) for s in steps) / len(steps),
+                "kl_max": max(float(s["kl_max"]) for s in steps),
+                "seconds": hist["seconds"],
+                "tail_steps": tail,
+            }
+        )
+    return rows
+
+
+def _pct(x: float) -> str:
+    return f"{100 * x:.1f}"
+
+
+def _ci(e: Mapping[str, Any], what: str) -> str:
+    lo, hi = e[f"{what}_ci"]
+    return f"{_pct(e[what])} [{_pct(lo)}, {_pct(hi)}]"
+
+
+def table_markdown(results: Mapping[str, Any]) -> str:
+    """The final table (GitHub markdown): accuracies in %, 95% intervals in brackets."""
+    buckets = results["config"]["task"]["buckets"]
+    rows = summary_rows(results)
+    head = (
+        ["method", "pass@1 all"]
+        + [f"{k}-digit" for k in buckets]
+        + ["greedy all", "train reward", "entropy", "KL mean", "KL max"]
+    )
+    lines = ["| " + " | ".join(head) + " |", "|" + "|".join(["---"] * len(head)) + "|"]
+    for r in rows:
+        e = r["eval"]
+        cells = [r["label"], _ci(e["all"], "pass1")]
+        cells += [_pct(e[str(k)]["pass1"]) for k in buckets]
+        cells.append(_ci(e["all"], "greedy"))
+        if r["method"] == "start":
+            cells += ["", "", "", ""]
+        else:
+            cells += [
+                f"{r['reward_first']:.3f} → {r['reward_last']:.3f}",
+                f"{r['entropy_first']:.3f} → {r['entropy_last']:.3f}",
+                f"{r['kl_mean']:.1e}",
+                f"{r['kl_max']:.1e}",
+            ]
+        lines.append("| " + " | ".join(cells) + " |")
+    n_test = results["config"]["task"]["test_per_bucket"]
+    samples = results["config"]["rl"]["eval_samples"]
+    tail = rows[1]["tail_steps"] if len(rows) > 1 else 1
+    lines.append("")
+    lines.append(
+        f"Held-out: {n_test} questions per bucket; pass@1 = mean reward of {samples} samples at "
+        "temperature 1 per question, greedy = greedy decoding; % with 95% intervals (pass@1: "
+        "normal across questions; greedy: Wilson). Train reward and entropy (mean token entropy "
+        f"of the sampled responses): first → last {tail} step(s). KL: k1 estimate of "
+        "KL(pi_old || pi_theta) on each mini-batch before its update, mean and max over the run."
+    )
+    return "\n".join(lines)
+
+
+def write_json(results: Mapping[str, Any], path: Path) -> None:
+    """Every number of the run, plus the summary rows."""
+    doc = dict(results)
+    doc["summary"] = summary_rows(results)
+    path.write_text(json.dumps(doc, indent=1, sort_keys=False) + "\n")
+
+
+def _smooth(xs: Sequence[float], k: int) -> list[float]:
+    out, acc = [], 0.0
+    for i, x in enumerate(xs):
+        acc += x
+        if i >= k:
+            acc -= xs[i - k]
+        out.append(acc / min(i + 1, k))
+    return out
+
+
+def write_plots(results: Mapping[str, Any], out: Path) -> list[Path]:
+    """PNG plots into ``out``; returns their paths.
+
+    reward.png, entropy.png, kl.png: training curves (faint: per step; solid: moving average);
+    heldout.png: held-out pass@1 vs step, overall and per bucket, with 95% bands;
+    weights.png: per-question weight omega_q vs accuracy on each method's last batch, with the
+    closed forms.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    buckets = results["config"]["task"]["buckets"]
+    methods = results["methods"]
+    paths: list[Path] = []
+
+    for field, name, ylabel in (
+        ("reward", "reward.png", "training reward (mean over the step's samples)"),
+        ("entropy", "entropy.png", "policy entropy (nats/token, sampled responses)"),
+        ("kl", "kl.png", "KL(pi_old || pi_theta), k1, mean over mini-batches"),
+    ):
+        fig, ax = plt.subplots(figsize=(6.4, 4.0), dpi=100)
+        for m, hist in methods.items():
+            xs = [s["step"] for s in hist["steps"]]
+            ys = [float(s[field]) for s in hist["steps"]]
+            c = COLORS.get(m)
+            k = max(1, len(ys) // 12)
+            ax.plot(xs, ys, color=c, alpha=0.25, lw=0.8)
+            ax.plot(xs, _smooth(ys, k), color=c, lw=2, label=hist["label"])
+        if field == "kl":
+            delta = results["config"]["rl"]["delta"]
+            ax.axhline(delta, color="k", ls=":", lw=1, label=f"DisCO delta = {delta:g}")
+        ax.set_xlabel("RL step")
+        ax.set_ylabel(ylabel)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        p = out / name
+        fig.savefig(p)
+        plt.close(fig)
+        paths.append(p)
+
+    panels = ["all", *[str(k) for k in buckets]]
+    fig, axes = plt.subplots(1, len(panels), figsize=(3.2 * len(panels), 3.4), dpi=100, sharex=True)
+    for ax, panel in zip(axes, panels):
+        for m, hist in methods.items():
+            xs, ys, lo, hi = [], [], [], []
+            for step, e in hist["evals"]:
+                num = _eval_numbers(e, buckets)[panel]
+                xs.append(step)
+                ys.append(100 * num["pass1"])
+                lo.append(100 * num["pass1_ci"][0])
+                hi.append(100 * num["pass1_ci"][1])
+            c = COLORS.get(m)
+            ax.plot(xs, ys, color=c, lw=2, marker="o", ms=3, label=hist["label"])
+            ax.fill_between(xs, lo, hi, color=c, alpha=0.12, lw=0)
+        ax.set_title("all buckets" if panel == "all" else f"{panel}-digit", fontsize=10)
+        ax.set_xlabel("RL step")
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("held-out pass@1 (%), 95% band")
+    axes[0].legend(fontsize=8)
+    fig.tight_layout()
+    p = out / "heldout.png"
+    fig.savefig(p)
+    plt.close(fig)
+    paths.append(p)
+
+    from discoloss.analysis import difficulty_weight
+
+    n = results["config"]["rl"]["samples"]
+    fig, ax = plt.subplots(figsize=(6.4, 4.0), dpi=100)
+    grid = [i / 200 for i in range(201)]
+    for i, (m, hist) in enumerate(methods.items()):
+        lb = hist.get("last_batch") or {}
+        if not lb:
+            continue
+        c = COLORS.get(m)
+        jitter = (i - (len(methods) - 1) / 2) * 0.006
+        ax.scatter(
+            [a + jitter for a in lb["accuracy"]],
+            lb["weight"],
+            s=14,
+            color=c,
+            alpha=0.7,
+            label=f"{hist['label']} (last batch)",
+        )
+        curve = difficulty_weight(grid, m, n=None)
+        ax.plot(grid, curve.tolist(), color=c, lw=1, ls="--", alpha=0.8)
+    ax.set_xlabel(f"question accuracy p in the batch (k correct of n = {n})")
+    ax.set_ylabel("question weight omega_q")
+    ax.set_title("Difficulty weights (dashed: population closed forms)", fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    p = out / "weights.png"
+    fig.savefig(p)
+    plt.close(fig)
+    paths.append(p)
+    return paths

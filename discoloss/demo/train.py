@@ -1,0 +1,512 @@
+"""Supervised warm-up, the RL loop (DisCO and the GRPO family), and held-out evaluation.
+
+The RL loop is the reference example of :func:`discoloss.disco_loss` in a custom training loop:
+
+1. sample ``n`` responses per question with the current policy (the sampling policy
+   pi_old) and score them with the verifier: rewards in {0, 1};
+2. one no-grad forward pass gives ``old_log_probs`` (B, T) and the response mask;
+3. split the questions into mini-batches of whole groups; per mini-batch a forward pass gives
+   ``log_probs`` under the current parameters, then::
+
+       out = disco_loss(log_probs, old_log_probs, mask, rewards, group_ids)
+       out.loss.backward(); optimizer.step()
+
+   From the second mini-batch on, theta differs from theta_old and the squared-hinge KL
+   penalty of ``out`` pulls the policy back when KL(pi_old || pi_theta) exceeds delta.
+
+Every method starts from the same warm-up checkpoint and sees the same questions and the same
+sampling random streams at each step, with the same optimiser, learning rate and number of
+updates; only the loss differs.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import random
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Literal, NamedTuple
+
+import torch
+from torch import Tensor
+
+from discoloss.demo.model import (
+    ModelConfig,
+    Packed,
+    build_model,
+    generate,
+    pack,
+    response_log_probs,
+)
+from discoloss.demo.task import (
+    Question,
+    TaskConfig,
+    encode_answer,
+    encode_prompt,
+    rewards,
+    sample_questions,
+)
+
+__all__ = [
+    "METHODS",
+    "EvalResult",
+    "Method",
+    "RLConfig",
+    "StepLog",
+    "WarmupConfig",
+    "evaluate",
+    "question_weights",
+    "rl_train",
+    "warmup",
+]
+
+Method = Literal["disco", "disco_b", "grpo", "dr_grpo", "dapo"]
+METHODS: tuple[str, ...] = ("disco", "disco_b", "grpo", "dr_grpo", "dapo")
+#: Display names.
+LABELS: dict[str, str] = {
+    "disco": "DisCO",
+    "disco_b": "DisCO-b",
+    "grpo": "GRPO",
+    "dr_grpo": "Dr. GRPO",
+    "dapo": "DAPO",
+}
+
+#: Version of the checkpoint format and warm-up procedure (part of the cache key).
+WARMUP_FORMAT = 1
+
+
+@dataclass(frozen=True)
+class WarmupConfig:
+    """Supervised warm-up: cross-entropy on the answer tokens, AdamW, linear warm-up + cosine."""
+
+    steps: int = 1200
+    batch_size: int = 128
+    lr: float = 3e-3
+    lr_warmup: int = 50
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+
+
+@dataclass(frozen=True)
+class RLConfig:
+    """RL budget and hyper-parameters, shared by every method.
+
+    One step: ``questions`` questions x ``samples`` responses at ``temperature``, split into
+    ``minibatches`` mini-batches of whole groups, one AdamW update each. The learning rate
+    ramps up linearly over the first ``lr_warmup_steps`` steps (Adam's first updates have
+    the full size ``lr`` on every parameter, which is a large move for a model this small).
+    """
+
+    steps: int = 60
+    questions: int = 64
+    samples: int = 8
+    minibatches: int = 4
+    lr: float = 5e-5
+    lr_warmup_steps: int = 5
+    temperature: float = 1.0
+    grad_clip: float = 1.0
+    eval_every: int = 10
+    eval_samples: int = 4
+    # DisCO (published settings)
+    delta: float = 1e-4
+    beta: float = 1e3
+    tau: float = 10.0
+    # GRPO family
+    clip_eps: float = 0.2
+    clip_eps_high: float = 0.28
+
+
+class EvalResult(NamedTuple):
+    """Held-out accuracy per bucket, as sums over the bucket's ``n`` questions.
+
+    greedy_correct: questions answered correctly by greedy decoding.
+    sampled_sum, sampled_sumsq: sum over questions of the per-question pass@1 estimate (mean
+      reward of the ``samples`` responses drawn at temperature 1) and of its square (for a
+      confidence interval across questions).
+    """
+
+    greedy_correct: dict[int, int]
+    sampled_sum: dict[int, float]
+    sampled_sumsq: dict[int, float]
+    n: dict[int, int]
+
+
+@dataclass
+class StepLog:
+    step: int
+    reward: float
+    entropy: float
+    kl: float
+    kl_max: float
+    loss: float
+    response_length: float
+    frac_groups_with_signal: float
+    extra: dict[str, float] = field(default_factory=dict)
+
+
+def config_key(*parts: Any) -> str:
+    blob = json.dumps(
+        [asdict(p) if hasattr(p, "__dataclass_fields__") else p for p in parts], sort_keys=True
+    )
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def _answer_loss(model: Any, qs: Sequence[Question]) -> Tensor:
+    batch = pack([encode_prompt(q) for q in qs], [encode_answer(q) for q in qs])
+    log_probs, _ = response_log_probs(model, batch)
+    mask = batch.response_mask
+    return -torch.where(mask, log_probs, 0.0).sum() / mask.sum()
+
+
+def warmup(
+    task: TaskConfig,
+    model_config: ModelConfig,
+    config: WarmupConfig,
+    *,
+    seed: int,
+    cache_dir: Path | None,
+    progress: Callable[..., Any] | None = None,
+) -> tuple[Any, dict[str, Any]]:
+    """The warm-up checkpoint, trained or loaded from ``cache_dir``.
+
+    The cache key hashes the task's buckets, the model and warm-up configs, the seed and
+    :data:`WARMUP_FORMAT` (not the size of the held-out set, so ``--quick`` and the default
+    run share the checkpoint). Returns (model, info) with info = {"key", "cached", "seconds",
+    "final_loss", "path"}.
+    """
+    key = config_key(
+        {"buckets": list(task.buckets)},
+        model_config,
+        config,
+        {"seed": seed, "format": WARMUP_FORMAT},
+    )
+    path = None if cache_dir is None else Path(cache_dir) / f"warmup-{key}.pt"
+    model = build_model(model_config, task, seed=seed)
+    if path is not None and path.exists():
+        saved = torch.load(path, map_location="cpu", weights_only=True)
+        model.load_state_dict(saved["state_dict"])
+        info = {k: v for k, v in saved["info"].items()}
+        info.update(cached=True, path=str(path))
+        return model, info
+
+    t0 = time.perf_counter()
+    c0 = time.process_time()
+    opt = torch.optim.AdamW(
+        model.parameters(), lr=config.lr, betas=(0.9, 0.98), weight_decay=config.weight_decay
+    )
+
+    def lr_factor(s: int) -> float:
+        ramp = min(1.0, (s + 1) / max(config.lr_warmup, 1))
+        return ramp * 0.5 * (1.0 + math.cos(math.pi * s / config.steps))
+
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_factor)
+    rng = random.Random(f"{seed}:warmup")
+    bar = progress(total=config.steps, desc="warm-up (supervised)") if progress else None
+    loss_value = float("nan")
+    for _ in range(config.steps):
+        loss = _answer_loss(model, sample_questions(rng, config.batch_size, task))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
+        opt.step()
+        sched.step()
+        loss_value = loss.item()
+        if bar is not None:
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss_value:.3f}", refresh=False)
+    if bar is not None:
+        bar.close()
+    info = {
+        "key": key,
+        "seconds": time.perf_counter() - t0,
+        "cpu_seconds": time.process_time() - c0,
+        "final_loss": loss_value,
+    }
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".tmp{os.getpid()}")
+        torch.save({"state_dict": model.state_dict(), "info": info}, tmp)
+        os.replace(tmp, path)
+    info.update(cached=False, path=None if path is None else str(path))
+    return model, info
+
+
+@torch.no_grad()
+def evaluate(
+    model: Any, questions: Sequence[Question], task: TaskConfig, *, samples: int, seed: int
+) -> EvalResult:
+    """Greedy accuracy and sampled pass@1 (T=1, mean of ``samples`` samples) per bucket."""
+    prompts = [encode_prompt(q) for q in questions]
+    greedy = rewards(
+        questions, generate(model, prompts, max_new_tokens=task.max_answer_tokens, temperature=0)
+    )
+    sampled = [0.0] * len(questions)
+    if samples > 0:
+        gen = torch.Generator().manual_seed(seed)
+        reps = [p for p in prompts for _ in range(samples)]
+        qreps = [q for q in questions for _ in range(samples)]
+        r = rewards(
+            qreps,
+            generate(
+                model, reps, max_new_tokens=task.max_answer_tokens, temperature=1.0, generator=gen
+            ),
+        )
+        sampled = [sum(r[i * samples : (i + 1) * samples]) / samples for i in range(len(questions))]
+    g: dict[int, int] = {k: 0 for k in task.buckets}
+    s: dict[int, float] = {k: 0.0 for k in task.buckets}
+    s2: dict[int, float] = {k: 0.0 for k in task.buckets}
+    n: dict[int, int] = {k: 0 for k in task.buckets}
+    for q, rg, rs in zip(questions, greedy, sampled):
+        g[q.bucket] += int(rg)
+        s[q.bucket] += rs
+        s2[q.bucket] += rs * rs
+        n[q.bucket] += 1
+    return EvalResult(g, s, s2, n)
+
+
+def _slice(batch: Packed, rows: Tensor) -> Packed:
+    return Packed(*(t[rows] for t in batch))
+
+
+def _method_loss(
+    method: str, config: RLConfig, max_tokens: int
+) -> Callable[[Tensor, Tensor, Tensor, Tensor, Tensor], tuple[Tensor, dict[str, Tensor]]]:
+    """(log_probs, old_log_probs, mask, rewards, group_ids) -> (loss, metrics with "kl").
+
+    ``max_tokens``: the generation budget, Dr. GRPO's constant normaliser.
+    """
+    if method in ("disco", "disco_b"):
+        from discoloss import disco_loss
+
+        def disco(lp: Tensor, old: Tensor, m: Tensor, r: Tensor, g: Tensor) -> Any:
+            out = disco_loss(
+                lp,
+                old,
+                m,
+                r,
+                g,
+                score="log_likelihood",
+                objective=method,  # type: ignore[arg-type]
+                tau=config.tau,
+                delta=config.delta,
+                beta=config.beta,
+            )
+            return out.loss, out.metrics
+
+        return disco
+    from discoloss import baselines
+
+    def baseline(lp: Tensor, old: Tensor, m: Tensor, r: Tensor, g: Tensor) -> Any:
+        if method == "grpo":
+            out = baselines.grpo_loss(lp, old, m, r, g, clip_eps=config.clip_eps)
+        elif method == "dr_grpo":
+            out = baselines.dr_grpo_loss(
+                lp, old, m, r, g, clip_eps=config.clip_eps, max_tokens=max_tokens
+            )
+        else:
+            out = baselines.dapo_loss(
+                lp,
+                old,
+                m,
+                r,
+                g,
+                clip_eps_low=config.clip_eps,
+                clip_eps_high=config.clip_eps_high,
+            )
+        return out.loss, out.metrics
+
+    return baseline
+
+
+def question_weights(
+    method: str,
+    old_log_probs: Tensor,
+    mask: Tensor,
+    rewards_t: Tensor,
+    group_ids: Tensor,
+    config: RLConfig,
+    max_tokens: int,
+) -> tuple[list[float], list[float]]:
+    """Per question of a batch: (accuracy p, weight omega_q), at theta = theta_old.
+
+    The coefficient c_i of a response is the derivative of the method's objective with respect
+    to its score at theta = theta_old (all ratios 1, nothing clipped):
+    :func:`discoloss.discriminative_weights` for DisCO; for the GRPO family ``A_i / B`` (GRPO),
+    ``A_i |o_i| / (B max_tokens)`` (Dr. GRPO) and ``A_i |o_i| / sum_j |o_j|`` (DAPO) with the
+    advantages the baselines compute. omega_q = G * sum of the positive c_i of question q
+    (:func:`discoloss.analysis.implied_weights`): 1 on every question with signal for DisCO,
+    about sqrt(p (1-p)) for GRPO and p (1-p) for Dr. GRPO.
+    """
+    from discoloss import baselines, discriminative_weights, sequence_scores
+    from discoloss.analysis import implied_weights
+
+    m = mask.bool()
+    lengths = m.sum(1).to(torch.float32)
+    if method in ("disco", "disco_b"):
+        scores = sequence_scores(old_log_probs, old_log_probs, m)
+        w = discriminative_weights(
+            scores,
+            rewards_t,
+            group_ids,
+            objective=method,  # type: ignore[arg-type]
+            tau=config.tau,
+        )
+        iw = implied_weights(w, rewards_t, group_ids, kind="weights")
+    else:
+        scale: Literal["std", "none"] = "std" if method in ("grpo", "dapo") else "none"
+        adv = baselines.group_advantages(rewards_t, group_ids, scale=scale)
+        if method == "grpo":
+            iw = implied_weights(adv, rewards_t, group_ids)
+        elif method == "dr_grpo":
+            iw = implied_weights(
+                adv, rewards_t, group_ids, lengths=lengths, token_normalizer=float(max_tokens)
+            )
+        else:
+            iw = implied_weights(adv, rewards_t, group_ids, lengths=lengths)
+    return iw.accuracy.tolist(), iw.weight.tolist()
+
+
+def rl_train(
+    method: str,
+    model: Any,
+    task: TaskConfig,
+    config: RLConfig,
+    *,
+    seed: int,
+    test_set: Sequence[Question],
+    initial_eval: EvalResult | None = None,
+    progress: Callable[..., Any] | None = None,
+) -> dict[str, Any]:
+    """Train ``model`` in place with ``method``; returns the history.
+
+    History: {"steps": [StepLog as dict], "evals": [(step, EvalResult as dict)],
+    "last_batch": {"accuracy", "weight"}, "seconds"}.
+    """
+    if method not in METHODS:
+        raise ValueError(f"method={method!r} is not a valid option; expected one of {METHODS}")
+    loss_fn = _method_loss(method, config, task.max_answer_tokens)
+    opt = torch.optim.AdamW(model.parameters(), lr=config.lr, betas=(0.9, 0.999), weight_decay=0.0)
+    ramp = max(1, config.lr_warmup_steps * config.minibatches)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda u: min(1.0, (u + 1) / ramp))
+    n, q_per_step = config.samples, config.questions
+    group_ids = torch.arange(q_per_step).repeat_interleave(n)
+    steps: list[dict[str, Any]] = []
+    evals: list[tuple[int, EvalResult]] = []
+    if initial_eval is not None:
+        evals.append((0, initial_eval))
+    last_batch: dict[str, list[float]] = {}
+    t0 = time.perf_counter()
+    c0 = time.process_time()
+    eval_seconds = 0.0
+    bar = progress(total=config.steps, desc=f"RL {LABELS[method]:<9}") if progress else None
+    for step in range(1, config.steps + 1):
+        qs = sample_questions(random.Random(f"{seed}:rl:{step}"), q_per_step, task)
+        gen = torch.Generator().manual_seed(hash_seed(seed, step))
+        prompts = [encode_prompt(q) for q in qs for _ in range(n)]
+        qreps = [q for q in qs for _ in range(n)]
+        responses = generate(
+            model,
+            prompts,
+            max_new_tokens=task.max_answer_tokens,
+            temperature=config.temperature,
+            generator=gen,
+        )
+        r = torch.tensor(rewards(qreps, responses), dtype=torch.float32)
+        batch = pack(prompts, responses)
+        with torch.no_grad():
+            old_log_probs, entropy = response_log_probs(model, batch)
+        mask = batch.response_mask
+        ent = float(torch.where(mask, entropy, 0.0).sum() / mask.sum())
+
+        keep = torch.ones(len(prompts), dtype=torch.bool)
+        if method == "dapo":
+            from discoloss import baselines
+
+            keep = baselines.dynamic_sampling_filter(r, group_ids)
+        kept_groups = sorted(set(group_ids[keep].tolist()))
+        chunks = [c for c in _split(kept_groups, config.minibatches) if c]
+        kls: list[float] = []
+        losses: list[float] = []
+        extra: dict[str, list[float]] = {}
+        for chunk in chunks:
+            rows = torch.nonzero(torch.isin(group_ids, torch.tensor(chunk))).squeeze(1)
+            mb = _slice(batch, rows)
+            log_probs, _ = response_log_probs(model, mb)
+            loss, metrics = loss_fn(
+                log_probs, old_log_probs[rows], mb.response_mask, r[rows], group_ids[rows]
+            )
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
+            opt.step()
+            sched.step()
+            losses.append(float(loss.detach()))
+            kls.append(float(metrics["kl"]))
+            for k, v in metrics.items():
+                if k not in ("kl", "loss"):
+                    extra.setdefault(k, []).append(float(v))
+
+        per_q = r.view(q_per_step, n)
+        signal = ((per_q > 0.5).any(1) & (per_q <= 0.5).any(1)).float().mean()
+        log = StepLog(
+            step=step,
+            reward=float(r.mean()),
+            entropy=ent,
+            kl=sum(kls) / len(kls) if kls else 0.0,
+            kl_max=max(kls) if kls else 0.0,
+            loss=sum(losses) / len(losses) if losses else 0.0,
+            response_length=float(mask.sum(1).float().mean()),
+            frac_groups_with_signal=float(signal),
+            extra={k: sum(v) / len(v) for k, v in extra.items()},
+        )
+        steps.append(asdict(log))
+        if step == config.steps:
+            acc, w = question_weights(
+                method, old_log_probs, mask, r, group_ids, config, task.max_answer_tokens
+            )
+            last_batch = {"accuracy": acc, "weight": w}
+        if step % config.eval_every == 0 or step == config.steps:
+            te = time.perf_counter()
+            evals.append(
+                (step, evaluate(model, test_set, task, samples=config.eval_samples, seed=seed))
+            )
+            eval_seconds += time.perf_counter() - te
+        if bar is not None:
+            bar.update(1)
+            post = {"reward": f"{log.reward:.3f}", "H": f"{log.entropy:.3f}"}
+            if evals:
+                e = evals[-1][1]
+                post["test"] = f"{sum(e.sampled_sum.values()) / sum(e.n.values()):.3f}"
+            bar.set_postfix(post, refresh=False)
+    if bar is not None:
+        bar.close()
+    return {
+        "steps": steps,
+        "evals": [(s, e._asdict()) for s, e in evals],
+        "last_batch": last_batch,
+        "seconds": time.perf_counter() - t0,
+        "cpu_seconds": time.process_time() - c0,
+        "eval_seconds": eval_seconds,
+    }
+
+
+def hash_seed(*parts: int) -> int:
+    """A 63-bit seed from integers (stable across runs and platforms)."""
+    h = hashlib.sha256(":".join(str(p) for p in parts).encode()).digest()
+    return int.from_bytes(h[:8], "little") & ((1 << 63) - 1)
+
+
+def _split(items: list[int], k: int) -> list[list[int]]:
+    """``items`` into ``k`` contiguous chunks of near-equal size."""
+    size, rem = divmod(len(items), k)
+    out, start = [], 0
+    for i in range(k):
+        end = start + size + (1 if i < rem else 0)
+        out.append(items[start:end])
+        start = end
+    return out

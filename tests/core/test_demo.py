@@ -1,0 +1,362 @@
+"""``discoloss demo``: data generator and verifier, packing and sampling, report maths, options,
+and an end-to-end run of the command with a tiny budget."""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from discoloss.demo import task as T
+from discoloss.demo.cli import main
+from discoloss.demo.model import ModelConfig, build_model, generate, pack, response_log_probs
+from discoloss.demo.report import mean_interval, wilson
+
+# ----------------------------------------------------------------------------- task / verifier
+
+
+def ids(text: str) -> list[int]:
+    return [T.VOCAB.index(c) for c in text]
+
+
+def test_verify_accepts_exactly_the_decimal_sum() -> None:
+    q = T.Question(57, 68)
+    assert q.answer == "125" and q.prompt == "57+68=" and q.bucket == 2
+    assert T.verify(q, [*ids("125"), T.EOS]) == 1.0
+    # tokens after the first <eos> are ignored
+    assert T.verify(q, [*ids("125"), T.EOS, *ids("99"), T.EOS]) == 1.0
+    assert T.verify(q, [*ids("125"), T.EOS, T.PAD, T.PAD]) == 1.0
+
+
+@pytest.mark.parametrize(
+    "response",
+    [
+        [*"125"],  # no <eos>: cut off at the length limit
+        [],  # nothing at all
+        ["<eos>"],  # empty answer
+        [*"0125", "<eos>"],  # leading zero
+        [*"124", "<eos>"],  # wrong
+        [*"1250", "<eos>"],  # too long
+        [*"12", "<eos>", *"5", "<eos>"],  # answer split by <eos>: only "12" counts
+        ["+", *"125", "<eos>"],  # sign / operator token
+        [*"125", "=", "<eos>"],
+        ["<bos>", *"125", "<eos>"],
+        [*"12", "<pad>", "5", "<eos>"],
+    ],
+)
+def test_verify_rejects(response: list[str]) -> None:
+    q = T.Question(57, 68)
+    tokens = [T.VOCAB.index(t) for t in response]
+    assert T.verify(q, tokens) == 0.0
+
+
+def test_verify_zero_and_one_digit_sums() -> None:
+    assert T.verify(T.Question(0, 0), [*ids("0"), T.EOS]) == 1.0
+    assert T.verify(T.Question(0, 0), [*ids("00"), T.EOS]) == 0.0
+    assert T.verify(T.Question(9, 1), [*ids("10"), T.EOS]) == 1.0
+    assert T.Question(0, 0).bucket == 1 and T.Question(0, 1000).bucket == 4
+
+
+def test_rewards_length_mismatch_is_an_error() -> None:
+    with pytest.raises(ValueError, match="same length"):
+        T.rewards([T.Question(1, 2)], [])
+
+
+def test_encode_decode_roundtrip_and_bad_ids() -> None:
+    q = T.Question(4021, 7)
+    assert T.decode(T.encode_prompt(q)) == "<bos>4021+7="
+    assert T.decode(T.encode_answer(q)) == "4028<eos>"
+    assert T.verify(q, T.encode_answer(q)) == 1.0
+    with pytest.raises(ValueError, match="outside the vocabulary"):
+        T.decode([len(T.VOCAB)])
+    with pytest.raises(ValueError, match="outside the vocabulary"):
+        T.decode([-1])
+
+
+def test_train_and_test_splits_are_disjoint_including_mirrors() -> None:
+    config = T.TaskConfig(buckets=(1, 2, 3, 4), test_per_bucket=5)
+    train = T.sample_questions(random.Random(0), 20_000, config)
+    test = T.test_questions(config)
+    assert not any(T.is_test_pair(q.a, q.b) for q in train)
+    assert all(T.is_test_pair(q.a, q.b) for q in test)
+    train_pairs = {frozenset((q.a, q.b)) for q in train}
+    assert not train_pairs & {frozenset((q.a, q.b)) for q in test}
+    # the split is a property of the unordered pair
+    for a, b in [(1, 2), (57, 68), (4021, 7), (0, 0), (999, 1000)]:
+        assert T.is_test_pair(a, b) == T.is_test_pair(b, a)
+    # the held-out share is about 1 / TEST_MODULUS
+    rng = random.Random(1)
+    share = sum(T.is_test_pair(rng.randrange(10**4), rng.randrange(10**4)) for _ in range(20_000))
+    assert abs(share / 20_000 - 1 / T.TEST_MODULUS) < 0.01
+
+
+def test_generator_buckets_and_determinism() -> None:
+    config = T.TaskConfig(buckets=(2, 3, 4), test_per_bucket=300)
+    qs = T.sample_questions(random.Random(7), 3000, config)
+    assert qs == T.sample_questions(random.Random(7), 3000, config)
+    assert qs != T.sample_questions(random.Random(8), 3000, config)
+    counts = {k: sum(q.bucket == k for q in qs) for k in config.buckets}
+    assert set(counts) == {2, 3, 4} and all(800 < c < 1200 for c in counts.values())
+    assert all(q.a >= 0 and q.b >= 0 for q in qs)
+    # both orders occur, and the smaller operand spans 1..k digits
+    assert any(q.a < q.b for q in qs) and any(q.a > q.b for q in qs)
+    assert {len(str(min(q.a, q.b))) for q in qs if q.bucket == 4} == {1, 2, 3, 4}
+    test = T.test_questions(config)
+    assert test == T.test_questions(config)  # fixed, independent of any run seed
+    assert len(test) == len(set(test)) == 900
+    assert [q.bucket for q in test] == [2] * 300 + [3] * 300 + [4] * 300
+    assert config.max_answer_tokens == 6  # 5 digits + <eos>
+    assert max(len(T.encode_answer(q)) for q in qs + test) <= config.max_answer_tokens
+    assert max(len(T.encode_prompt(q)) for q in qs + test) <= config.max_prompt_tokens
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"buckets": ()}, "buckets"),
+        ({"buckets": (0, 2)}, "buckets"),
+        ({"buckets": (2, 2)}, "distinct"),
+        ({"buckets": (10,)}, "at most 9"),
+        ({"test_per_bucket": 0}, "test_per_bucket"),
+        ({"buckets": (1, 2), "test_per_bucket": 300}, "exceeds"),
+    ],
+)
+def test_task_config_errors(kwargs: dict[str, object], match: str) -> None:
+    with pytest.raises(ValueError, match=match):
+        T.TaskConfig(**kwargs)  # type: ignore[arg-type]
+
+
+def test_sample_questions_bad_split() -> None:
+    with pytest.raises(ValueError, match="split"):
+        T.sample_questions(random.Random(0), 1, T.TaskConfig(), split="val")
+
+
+# ----------------------------------------------------------------------------- model
+
+
+@pytest.fixture(scope="module")
+def tiny_model() -> object:
+    config = T.TaskConfig(buckets=(1, 2, 3), test_per_bucket=5)
+    return build_model(ModelConfig(hidden=32, layers=2, heads=2, ffn=64), config, seed=0), config
+
+
+def test_pack_layout() -> None:
+    b = pack([[1, 5, 6], [1, 7]], [[8, 2], [9, 9, 2]])
+    assert b.input_ids.tolist() == [[1, 5, 6, 8, 2, 0], [0, 1, 7, 9, 9, 2]]
+    assert b.attention_mask.tolist() == [[1, 1, 1, 1, 1, 0], [0, 1, 1, 1, 1, 1]]
+    assert b.position_ids.tolist() == [[0, 1, 2, 3, 4, 4], [0, 0, 1, 2, 3, 4]]
+    # targets are input_ids[:, 1:]; response targets start at the prompt end
+    assert b.response_mask.tolist() == [
+        [False, False, True, True, False],
+        [False, False, True, True, True],
+    ]
+
+
+def test_log_probs_do_not_depend_on_padding(tiny_model: tuple[object, T.TaskConfig]) -> None:
+    model, _ = tiny_model
+    prompts = [[1, 5, 13, 6, 14], [1, 7, 14]]
+    responses = [[8, 2], [9, 9, 9, 2]]
+    together, _ = response_log_probs(model, b := pack(prompts, responses))
+    for i in range(2):
+        alone, _ = response_log_probs(model, a := pack([prompts[i]], [responses[i]]))
+        torch.testing.assert_close(
+            together[i][b.response_mask[i]], alone[0][a.response_mask[0]], rtol=1e-5, atol=1e-5
+        )
+
+
+def test_generate_greedy_and_seeded_sampling(tiny_model: tuple[object, T.TaskConfig]) -> None:
+    model, config = tiny_model
+    qs = T.sample_questions(random.Random(0), 16, config)
+    prompts = [T.encode_prompt(q) for q in qs]
+    g1 = generate(model, prompts, max_new_tokens=config.max_answer_tokens, temperature=0)
+    g2 = generate(model, prompts, max_new_tokens=config.max_answer_tokens, temperature=0)
+    assert g1 == g2
+    # greedy decoding agrees with the argmax of a full forward pass (KV cache, positions)
+    for p, r in zip(prompts[:4], g1[:4]):
+        seq = list(p)
+        for tok in r:
+            logits = model(input_ids=torch.tensor([seq])).logits[0, -1]  # type: ignore[operator]
+            assert int(logits.argmax()) == tok
+            seq.append(tok)
+    s = [
+        generate(
+            model,
+            prompts,
+            max_new_tokens=config.max_answer_tokens,
+            temperature=1.0,
+            generator=torch.Generator().manual_seed(3),
+        )
+        for _ in range(2)
+    ]
+    assert s[0] == s[1]
+    for r in s[0]:
+        assert 1 <= len(r) <= config.max_answer_tokens
+        assert T.EOS not in r[:-1]  # trimmed after the first <eos>
+    with pytest.raises(ValueError, match="temperature"):
+        generate(model, prompts, max_new_tokens=2, temperature=-1.0)
+
+
+# ----------------------------------------------------------------------------- report maths
+
+
+def test_wilson_interval() -> None:
+    # reference values (z = 1.96): 0/10 -> [0, 0.2775]; 5/10 -> [0.2366, 0.7634]
+    lo, hi = wilson(0, 10)
+    assert lo == 0.0 and math.isclose(hi, 0.2775, abs_tol=1e-4)
+    lo, hi = wilson(5, 10)
+    assert math.isclose(lo, 0.2366, abs_tol=1e-4) and math.isclose(hi, 0.7634, abs_tol=1e-4)
+    lo, hi = wilson(300, 300)
+    assert math.isclose(hi, 1.0) and 0.98 < lo < 1.0
+    with pytest.raises(ValueError):
+        wilson(3, 0)
+    with pytest.raises(ValueError):
+        wilson(4, 3)
+
+
+def test_mean_interval() -> None:
+    xs = [0.0, 0.5, 1.0, 0.25]
+    lo, hi = mean_interval(sum(xs), sum(x * x for x in xs), len(xs))
+    mean = sum(xs) / 4
+    sd = math.sqrt(sum((x - mean) ** 2 for x in xs) / 3)
+    half = 1.959963984540054 * sd / 2
+    assert math.isclose(lo, max(0.0, mean - half)) and math.isclose(hi, mean + half)
+    assert mean_interval(3.0, 3.0, 3) == (1.0, 1.0)
+
+
+# ----------------------------------------------------------------------------- options
+
+
+@pytest.mark.parametrize(
+    ("argv", "match"),
+    [
+        (["--steps", "0"], "--steps must be >= 1"),
+        (["--steps", "ten"], "--steps must be an integer"),
+        (["--seed", "-1"], "--seed must be >= 0"),
+        (["--methods", "disco,ppo"], "--methods: unknown method 'ppo'"),
+        (["--methods", ""], "--methods must be a comma-separated list"),
+        (["--methods", "grpo,grpo"], "--methods lists a method twice"),
+        (["--buckets", "0,2"], "--buckets must be distinct digit counts"),
+        (["--buckets", "a"], "--buckets must be comma-separated"),
+        (["--warmup-steps", "-5"], "--warmup-steps must be >= 1"),
+        (["--threads", "0"], "--threads must be >= 1"),
+        (["--frobnicate"], "unrecognized arguments: --frobnicate"),
+        (["--no-cache", "--cache-dir", "x"], "--no-cache and --cache-dir"),
+        (["--buckets", "1", "--test-per-bucket", "400"], "--test-per-bucket"),
+    ],
+)
+def test_bad_options_give_a_clear_error(
+    argv: list[str], match: str, capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    assert main([*argv, "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert match in err
+    assert not (tmp_path / "o").exists()
+
+
+def test_out_must_be_a_directory(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    f = tmp_path / "file"
+    f.write_text("x")
+    assert main(["--out", str(f)]) == 2
+    assert "is not a directory" in capsys.readouterr().err
+
+
+def test_help(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["--help"]) == 0
+    out = capsys.readouterr().out
+    for opt in ("--methods", "--steps", "--seed", "--quick", "--out", "--cache-dir"):
+        assert opt in out
+
+
+# ----------------------------------------------------------------------------- end to end
+
+TINY = [
+    "--quick", "--steps", "2", "--warmup-steps", "150", "--buckets", "1,2",
+    "--test-per-bucket", "6", "--eval-every", "1", "--no-progress", "--seed", "3",
+]  # fmt: skip
+PNGS = ("reward.png", "entropy.png", "kl.png", "heldout.png", "weights.png")
+
+
+def _numbers(x: object) -> list[float]:
+    if isinstance(x, bool) or x is None or isinstance(x, str):
+        return []
+    if isinstance(x, (int, float)):
+        return [float(x)]
+    if isinstance(x, dict):
+        return [v for k, val in x.items() for v in _numbers(val)]
+    if isinstance(x, (list, tuple)):
+        return [v for val in x for v in _numbers(val)]
+    raise TypeError(type(x))
+
+
+def _strip_timing(doc: dict[str, object]) -> dict[str, object]:
+    doc = json.loads(json.dumps(doc))
+    for k in ("timing", "environment", "command"):
+        doc.pop(k)
+    doc["warmup"] = {k: v for k, v in doc["warmup"].items() if k in ("key", "final_loss")}
+    for m in doc["methods"].values():
+        for k in ("seconds", "cpu_seconds", "eval_seconds"):
+            m.pop(k)
+    for row in doc["summary"]:
+        row.pop("seconds", None)
+    return doc
+
+
+def test_quick_run_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    cache = tmp_path / "cache"
+    out = tmp_path / "run1"
+    assert main([*TINY, "--out", str(out), "--cache-dir", str(cache)]) == 0
+    printed = capsys.readouterr().out
+    assert "| DisCO |" in printed and "| GRPO |" in printed and "| DAPO |" in printed
+    for name in ("table.md", "results.json", *PNGS):
+        assert (out / name).stat().st_size > 0, name
+    for name in PNGS:
+        assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    table = (out / "table.md").read_text()
+    for label in ("warm-up checkpoint", "DisCO", "GRPO", "Dr. GRPO", "DAPO"):
+        assert f"| {label}" in table
+
+    doc = json.loads((out / "results.json").read_text())
+    assert list(doc["methods"]) == ["disco", "grpo", "dr_grpo", "dapo"]
+    assert all(math.isfinite(v) for v in _numbers(doc)), "non-finite number in results.json"
+    assert not doc["warmup"]["cached"] and len(list(cache.glob("warmup-*.pt"))) == 1
+    for method, hist in doc["methods"].items():
+        assert len(hist["steps"]) == 2, method
+        assert hist["params_changed"] and hist["param_change_norm"] > 0, method
+        # the step had learning signal (else an unchanged model would also be plausible)
+        assert any(s["frac_groups_with_signal"] > 0 for s in hist["steps"]), method
+        assert [e[0] for e in hist["evals"]] == [0, 1, 2]
+        assert hist["last_batch"]["accuracy"] and hist["last_batch"]["weight"]
+    disco = doc["methods"]["disco"]
+    for key in (
+        "objective",
+        "penalty",
+        "constraint_active",
+        "groups_with_signal",
+        "effective_negatives",
+    ):
+        assert key in disco["steps"][0]["extra"], key
+    # DisCO puts weight 1 on every question with signal of its last batch
+    for a, w in zip(disco["last_batch"]["accuracy"], disco["last_batch"]["weight"]):
+        assert math.isclose(w, 1.0 if 0 < a < 1 else 0.0, abs_tol=1e-6)
+
+    # same seed: same numbers (warm-up now from the cache)
+    out2 = tmp_path / "run2"
+    assert main([*TINY, "--out", str(out2), "--cache-dir", str(cache)]) == 0
+    doc2 = json.loads((out2 / "results.json").read_text())
+    assert doc2["warmup"]["cached"]
+    assert _strip_timing(doc2) == _strip_timing(doc)
+
+
+def test_module_entry_point_dispatches_demo() -> None:
+    proc = subprocess.run(
+        [sys.executable, "-m", "discoloss", "demo", "--steps", "0"],
+        check=False, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert proc.returncode == 2
+    assert "--steps must be >= 1" in proc.stderr
