@@ -32,8 +32,15 @@ KL = 0), when all micro-batch KLs are equal, or (hinge) when all are on the same
 The squared hinge's gradient is ``sum_m (t_m/T_W) * beta * [KL_m - delta]_+ * grad KL_m``: each
 micro-batch is pulled back in proportion to its own constraint violation. (The exact mini-batch
 penalty would need the mini-batch KL at the current parameters before the first backward, i.e.
-an extra forward pass; see :mod:`discoloss.accumulation`.) ``lagrangian`` is refused
-(:func:`discoloss.adapters.openrlhf.settings.check_for_openrlhf`).
+an extra forward pass; see :mod:`discoloss.accumulation`.)
+
+``lagrangian`` is linear in the KL too: P(KL) = lambda * (KL - delta) with lambda a constant
+during the optimizer step, so sum_m (t_m/T_W) * lambda * (KL_m - delta) = lambda * (KL_W - delta)
+exactly. The loss holds one :class:`~discoloss.constraints.LagrangeMultiplier` per actor process
+(step size ``--algo.disco.lagrangian_lr``) and adds up the micro-batches' KL shares t_m/T_W * KL_m
+of the current optimizer step on the device (:meth:`DiscoPolicyLoss.take_step_kl`); after the
+step, :mod:`.patch` sums them over the DP ranks (KL_W) and calls
+``multiplier.update(KL_W, delta=delta)`` once, identically on every rank.
 """
 
 from __future__ import annotations
@@ -45,6 +52,7 @@ import torch
 from torch import Tensor, nn
 
 from discoloss import disco_loss
+from discoloss.constraints import LagrangeMultiplier
 from discoloss.adapters.openrlhf.settings import DiscoSettings
 
 __all__ = ["DiscoMicroBatch", "DiscoPolicyLoss", "policy_loss_outputs"]
@@ -100,6 +108,10 @@ class DiscoPolicyLoss(nn.Module):
     ``advantages`` OpenRLHF passes are ignored (DisCO builds its signal from the rewards and
     question ids). Returns a tuple shaped like the wrapped ``PolicyLoss``'s:
     ``(loss, clip_ratio=0, ppo_kl=KL_m, <None or 0 for the rest>)``.
+
+    With ``constraint="lagrangian"`` it owns :attr:`multiplier` (a
+    :class:`~discoloss.constraints.LagrangeMultiplier` with ``lr=settings.lagrangian_lr``; the
+    loss uses its current value) and accumulates the step's KL shares for :meth:`take_step_kl`.
     """
 
     def __init__(self, settings: DiscoSettings, outputs: tuple[bool, ...]) -> None:
@@ -107,12 +119,24 @@ class DiscoPolicyLoss(nn.Module):
         self.settings = settings
         self.outputs = outputs
         self._batch: DiscoMicroBatch | None = None
+        self.multiplier: LagrangeMultiplier | None = (
+            LagrangeMultiplier(lr=settings.lagrangian_lr)
+            if settings.constraint == "lagrangian" else None
+        )
+        self._step_kl: Tensor | None = None
 
     def bind(self, batch: DiscoMicroBatch) -> None:
         self._batch = batch
 
     def unbind(self) -> None:
         self._batch = None
+
+    def take_step_kl(self) -> Tensor | None:
+        """This rank's share of the optimizer step's KL, sum_m (t_m / T_W) * KL_m over the
+        micro-batches computed since the last call (0-d tensor on the loss device, detached), and
+        reset; None if no micro-batch ran."""
+        kl, self._step_kl = self._step_kl, None
+        return kl
 
     def forward(
         self,
@@ -141,11 +165,16 @@ class DiscoPolicyLoss(nn.Module):
             batch.group_ids,
             num_groups=batch.num_groups,
             num_tokens=batch.num_tokens,
+            multiplier=self.multiplier,
             **self.settings.loss_kwargs(),
         )
         loss = batch.scale * out.loss
         for key, value in out.metrics.items():
             batch.info[f"disco/{key}"] = value
         kl = out.kl.detach()
+        if self.multiplier is not None:
+            self._step_kl = kl if self._step_kl is None else self._step_kl + kl
+            batch.info["disco/lagrange_multiplier"] = self.multiplier.value.to(
+                device=kl.device, dtype=torch.float32)
         extras = [torch.zeros_like(kl) if is_tensor else None for is_tensor in self.outputs[3:]]
         return (loss, torch.zeros_like(kl), kl, *extras)

@@ -20,23 +20,36 @@ unchanged, so installing it is harmless for other runs.
 * ``ActorPPOTrainer.training_step``: binds the micro-batch's question ids, rewards and scales to
   the loss, then runs OpenRLHF's own step (backward, optimizer, entropy/KL terms, metrics).
 
+With ``--algo.disco.constraint lagrangian`` the loss owns a
+:class:`~discoloss.constraints.LagrangeMultiplier` (one per actor process). After each
+optimizer-step window the window wrapper sums the step's KL shares over the DP ranks (one
+all-reduce of one number per optimizer step, outside the loss) and updates the multiplier once,
+identically on every rank. Its state is saved next to the actor's DeepSpeed checkpoint, in the
+tag's folder (``<ckpt.path>/_actor/<tag>/discoloss_lagrange_rank<r>.pt``, written by a wrapper of
+the trainer's ``strategy.save_ckpt`` for the actor's model), and restored when the trainer is
+built with ``--ckpt.load_enable`` from the tag DeepSpeed resumes from (the ``latest`` file).
+
 Patching happens when the module is imported (a post-import hook), so that processes which
 never import the trainer (e.g. vLLM engines) are not made to import DeepSpeed.
 """
 
 from __future__ import annotations
 
+import contextvars
 import functools
 import importlib.abc
 import importlib.machinery
+import os
 import sys
 import threading
+import warnings
 from collections.abc import Callable, Iterable, Iterator
 from types import ModuleType
 from typing import Any
 
 import torch
 
+from discoloss.constraints import LagrangeMultiplier
 from discoloss.adapters.openrlhf.loss import DiscoMicroBatch, DiscoPolicyLoss, policy_loss_outputs
 from discoloss.adapters.openrlhf.settings import ESTIMATOR, DiscoSettings, settings_from_args
 
@@ -58,6 +71,13 @@ EXPERIENCE_MAKER = "openrlhf.trainer.ppo_utils.experience_maker"
 PPO_ACTOR = "openrlhf.trainer.ray.ppo_actor"
 
 _MARK = "__discoloss_original__"
+
+#: File of the Lagrange multiplier's state in a checkpoint tag's folder (one per rank).
+MULTIPLIER_FILE = "discoloss_lagrange_rank{rank}.pt"
+
+#: The DisCO loss of the ``ppo_train`` running in this context (read by the window wrapper).
+_ACTIVE_LOSS: contextvars.ContextVar[DiscoPolicyLoss | None] = contextvars.ContextVar(
+    "discoloss_active_loss", default=None)
 _lock = threading.RLock()
 _patched: set[str] = set()
 
@@ -268,9 +288,16 @@ def disco_windows(original: Callable[..., Iterator[Any]], data_iter: Iterable[An
     ``iter_grad_accum_global_norm`` does (DeepSpeed's accumulation boundaries), sums the window's
     questions and tokens over the DP ranks and gives every micro-batch the window's normalisers
     G_W, T_W and the scale gas * dp (see :mod:`discoloss.adapters.openrlhf.loss`); then yields
-    what OpenRLHF's function yields.
+    what OpenRLHF's function yields. With a Lagrange multiplier, once the window's micro-batches
+    have run (the optimizer step is done), updates it with the step's global KL
+    (:func:`update_multiplier`).
     """
     settings = settings_from_args(strategy.args)
+    loss_fn = _ACTIVE_LOSS.get()
+    multiplier = loss_fn.multiplier if loss_fn is not None else None
+    if settings.constraint == "lagrangian" and (loss_fn is None or multiplier is None):
+        raise RuntimeError("discoloss: constraint=lagrangian needs the DisCO loss of the running "
+                           "ActorPPOTrainer.ppo_train (the patched one)")
     gas = max(int(accumulated_gradient), 1)
     group, dp = _dp_group_and_size(strategy)
 
@@ -291,6 +318,9 @@ def disco_windows(original: Callable[..., Iterator[Any]], data_iter: Iterable[An
             batch["num_tokens"] = num_tokens
             batch["scale"] = float(gas * dp)
         yield from original(iter(window), strategy, gas, mask_fn)
+        if loss_fn is not None and multiplier is not None:
+            update_multiplier(multiplier, loss_fn.take_step_kl(), delta=settings.delta,
+                              group=group, dp=dp, device=device)
 
     window: list[Any] = []
     for item in data_iter:
@@ -302,6 +332,96 @@ def disco_windows(original: Callable[..., Iterator[Any]], data_iter: Iterable[An
         yield from emit(window)
 
 
+def update_multiplier(multiplier: LagrangeMultiplier, local_kl: torch.Tensor | None, *,
+                      delta: float, group: Any, dp: int, device: torch.device) -> torch.Tensor:
+    r"""One dual-ascent step with the optimizer step's global KL:
+
+    .. math:: KL_W = \sum_{ranks} \sum_{m \in W} (t_m / T_W) KL_m, \qquad
+              \lambda \leftarrow \max(0, \lambda + \eta (KL_W - \delta)).
+
+    ``local_kl`` is this rank's share (0-d, from :meth:`DiscoPolicyLoss.take_step_kl`; None counts
+    as 0). One all-reduce of one float64 when distributed; no host sync. Returns KL_W.
+    """
+    kl = (torch.zeros((), dtype=torch.float64, device=device) if local_kl is None
+          else local_kl.detach().to(device=device, dtype=torch.float64).reshape(()).clone())
+    if group is not None or dp > 1:
+        torch.distributed.all_reduce(kl, group=group)
+    multiplier.update(kl, delta=delta)
+    return kl
+
+
+def _rank() -> int:
+    dist = torch.distributed
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
+def _ckpt_dir(args: Any) -> str | None:
+    ckpt = getattr(args, "ckpt", None)
+    path = getattr(ckpt, "path", None)
+    return None if path is None else os.path.join(path, "_actor")
+
+
+def save_multiplier(multiplier: LagrangeMultiplier, save_dir: str, tag: str | None) -> str:
+    """Write the multiplier's state into the checkpoint tag's folder (``tag=None``: the one named
+    by DeepSpeed's ``latest`` file); return the file's path."""
+    if tag is None:
+        with open(os.path.join(save_dir, "latest")) as f:
+            tag = f.read().strip()
+    folder = os.path.join(save_dir, str(tag))
+    os.makedirs(folder, exist_ok=True)
+    path = os.path.join(folder, MULTIPLIER_FILE.format(rank=_rank()))
+    torch.save(multiplier.state_dict(), path + ".tmp")
+    os.replace(path + ".tmp", path)
+    return path
+
+
+def load_multiplier(multiplier: LagrangeMultiplier, load_dir: str) -> str | None:
+    """Restore the multiplier from the checkpoint DeepSpeed resumes from (``load_dir/latest``);
+    return the file read, or None (with a warning if a checkpoint exists but has no multiplier)."""
+    latest = os.path.join(load_dir, "latest")
+    if not os.path.isfile(latest):
+        return None
+    with open(latest) as f:
+        tag = f.read().strip()
+    path = os.path.join(load_dir, tag, MULTIPLIER_FILE.format(rank=_rank()))
+    if not os.path.isfile(path):
+        warnings.warn(f"discoloss: the checkpoint {os.path.join(load_dir, tag)} has no Lagrange "
+                      f"multiplier ({os.path.basename(path)}); it starts again from 0",
+                      RuntimeWarning, stacklevel=2)
+        return None
+    multiplier.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+    return path
+
+
+def _attach_checkpointing(trainer: Any, loss_fn: DiscoPolicyLoss) -> None:
+    """Save the multiplier with the actor's checkpoints (wrapping this trainer's
+    ``strategy.save_ckpt``, the call ``PolicyModelActor.save_checkpoint`` makes) and restore it
+    now if OpenRLHF resumes (``--ckpt.load_enable``; the trainer is built right after the actor's
+    DeepSpeed checkpoint is loaded)."""
+    multiplier = loss_fn.multiplier
+    if multiplier is None:
+        return
+    strategy, args = trainer.strategy, trainer.args
+    ckpt = getattr(args, "ckpt", None)
+    load_dir = _ckpt_dir(args)
+    if load_dir is not None and getattr(ckpt, "load_enable", False) and os.path.isdir(load_dir):
+        load_multiplier(multiplier, load_dir)
+    save_ckpt = getattr(strategy, "save_ckpt", None)
+    if save_ckpt is None or getattr(save_ckpt, _MARK, None) is not None:
+        return
+
+    @functools.wraps(save_ckpt)
+    def save_ckpt_with_multiplier(model: Any, save_dir: str, tag: str | None = None,
+                                  *rest: Any, **kwargs: Any) -> Any:
+        out = save_ckpt(model, save_dir, tag, *rest, **kwargs)
+        if model is getattr(trainer.actor, "model", None):
+            save_multiplier(multiplier, save_dir, tag)
+        return out
+
+    setattr(save_ckpt_with_multiplier, _MARK, save_ckpt)
+    strategy.save_ckpt = save_ckpt_with_multiplier
+
+
 def _patch_ppo_actor(module: ModuleType) -> None:
     cls = module.ActorPPOTrainer
 
@@ -311,6 +431,7 @@ def _patch_ppo_actor(module: ModuleType) -> None:
             if is_disco(self.args):
                 self.actor_loss_fn = DiscoPolicyLoss(
                     settings_from_args(self.args), policy_loss_outputs(self.actor_loss_fn))
+                _attach_checkpointing(self, self.actor_loss_fn)
 
         return __init__
 
@@ -324,9 +445,15 @@ def _patch_ppo_actor(module: ModuleType) -> None:
                 micro_batch_size=int(self.micro_train_batch_size),
                 n_samples_per_prompt=int(self.args.rollout.n_samples_per_prompt),
             )
+            loss_fn = (self.actor_loss_fn if isinstance(self.actor_loss_fn, DiscoPolicyLoss)
+                       else None)
+            if loss_fn is not None:
+                loss_fn.take_step_kl()  # nothing left over from an interrupted step
+            token = _ACTIVE_LOSS.set(loss_fn)
             try:
                 return original(self, *args, **kwargs)
             finally:
+                _ACTIVE_LOSS.reset(token)
                 self.replay_buffer = buffer
 
         return ppo_train

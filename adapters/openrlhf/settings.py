@@ -5,20 +5,24 @@ imports OpenRLHF, so the checks also run in the driver before any Ray actor star
 
 The DisCO options are those of :func:`discoloss.disco_loss` and are validated by the core's
 :class:`discoloss.options.DiscoOptions` (same names, defaults, ranges and messages); the adapter
-only names the flag, ``--algo.disco.<name>``, in every message, and refuses
-``--algo.disco.constraint lagrangian`` (:func:`check_for_openrlhf`).
+only names the flag, ``--algo.disco.<name>``, in every message. One option is the adapter's
+own: ``--algo.disco.lagrangian_lr``, the dual step size of the Lagrange multiplier that
+``--algo.disco.constraint lagrangian`` keeps per actor process (see :mod:`.patch`).
 """
 
 from __future__ import annotations
 
 import argparse
+from dataclasses import dataclass
 from typing import Any
 
+from discoloss._checks import check_number
 from discoloss._types import CONSTRAINTS, KL_ESTIMATORS, NORMALIZES, OBJECTIVES, SCORES
 from discoloss.options import DiscoOptions
 
 __all__ = [
     "ESTIMATOR",
+    "LOSS_OPTION_NAMES",
     "OPTION_NAMES",
     "DiscoSettings",
     "LayoutError",
@@ -34,21 +38,38 @@ ESTIMATOR = "disco"
 #: Prefix of the DisCO flags (``--algo.disco.tau`` ...); the parsed values land in ``args.algo.disco``.
 PREFIX = "algo.disco."
 
-#: The DisCO options, exactly those of :func:`discoloss.disco_loss` (from the core).
-OPTION_NAMES: tuple[str, ...] = DiscoOptions.names()
+#: The options of :func:`discoloss.disco_loss` (from the core).
+LOSS_OPTION_NAMES: tuple[str, ...] = DiscoOptions.names()
 
 
+@dataclass(frozen=True)
 class DiscoSettings(DiscoOptions):
     """The validated options of :func:`discoloss.disco_loss` (the core's
     :class:`~discoloss.options.DiscoOptions`: score, objective, tau, delta, beta, kl_estimator,
-    threshold, normalize, constraint, cvar_alpha, margin, clip_eps), with its names and defaults.
+    threshold, normalize, constraint, cvar_alpha, margin, clip_eps), with its names and defaults,
+    plus the adapter's ``lagrangian_lr``.
 
-    ``tau=None`` resolves to 10 for ``log_likelihood`` and 1 otherwise.
+    ``tau=None`` resolves to 10 for ``log_likelihood`` and 1 otherwise. ``lagrangian_lr`` (> 0)
+    is the dual step size eta of :class:`discoloss.constraints.LagrangeMultiplier`, used with
+    ``constraint="lagrangian"``: lambda <- max(0, lambda + eta * (KL_W - delta)) once per
+    optimizer step, KL_W the step's global KL.
     """
 
+    lagrangian_lr: float = 1e3
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        object.__setattr__(self, "lagrangian_lr",
+                           check_number("lagrangian_lr", self.lagrangian_lr, positive=True))
+
     def loss_kwargs(self) -> dict[str, Any]:
-        """Keyword arguments for :func:`discoloss.disco_loss`."""
-        return self.as_dict()
+        """Keyword arguments for :func:`discoloss.disco_loss` (without ``multiplier``, which
+        ``constraint="lagrangian"`` also needs)."""
+        return {name: getattr(self, name) for name in LOSS_OPTION_NAMES}
+
+
+#: The ``--algo.disco.*`` options: those of :func:`discoloss.disco_loss` and ``lagrangian_lr``.
+OPTION_NAMES: tuple[str, ...] = DiscoSettings.names()
 
 
 #: The string options and their values, from the core's ``Literal`` types (shown by ``--help``).
@@ -74,11 +95,14 @@ _HELP: dict[str, str] = {
     "threshold": "a response is positive iff its reward > threshold",
     "normalize": "divide the objective by all questions of the mini-batch (all, as published) "
     "or by those with both a positive and a negative (valid)",
-    "constraint": "KL penalty: squared_hinge (DisCO), hinge, kl_penalty (beta KL) or none; "
-    "lagrangian is not supported with OpenRLHF",
+    "constraint": "KL penalty: squared_hinge (DisCO), hinge, kl_penalty (beta KL), lagrangian "
+    "(multiplier updated by dual ascent after every optimizer step) or none",
     "cvar_alpha": "objective cvar: fraction of the hardest negatives, in (0, 1]",
     "margin": "objective auc_sq_hinge: pair margin, >= 0",
     "clip_eps": "score clipped_ratio: clip range, in (0, 1)",
+    "lagrangian_lr": "constraint lagrangian: dual step size eta of the multiplier, > 0; after "
+    "every optimizer step lambda <- max(0, lambda + eta * (KL - delta)) with the step's KL over "
+    "all ranks",
 }
 
 
@@ -132,17 +156,8 @@ def _given(args: Any) -> dict[str, Any]:
 
 def check_for_openrlhf(settings: DiscoSettings) -> DiscoSettings:
     """Refuse the options that are valid for :func:`discoloss.disco_loss` but cannot run
-    correctly in OpenRLHF's actor (the message names the flag and the alternatives)."""
-    if settings.constraint == "lagrangian":
-        raise ValueError(
-            f"--{PREFIX}constraint=lagrangian is not supported with OpenRLHF: its multiplier is "
-            "training state that every actor rank would have to update once per optimizer step "
-            "with the mini-batch's global KL (all-reduced over the data-parallel ranks) and save "
-            "in checkpoints, and OpenRLHF's actor has no per-step hook or checkpoint slot for a "
-            f"policy loss. Use --{PREFIX}constraint kl_penalty (fixed coefficient "
-            f"--{PREFIX}beta, exact under gradient accumulation), squared_hinge (DisCO, the "
-            "default), hinge or none; the TRL adapter supports lagrangian."
-        )
+    correctly in OpenRLHF's actor (the message names the flag). Every option is supported
+    today; the hook is kept for the driver's and the actor's checks."""
     return settings
 
 

@@ -102,7 +102,7 @@ def extended_cli() -> Iterator[dict[str, Any]]:
         parsed = original_parse(self, args, namespace)
         state["disco"] = _validate(self, parsed, dests)
         if state["disco"] and os.environ.get("DISCOLOSS_DRY_RUN") == "1":
-            print(json.dumps({"disco": settings_from_args(parsed).loss_kwargs()}))
+            print(json.dumps({"disco": settings_from_args(parsed).as_dict()}))
             raise SystemExit(0)
         if state["disco"]:
             from discoloss.adapters.openrlhf.patch import install

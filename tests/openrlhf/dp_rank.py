@@ -1,10 +1,11 @@
 """One data-parallel rank of test_openrlhf_dp.py (run as a script: ``python dp_rank.py RANK
-WORLD INIT_FILE MODEL_PATH OUT_DIR``).
+WORLD INIT_FILE MODEL_PATH OUT_DIR [CONSTRAINT]``).
 
 Every rank makes the same rollout with OpenRLHF's experience maker, takes the chunk OpenRLHF's
 own ``RayActorGroup.async_run_method_batch`` deals to it, and runs the real
 ``ActorPPOTrainer.ppo_train`` with a DeepSpeed-like strategy that averages gradients over the
-ranks (gloo). It saves its micro-batches and the gradient of the update.
+ranks (gloo). It saves its micro-batches and the gradient of the update (with
+``CONSTRAINT=lagrangian``: the multiplier's value before and after the update too).
 """
 
 from __future__ import annotations
@@ -30,6 +31,9 @@ from discoloss.adapters.openrlhf import install
 
 SETTINGS = dict(score="log_likelihood", objective="disco", tau=5.0, delta=1e-4, beta=50.0,
                 normalize="valid", kl_estimator="k1")
+#: ``constraint=lagrangian``: the multiplier's value before the update and its step size.
+LAGRANGIAN = dict(constraint="lagrangian", lagrangian_lr=10.0)
+LAMBDA0 = 2.0
 NUM_PROMPTS = 4
 REWARDS = [1.0, 0.0, 1.0, 0.0, 1.0, 1.0, 1.0, 1.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0, 1.0, 1.0]
 
@@ -58,6 +62,7 @@ def dealt_chunk(experiences: list, rank: int, world: int) -> list:
 def main() -> None:
     rank, world, init_file, model_path, out_dir = sys.argv[1:6]
     rank, world = int(rank), int(world)
+    options = {**SETTINGS, **(LAGRANGIAN if sys.argv[6:] == ["lagrangian"] else {})}
     install()
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank,
                             world_size=world)
@@ -69,7 +74,7 @@ def main() -> None:
         "train.batch_size": samples, "train.micro_batch_size": micro,
         "rollout.batch_size": NUM_PROMPTS, "rollout.micro_batch_size": 2,
         "actor.num_gpus_per_node": world,
-        **{f"algo.disco.{k}": v for k, v in SETTINGS.items()},
+        **{f"algo.disco.{k}": v for k, v in options.items()},
     })
     monkeypatch = pytest.MonkeyPatch()
     monkeypatch.setattr(experience_maker, "ray", SimpleNamespace(get=lambda x: x, put=lambda x: x))
@@ -79,9 +84,14 @@ def main() -> None:
     trainer, strategy = build_trainer(args, actor, micro=micro, gas=1, monkeypatch=monkeypatch)
     for exp in dealt_chunk(experiences, rank, world):
         trainer.replay_buffer.append(exp)
+    multiplier = trainer.actor_loss_fn.multiplier
+    if multiplier is not None:
+        multiplier.value = torch.tensor(LAMBDA0, dtype=torch.float64)
     seen = record_micro_batches(monkeypatch)
     trainer.ppo_train(0.0)
-    torch.save({"seen": seen, "grads": strategy.step_grads}, f"{out_dir}/rank{rank}.pt")
+    torch.save({"seen": seen, "grads": strategy.step_grads,
+                "multiplier": None if multiplier is None else multiplier.state_dict()},
+               f"{out_dir}/rank{rank}.pt")
     dist.destroy_process_group()
 
 

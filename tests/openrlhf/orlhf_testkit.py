@@ -236,6 +236,19 @@ class DeepSpeedLikeStrategy:
     def get_grad_norm(self, model: Any) -> float:
         return 0.0
 
+    def save_ckpt(self, model: Any, save_dir: str, tag: str | None = None, max_num: int = 3,
+                  max_mem: int = 1000, client_state: Any = None, save_latest: bool = True,
+                  metric_value: Any = None, metric_key: Any = None) -> None:
+        """DeepSpeed's layout: the model's state in ``save_dir/<tag>/``, the tag in ``latest``."""
+        import os
+
+        tag = tag or "global_step0"
+        os.makedirs(os.path.join(save_dir, tag), exist_ok=True)
+        torch.save(model.state_dict(), os.path.join(save_dir, tag, "model_states.pt"))
+        if save_latest:
+            with open(os.path.join(save_dir, "latest"), "w") as f:
+                f.write(tag)
+
     def all_reduce(self, data: Any, op: str = "mean") -> Any:
         dist = torch.distributed
         if not (dist.is_available() and dist.is_initialized()):

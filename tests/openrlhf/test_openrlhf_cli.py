@@ -115,8 +115,10 @@ def test_help_lists_disco_options(capsys):
     text = capsys.readouterr().out
     assert "DisCO (discoloss)" in text
     for name in ("score", "objective", "tau", "delta", "beta", "kl_estimator", "threshold",
-                 "normalize", "constraint", "cvar_alpha", "margin", "clip_eps"):
+                 "normalize", "constraint", "cvar_alpha", "margin", "clip_eps", "lagrangian_lr"):
         assert f"--algo.disco.{name}" in text
+    assert re.search(r"--algo.disco.lagrangian_lr LAGRANGIAN_LR\s+constraint lagrangian", text)
+    assert "(default: 1000.0)" in text
     # the values of the string options come from the core's types
     for value in ("clipped_ratio", "cvar", "disco_2way", "auc_sq_hinge", "auc_logistic",
                   "kl_penalty", "hinge"):
@@ -132,7 +134,8 @@ def test_help_lists_disco_options(capsys):
     ("--algo.disco.normalize", "some"), ("--algo.disco.constraint", "trust_region"),
     ("--algo.disco.cvar_alpha", "0"), ("--algo.disco.cvar_alpha", "1.5"),
     ("--algo.disco.margin", "-0.1"), ("--algo.disco.clip_eps", "1"),
-    ("--algo.disco.clip_eps", "0"),
+    ("--algo.disco.clip_eps", "0"), ("--algo.disco.lagrangian_lr", "0"),
+    ("--algo.disco.lagrangian_lr", "-5"), ("--algo.disco.lagrangian_lr", "nan"),
 ])
 def test_bad_values_are_rejected(launch, capsys, flag, value):
     with pytest.raises(SystemExit) as exit_info:
@@ -173,18 +176,17 @@ def test_variant_flags_reach_the_training_args(launch, variant):
     assert got == {k: want.get(k, params[k].default) for k in got}
 
 
-def test_lagrangian_is_refused_before_training(launch, capsys):
-    with pytest.raises(SystemExit) as exit_info:
-        launch(DISCO + ["--algo.disco.constraint", "lagrangian"])
-    assert exit_info.value.code == 2
-    err = capsys.readouterr().err
-    assert "--algo.disco.constraint=lagrangian is not supported with OpenRLHF" in err
-    for alternative in ("kl_penalty", "squared_hinge", "hinge", "none"):
-        assert alternative in err
+def test_lagrangian_and_its_step_size_reach_the_training_args(launch):
+    out = launch(DISCO + ["--algo.disco.constraint", "lagrangian",
+                          "--algo.disco.lagrangian_lr", "250"])
+    settings = settings_from_args(out.args)
+    assert settings.constraint == "lagrangian" and settings.lagrangian_lr == 250.0
+    assert "lagrangian_lr" not in settings.loss_kwargs()  # not a disco_loss option
+    assert settings_from_args(launch(DISCO).args).lagrangian_lr == 1e3
     # and in the actor too (args built without the launcher)
-    with pytest.raises(ValueError, match="--algo.disco.constraint=lagrangian"):
+    with pytest.raises(ValueError, match="--algo.disco.lagrangian_lr"):
         settings_from_args(SimpleNamespace(algo=SimpleNamespace(disco=SimpleNamespace(
-            constraint="lagrangian"))))
+            constraint="lagrangian", lagrangian_lr=-1.0))))
 
 
 def _replace(argv: list[str], flag: str, value: str | None) -> list[str]:
@@ -308,6 +310,7 @@ def test_dry_run_prints_the_resolved_options(launch, capsys, monkeypatch):
     assert exit_info.value.code == 0
     printed = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert printed["disco"]["score"] == "likelihood_ratio" and printed["disco"]["tau"] is None
+    assert printed["disco"]["lagrangian_lr"] == 1e3
 
 
 def test_job_level_hook_is_left_to_ray(monkeypatch):

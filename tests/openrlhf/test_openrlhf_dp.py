@@ -4,7 +4,8 @@ OpenRLHF's own chunking deals the rollout to the ranks; each rank trains on whol
 the strategy averages gradients over ranks as DeepSpeed does. The averaged gradient must equal
 DisCO on the whole mini-batch: the objective normalised by the questions with signal over both
 ranks (``normalize="valid"``), the penalty by the adapter's rule (token share of each
-micro-batch's own penalty).
+micro-batch's own penalty). With ``constraint=lagrangian`` the penalty is exact, and both ranks
+update the multiplier with the KL of the whole mini-batch (over both ranks).
 """
 
 from __future__ import annotations
@@ -14,22 +15,27 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
-from orlhf_testkit import N, load_actor, reference_gradient
+from orlhf_testkit import N, load_actor, pad_cat, reference_gradient
+
+from discoloss import kl_divergence
+from discoloss.constraints import LagrangeMultiplier
 
 HERE = Path(__file__).resolve().parent
 
 
-def test_two_ranks_equal_disco_on_the_mini_batch(tiny_model_path, tmp_path):
+@pytest.mark.parametrize("constraint", ["squared_hinge", "lagrangian"])
+def test_two_ranks_equal_disco_on_the_mini_batch(tiny_model_path, tmp_path, constraint):
     sys.path.insert(0, str(HERE))
-    from dp_rank import SETTINGS
+    from dp_rank import LAGRANGIAN, LAMBDA0, SETTINGS
 
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(HERE), os.environ["PYTHONPATH"]])}
     init = tmp_path / "init"
     procs = [
         subprocess.Popen([sys.executable, str(HERE / "dp_rank.py"), str(r), "2", str(init),
-                          tiny_model_path, str(tmp_path)], env=env, stdout=subprocess.PIPE,
-                         stderr=subprocess.STDOUT, text=True)
+                          tiny_model_path, str(tmp_path), constraint], env=env,
+                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         for r in range(2)
     ]
     outputs = [p.communicate(timeout=300)[0] for p in procs]
@@ -46,7 +52,30 @@ def test_two_ranks_equal_disco_on_the_mini_batch(tiny_model_path, tmp_path):
     for g0, g1 in zip(results[0]["grads"][0], results[1]["grads"][0]):
         torch.testing.assert_close(g0, g1)
 
-    want = reference_gradient(load_actor(tiny_model_path), seen, SETTINGS, local_penalty=True)
+    if constraint == "squared_hinge":
+        want = reference_gradient(load_actor(tiny_model_path), seen, SETTINGS, local_penalty=True)
+    else:
+        settings = {**SETTINGS, "constraint": "lagrangian",
+                    "multiplier": LagrangeMultiplier(init=LAMBDA0)}
+        want = reference_gradient(load_actor(tiny_model_path), seen, settings, local_penalty=False)
     for g, w in zip(results[0]["grads"][0], want):
         torch.testing.assert_close(g, w, rtol=2e-4, atol=1e-7)
     assert max(float(w.abs().max()) for w in want) > 1e-4
+    if constraint != "lagrangian":
+        assert results[0]["multiplier"] is None
+        return
+    # one dual-ascent step with the mini-batch's KL over both ranks, the same on both ranks
+    actor0 = load_actor(tiny_model_path)
+    with torch.no_grad():
+        lps = [actor0(m["sequences"], m["action_mask"], attention_mask=m["attention_mask"])
+               for m in seen]
+    masks = [m["action_mask"].bool() for m in seen]
+    olds = [m["old"] for m in seen]
+    kl = float(kl_divergence(pad_cat(lps), pad_cat(olds), pad_cat(masks)))
+    local = [float(kl_divergence(lp, o, k)) for lp, o, k in zip(lps, olds, masks)]
+    assert abs(local[0] - local[1]) > 1e-4  # a rank's own KL would give another value
+    lr, delta = LAGRANGIAN["lagrangian_lr"], SETTINGS["delta"]
+    for res in results:
+        assert float(res["multiplier"]["value"]) == pytest.approx(
+            max(0.0, LAMBDA0 + lr * (kl - delta)), rel=1e-6)
+        assert res["multiplier"]["steps"] == 1
