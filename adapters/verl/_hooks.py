@@ -7,6 +7,12 @@ unless a run selects ``disco``):
 2. ``verl.trainer.ppo.v1.trainer_base.PPOTrainer`` (the default v1 trainer; patched when that
    module is imported, so ``import verl`` stays light) gets a question-aware ``_balance_batch``
    and, with ``use_dynamic_bsz``, passes ``force_group_size=rollout.n`` to the actor update.
+3. ``verl.workers.engine_workers.TrainingWorker`` (the actor's training worker, in every Ray
+   worker; patched when that module is imported): for ``constraint=lagrangian`` runs,
+   ``train_batch`` (one optimizer step) is followed by the multiplier's update with the step's
+   global KL, ``infer_batch`` (forward only) leaves the step's KL untouched, and
+   ``save_checkpoint`` / ``load_checkpoint`` also write / read its state
+   (:mod:`discoloss.adapters.verl.lagrangian`).
 """
 
 from __future__ import annotations
@@ -19,10 +25,12 @@ from collections.abc import Callable
 from types import ModuleType
 from typing import Any
 
-from ._options import NAME, POLICY_LOSS_PATH, DiscoLayoutError
+from . import lagrangian
+from ._options import NAME, POLICY_LOSS_PATH, DiscoLayoutError, VerlDiscoOptions
 from .layout import check_config, group_balanced_order, uses_disco
 
 V1_TRAINER = "verl.trainer.ppo.v1.trainer_base"
+ENGINE_WORKERS = "verl.workers.engine_workers"
 MARK = "__discoloss__"
 
 
@@ -163,10 +171,90 @@ class _PatchAfterImport(importlib.abc.MetaPathFinder):
         return spec
 
 
-def install_v1_trainer_hook() -> None:
-    module = sys.modules.get(V1_TRAINER)
+def _patch_when_imported(name: str, patch: Callable[[ModuleType], None]) -> None:
+    module = sys.modules.get(name)
     if module is not None:
-        patch_v1_trainer(module)
+        patch(module)
         return
-    if not any(isinstance(f, _PatchAfterImport) and f.name == V1_TRAINER for f in sys.meta_path):
-        sys.meta_path.insert(0, _PatchAfterImport(V1_TRAINER, patch_v1_trainer))
+    if not any(isinstance(f, _PatchAfterImport) and f.name == name for f in sys.meta_path):
+        sys.meta_path.insert(0, _PatchAfterImport(name, patch))
+
+
+def install_v1_trainer_hook() -> None:
+    _patch_when_imported(V1_TRAINER, patch_v1_trainer)
+
+
+def lagrangian_options(worker: Any) -> VerlDiscoOptions | None:
+    """The DisCO options of a training worker whose loss is DisCO with
+    ``constraint=lagrangian`` (its ``loss_fn`` is ``partial(ppo_loss, config=ActorConfig)``);
+    None for any other worker (critic, other losses)."""
+    from .loss import options_of
+
+    config = getattr(getattr(worker, "loss_fn", None), "keywords", {}).get("config")
+    node = getattr(config, "policy_loss", None)
+    if node is None or getattr(node, "loss_mode", None) != NAME:
+        return None
+    options = options_of(config)
+    return options if options.disco.constraint == "lagrangian" else None
+
+
+def finish_lagrangian_step(worker: Any) -> None:
+    """After one optimizer step of ``worker`` (a ``TrainingWorker``): the multiplier's update
+    with the step's global KL, the shares all-reduced over the worker's data-parallel group."""
+    options = lagrangian_options(worker)
+    if options is None:
+        return
+    from verl.utils.device import get_device_name
+
+    lagrangian.finish_step(
+        delta=options.disco.delta,
+        group=worker.engine.get_data_parallel_group(),
+        device=get_device_name(),
+    )
+
+
+def patch_engine_workers(module: ModuleType) -> None:
+    cls = module.TrainingWorker
+    train = cls.train_batch
+    if getattr(train, MARK, False):
+        return
+    infer, save, load = cls.infer_batch, cls.save_checkpoint, cls.load_checkpoint
+
+    @functools.wraps(train)
+    def train_batch(self: Any, data: Any) -> Any:
+        output = train(self, data)
+        finish_lagrangian_step(self)
+        return output
+
+    @functools.wraps(save)
+    def save_checkpoint(self: Any, local_path: str, *args: Any, **kwargs: Any) -> Any:
+        result = save(self, local_path, *args, **kwargs)
+        if lagrangian_options(self) is not None:
+            lagrangian.save_state(local_path)
+        return result
+
+    @functools.wraps(load)
+    def load_checkpoint(self: Any, local_path: str, *args: Any, **kwargs: Any) -> Any:
+        options = lagrangian_options(self)
+        if options is not None:  # before verl's load, which may delete the local copy
+            lagrangian.load_state(local_path, lr=options.lagrangian_lr)
+        return load(self, local_path, *args, **kwargs)
+
+    @functools.wraps(infer)
+    def infer_batch(self: Any, data: Any) -> Any:
+        # A forward-only pass that computes the loss (compute_loss=True) is no optimizer step:
+        # the KL shares it records are dropped.
+        pending = lagrangian.state().pending
+        try:
+            return infer(self, data)
+        finally:
+            lagrangian.state().pending = pending
+
+    cls.train_batch = _mark(train_batch)
+    cls.infer_batch = _mark(infer_batch)
+    cls.save_checkpoint = _mark(save_checkpoint)
+    cls.load_checkpoint = _mark(load_checkpoint)
+
+
+def install_engine_workers_hook() -> None:
+    _patch_when_imported(ENGINE_WORKERS, patch_engine_workers)

@@ -9,6 +9,7 @@ exact under verl (:func:`check_for_verl`).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -23,7 +24,7 @@ NAME = "disco"
 #: The DisCO options, exactly those of :func:`discoloss.disco_loss` (from the core).
 CORE_OPTION_NAMES: tuple[str, ...] = DiscoOptions.names()
 #: Settings that only the verl adapter has.
-ADAPTER_OPTION_NAMES: tuple[str, ...] = ("validate",)
+ADAPTER_OPTION_NAMES: tuple[str, ...] = ("validate", "lagrangian_lr")
 OPTION_NAMES: tuple[str, ...] = CORE_OPTION_NAMES + ADAPTER_OPTION_NAMES
 
 
@@ -44,10 +45,14 @@ class VerlDiscoOptions:
       to :func:`discoloss.disco_loss` unchanged.
     validate: value and layout checks with one host sync per micro-batch; False gives a
       sync-free loss (adapter-only setting).
+    lagrangian_lr: dual step size eta of the multiplier of ``constraint=lagrangian``
+      (:class:`discoloss.constraints.LagrangeMultiplier`), > 0; unused by the other constraints
+      (adapter-only setting).
     """
 
     disco: DiscoOptions = field(default_factory=DiscoOptions)
     validate: bool = True
+    lagrangian_lr: float = 1e3
 
 
 def _core_error(error: ValueError | TypeError) -> DiscoConfigError:
@@ -80,7 +85,16 @@ def options_from_mapping(node: Mapping[str, Any] | Any) -> VerlDiscoOptions:
         raise DiscoConfigError(
             f"{POLICY_LOSS_PATH}.validate: expected true or false, got {validate!r}"
         )
-    return VerlDiscoOptions(disco=disco, validate=validate)
+    lr = get("lagrangian_lr", 1e3)
+    if isinstance(lr, bool) or not isinstance(lr, (int, float)):
+        raise DiscoConfigError(
+            f"{POLICY_LOSS_PATH}.lagrangian_lr: expected a number > 0, got {lr!r}"
+        )
+    if not (math.isfinite(lr) and lr > 0):
+        raise DiscoConfigError(
+            f"{POLICY_LOSS_PATH}.lagrangian_lr: expected a finite number > 0, got {lr!r}"
+        )
+    return VerlDiscoOptions(disco=disco, validate=validate, lagrangian_lr=float(lr))
 
 
 def check_for_verl(options: VerlDiscoOptions) -> VerlDiscoOptions:
@@ -94,15 +108,5 @@ def check_for_verl(options: VerlDiscoOptions) -> VerlDiscoOptions:
             "micro-batches have run (verl back-propagates each micro-batch at once), so the "
             "per-micro-batch losses could not add up to the mini-batch objective. Use "
             "normalize=all (the published normalisation)."
-        )
-    if o.constraint == "lagrangian":
-        raise DiscoConfigError(
-            f"{POLICY_LOSS_PATH}.constraint='lagrangian' is not supported with verl: its "
-            "multiplier is training state that every actor worker would have to hold, update "
-            "once per optimizer step with the mini-batch's global KL (all-reduced over the "
-            "data-parallel ranks) and save in checkpoints, and verl's actor gives a policy loss "
-            "no per-step hook or checkpoint slot for it. Use constraint=kl_penalty (a fixed "
-            "coefficient beta, exact under verl's micro-batching), squared_hinge (DisCO) or "
-            "hinge; the TRL adapter supports lagrangian."
         )
     return options

@@ -26,7 +26,11 @@ def register() -> None:
     """
     from verl.trainer.ppo import core_algos
 
-    from ._hooks import install_v1_trainer_hook, install_validate_config_hook
+    from ._hooks import (
+        install_engine_workers_hook,
+        install_v1_trainer_hook,
+        install_validate_config_hook,
+    )
 
     for registry, fn, what in (
         (core_algos.ADV_ESTIMATOR_REGISTRY, compute_disco_advantage, "advantage estimator"),
@@ -45,3 +49,4 @@ def register() -> None:
     core_algos.register_policy_loss(NAME)(compute_policy_loss_disco)
     install_validate_config_hook()
     install_v1_trainer_hook()
+    install_engine_workers_hook()

@@ -27,7 +27,8 @@ class DiscoPolicyLossConfig(PolicyLossConfig):
     Same names and defaults as ``disco_loss`` (validated by the core's
     :class:`discoloss.options.DiscoOptions`): score, objective, tau, delta, beta, kl_estimator,
     threshold, normalize, constraint, cvar_alpha, margin, clip_eps; plus the adapter's
-    ``validate``. A test checks that these fields are exactly the core's option names.
+    ``validate`` and ``lagrangian_lr``. A test checks that these fields are exactly the core's
+    option names plus the adapter's.
     """
 
     loss_mode: str = NAME
@@ -44,6 +45,7 @@ class DiscoPolicyLossConfig(PolicyLossConfig):
     margin: float = 1.0
     clip_eps: float = 0.2
     validate: bool = True
+    lagrangian_lr: float = 1e3
 
     def __post_init__(self) -> None:
         if self.loss_mode == NAME:

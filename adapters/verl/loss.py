@@ -30,8 +30,11 @@ sum_m P'(KL_m) grad(N_m KL_m) / N, i.e. each token's KL gradient is scaled by it
 coefficient instead of the mini-batch's. Both equal the mini-batch penalty exactly when every
 micro-batch's KL is <= delta (then all are 0, as on the first mini-batch of each step, where
 pi_theta = pi_old) or when all micro-batches have the same KL. The KL itself
-(``actor/disco/kl``) is exact. ``lagrangian`` is refused in the driver (its multiplier would be
-per-step training state; see :func:`discoloss.adapters.verl._options.check_for_verl`).
+(``actor/disco/kl``) is exact. ``lagrangian`` (lambda (KL - delta), lambda a constant within an
+optimizer step) is linear in the KL, hence exact too; its multiplier is per-process training
+state updated once per optimizer step with the global KL outside the loss
+(:mod:`discoloss.adapters.verl.lagrangian`); the loss only reads lambda and records its
+detached KL share.
 
 Objective variants (``objective``: disco, disco_b, cvar, disco_2way, auc_sq_hinge,
 auc_logistic) each need only one question's responses, so they are exact like DisCO's. The
@@ -56,6 +59,7 @@ from torch import Tensor
 
 from discoloss import disco_loss
 
+from . import lagrangian
 from ._options import (
     DiscoConfigError,
     DiscoLayoutError,
@@ -174,6 +178,9 @@ def compute_policy_loss_disco(
     # Labels come from the codes' sign (the estimator applied the user's threshold), so the
     # core sees 0/1 rewards with threshold 0.5; clipped_ratio picks its clip side from them.
     core = dataclasses.replace(opts.disco, threshold=0.5)
+    multiplier = (
+        lagrangian.multiplier(lr=opts.lagrangian_lr) if core.constraint == "lagrangian" else None
+    )
     out = disco_loss(
         log_prob,
         old_log_prob,
@@ -184,8 +191,11 @@ def compute_policy_loss_disco(
         validate=False,
         num_groups=questions,
         num_tokens=tokens,
+        multiplier=multiplier,
     )
     loss = dp * out.loss
+    if multiplier is not None:
+        lagrangian.record_kl_share(out.kl)
 
     # Whole-question check: every response of a question flagged regular (rollout.n responses)
     # must be in this micro-batch.
@@ -223,6 +233,8 @@ def compute_policy_loss_disco(
             "constraint_active": (local_kl > core.delta).to(f),
             "split_responses": k_pairs * n_split.to(f),
         }
+        if multiplier is not None:
+            metrics["multiplier"] = multiplier.value.detach().to(device=out.kl.device, dtype=f)
     return loss, {METRIC_PREFIX + k: v.detach() for k, v in metrics.items()}
 
 

@@ -124,7 +124,9 @@ BAD_OPTIONS = [
     ("clip_eps=1.0", P + "clip_eps must be in (0, 1)"),
     ("clip_eps=0", P + "clip_eps must be > 0"),
     ("tau=abc", P + "tau must be a real number, got str"),
-    ("constraint=lagrangian", P + "constraint='lagrangian' is not supported with verl"),
+    ("lagrangian_lr=0", P + "lagrangian_lr: expected a finite number > 0, got 0"),
+    ("lagrangian_lr=-1.0", P + "lagrangian_lr: expected a finite number > 0, got -1.0"),
+    ("lagrangian_lr=abc", P + "lagrangian_lr: expected a number > 0, got 'abc'"),
 ]
 
 
@@ -200,8 +202,9 @@ def test_layout_handled_not_refused() -> None:
 def test_dataclass_rejects_bad_value_directly() -> None:
     with pytest.raises(DiscoConfigError, match=re.escape(P + "beta must be >= 0")):
         DiscoPolicyLossConfig(beta=-2.0)
-    with pytest.raises(DiscoConfigError, match=re.escape(P + "constraint='lagrangian'")):
-        DiscoPolicyLossConfig(constraint="lagrangian")
+    with pytest.raises(DiscoConfigError, match=re.escape(P + "lagrangian_lr: expected")):
+        DiscoPolicyLossConfig(constraint="lagrangian", lagrangian_lr=0.0)
+    assert DiscoPolicyLossConfig(constraint="lagrangian").lagrangian_lr == 1e3
     assert OmegaConf.is_config(verl_config())
 
 
@@ -216,6 +219,7 @@ VARIANT_OVERRIDES = [
     ("constraint", "hinge"),
     ("constraint", "kl_penalty"),
     ("constraint", "none"),
+    ("constraint", "lagrangian"),
     ("cvar_alpha", 0.25),
     ("margin", 0.5),
     ("clip_eps", 0.1),
@@ -243,7 +247,8 @@ def test_variant_is_one_override(name: str, value: Any, base: str) -> None:
 
 def test_option_names_are_the_core_names() -> None:
     """The adapter's dataclass and shipped yaml carry exactly disco_loss's options (from the
-    core's DiscoOptions, defaults included) plus the adapter-only ``validate``."""
+    core's DiscoOptions, defaults included) plus the adapter-only ``validate`` and
+    ``lagrangian_lr``."""
     from dataclasses import fields
 
     from verl.workers.config import PolicyLossConfig
@@ -254,7 +259,8 @@ def test_option_names_are_the_core_names() -> None:
     own = {f.name for f in fields(DiscoPolicyLossConfig)} - {
         f.name for f in fields(PolicyLossConfig)
     }
-    assert own == set(DiscoOptions.names()) | {"validate"}
+    assert own == set(DiscoOptions.names()) | {"validate", "lagrangian_lr"}
+    assert pl_default_lr() == 1e3
     pl = DiscoPolicyLossConfig()
     shipped = shipped_config().actor_rollout_ref.actor.policy_loss
     for name in DiscoOptions.names():
@@ -262,7 +268,12 @@ def test_option_names_are_the_core_names() -> None:
         assert shipped[name] == getattr(core, name), name
     assert set(shipped) - {"_target_", "loss_mode"} - {
         f.name for f in fields(PolicyLossConfig)
-    } == set(DiscoOptions.names()) | {"validate"}
+    } == set(DiscoOptions.names()) | {"validate", "lagrangian_lr"}
+    assert shipped["lagrangian_lr"] == 1e3
+
+
+def pl_default_lr() -> float:
+    return DiscoPolicyLossConfig().lagrangian_lr
 
 
 def test_readme_options_table_lists_every_option() -> None:

@@ -194,6 +194,7 @@ def run_update(
     max_token_len: int = 24,
     force_group_size: int | None = None,
     order: list[int] | None = None,
+    after_mini_batch: Any = None,
     **options: Any,
 ) -> Step:
     """One actor update over the batch: balance (the adapter's, unless ``order`` is given),
@@ -259,6 +260,8 @@ def run_update(
         theta.grad = None
         step.metrics.append(logged)
         step.members.append(members)
+        if after_mini_batch is not None:  # after the optimizer step of this mini-batch
+            after_mini_batch()
     return step
 
 
