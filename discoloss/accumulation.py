@@ -115,12 +115,15 @@ class MicroBatchLoss(NamedTuple):
     objective_term: sum_i w_i s_i over the micro-batch.
     kl: this micro-batch's additive share of the mini-batch KL, sum_i k_i / N.
     penalty_term: ``kl_coef * kl`` (exact path) or the local approximation.
+    stats: the micro-batch's :class:`ResponseStats` at the current parameters, detached (for
+      logging without another pass over the token tensors).
     """
 
     loss: Tensor
     objective_term: Tensor
     kl: Tensor
     penalty_term: Tensor
+    stats: ResponseStats
 
 
 def _stats(
@@ -314,4 +317,7 @@ def micro_batch_loss(
         penalty_term = kl_coef.detach().to(f) * kl
     else:
         penalty_term = check_number("kl_coef", kl_coef, non_negative=True) * kl
-    return MicroBatchLoss(-objective_term + penalty_term, objective_term, kl, penalty_term)
+    detached = ResponseStats(*(t.detach() for t in st))
+    return MicroBatchLoss(
+        -objective_term + penalty_term, objective_term, kl, penalty_term, detached
+    )

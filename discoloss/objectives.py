@@ -38,6 +38,7 @@ from discoloss._checks import (
     raise_if_failed,
 )
 from discoloss._types import Normalize, Objective
+from discoloss.options import DiscoOptions
 
 __all__ = ["discriminative_objective", "discriminative_weights"]
 
@@ -219,10 +220,18 @@ def discriminative_terms(
             )
             return torch.where(valid, g, 0.0)
 
-        per_group = per_group_of(scores)
-        with torch.enable_grad():
-            leaf = scores.detach().requires_grad_()
-            (w,) = torch.autograd.grad(per_group_of(leaf).sum(), leaf)
+        # The (B, B) pair work runs once: the weights are taken from the objective's own graph
+        # (kept for the caller's backward), or from a detached leaf when the scores carry no
+        # graph (e.g. planning under no_grad).
+        if scores.requires_grad and torch.is_grad_enabled():
+            per_group = per_group_of(scores)
+            (w,) = torch.autograd.grad(per_group.sum(), scores, retain_graph=True)
+        else:
+            with torch.enable_grad():
+                leaf = scores.detach().requires_grad_()
+                on_leaf = per_group_of(leaf)
+                (w,) = torch.autograd.grad(on_leaf.sum(), leaf)
+            per_group = on_leaf.detach()
         weights = (w / denom).detach()
         q = torch.where(negative, -w, 0.0)
         q = q / torch.zeros_like(n_neg).index_add(0, dense, q)[dense].clamp_min(
@@ -295,8 +304,6 @@ def _prepare(
     validate: bool,
     **options: Any,
 ) -> DiscriminativeTerms:
-    from discoloss.options import DiscoOptions
-
     o = DiscoOptions(**options)
     check_tensor("scores", scores, ndim=1, kind="float")
     check_response_inputs(rewards, group_ids, ("scores", scores))

@@ -382,7 +382,7 @@ class DisCOTrainer(GRPOTrainer):
             loss = loss + self.router_aux_loss_coef * aux_loss / steps
 
         self._record_metric_rows(
-            per_token_logps, old, mask, entropies, piece.penalty_term, ref_kl_sum, inputs
+            piece.stats, mask, entropies, piece.penalty_term, ref_kl_sum, inputs
         )
         if not training:
             self._flush_disco_metrics("eval")
@@ -398,23 +398,16 @@ class DisCOTrainer(GRPOTrainer):
 
     def _record_metric_rows(
         self,
-        log_probs: Tensor,
-        old: Tensor,
+        st: ResponseStats,
         mask: Tensor,
         entropies: Tensor,
         penalty_term: Tensor,
         ref_kl_sum: Tensor,
         inputs: dict[str, Any],
     ) -> None:
+        """Keep the micro-batch's per-completion scalars (computed by the loss itself) for the
+        step's metrics."""
         with torch.no_grad():
-            st = response_stats(
-                log_probs.detach(),
-                old,
-                mask,
-                **self._stats_options(),
-                rewards=inputs["disco_rewards"],
-                validate=False,
-            )
             rows = torch.stack(
                 [
                     st.scores.double(),
