@@ -250,7 +250,7 @@ def test_non_disco_runs_are_untouched(launch, extra):
 
 
 def _readme_command() -> list[str]:
-    text = (ADAPTER / "README.md").read_text()
+    text = (ADAPTER.parents[1] / "docs" / "guides" / "openrlhf.md").read_text()
     block = re.search(r"```bash\n(.*?)```", text, re.S).group(1)
     joined = block.replace("\\\n", " ")
     (line,) = [ln for ln in joined.splitlines() if "discoloss.adapters.openrlhf.train_ppo_ray" in ln]

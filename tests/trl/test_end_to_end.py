@@ -11,7 +11,7 @@ from trl_support import EXAMPLE, README, RecordingTrainer, load_example, tiny_co
 
 
 def test_readme_shows_the_tested_script() -> None:
-    """The script in adapters/trl/README.md is, verbatim, the file the next test runs."""
+    """The script in docs/guides/trl.md is, verbatim, the file the next test runs."""
     blocks = re.findall(r"```python\n(.*?)```", README.read_text(), flags=re.S)
     assert EXAMPLE.read_text() in blocks
 

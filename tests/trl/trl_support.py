@@ -22,7 +22,7 @@ from transformers import TrainerCallback  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]
 EXAMPLE = ROOT / "adapters" / "trl" / "examples" / "train_disco_trl.py"
-README = ROOT / "adapters" / "trl" / "README.md"
+README = ROOT / "docs" / "guides" / "trl.md"  # the TRL guide
 
 
 def load_example() -> Any:

@@ -11,7 +11,7 @@ import verl  # noqa: F401  # fails loudly without verl
 sys.path.insert(0, str(Path(__file__).parent))
 
 ROOT = Path(__file__).resolve().parents[2]
-README = ROOT / "adapters" / "verl" / "README.md"
+README = ROOT / "docs" / "guides" / "verl.md"  # the verl guide
 
 
 def readme_overrides() -> list[str]:
