@@ -280,7 +280,7 @@ def test_readme_options_table_lists_every_option() -> None:
     from conftest import README
     from discoloss.adapters.verl._options import OPTION_NAMES
 
-    section = README.read_text().split("### Options", 1)[1].split("###", 1)[0]
+    section = README.read_text().split("\n## Options\n", 1)[1].split("\n## ", 1)[0]
     rows = re.findall(r"^\| `(\w+)` \| `([^`]*)` \|", section, re.M)
     assert [name for name, _ in rows] == list(OPTION_NAMES)
     shipped = shipped_config().actor_rollout_ref.actor.policy_loss

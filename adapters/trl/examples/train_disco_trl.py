@@ -1,6 +1,6 @@
 """Train a causal LM with DisCO in TRL, end to end on a CPU (tiny random model, no downloads).
 
-    pip install torch && pip install "discoloss[trl]"
+    pip install torch && pip install -e ".[trl]"   # in a discoloss checkout
     python train_disco_trl.py --output-dir disco_out
 
 For a real run, pass a model name to DisCOTrainer and use your task's dataset and checker.
