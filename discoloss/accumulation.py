@@ -97,7 +97,7 @@ class MiniBatchPlan(NamedTuple):
     kl_coef: 0-d derivative of the penalty wrt the KL at the stats (beta * max(kl - delta, 0)
       for the squared hinge).
     num_tokens: 0-d number of response tokens in the mini-batch.
-    output: :class:`DiscoOutput` of the mini-batch at the stats' parameters, detached (log
+    output: :class:`~discoloss.DiscoOutput` of the mini-batch at the stats' parameters, detached (log
       its ``metrics``).
     """
 
@@ -200,8 +200,8 @@ def plan_minibatch(
       stats: :class:`ResponseStats` of every response of the mini-batch (concatenated).
       rewards, group_ids: (B,) in the same order as ``stats``.
       score: only used to pick the default ``tau``.
-      objective, tau, delta, beta, threshold, normalize, constraint, multiplier, cvar_alpha,
-        margin: as in :func:`discoloss.disco_loss`.
+      objective, tau, delta, beta, threshold, normalize: as in :func:`discoloss.disco_loss`.
+      constraint, multiplier, cvar_alpha, margin: as in :func:`discoloss.disco_loss`.
     """
     options = DiscoOptions(
         score=score,

@@ -34,7 +34,7 @@ References:
   Models", arXiv 2402.03300 (eq. 3 and 4). The KL-to-reference term of the paper is omitted
   (beta = 0: DisCO's published runs use no reference model, and DAPO and Dr. GRPO drop it too).
 * Dr. GRPO: Liu et al., "Understanding R1-Zero-Like Training: A Critical Perspective",
-  arXiv 2503.20783 (section 3.2): no std division, no 1/|o_i|, a constant normaliser instead.
+  arXiv 2503.20783 (section 3.2): no std division, no ``1/|o_i|``, a constant normaliser instead.
 * DAPO: Yu et al., "DAPO: An Open-Source LLM Reinforcement Learning System at Scale",
   arXiv 2503.14476 (eq. 8-12): clip-higher (0.2 / 0.28), token-level loss, dynamic sampling
   (:func:`dynamic_sampling_filter`). Its advantage is GRPO's, std included (eq. 9; verl's DAPO
@@ -83,6 +83,8 @@ __all__ = [
     "grpo_loss",
 ]
 
+#: How :func:`group_advantages` scales the centred rewards. ``"std"`` divides them by the
+#: group's std (GRPO, DAPO), ``"none"`` leaves them unscaled (Dr. GRPO).
 AdvantageScale = Literal["std", "none"]
 _SCALES: tuple[str, ...] = ("std", "none")
 _Aggregation = Literal["seq_mean_token_mean", "seq_mean_token_sum_norm", "token_mean"]

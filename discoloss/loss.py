@@ -211,7 +211,7 @@ def disco_loss(
     with J the discriminative objective of :func:`discriminative_objective` over the sequence
     scores of :func:`sequence_scores`, and the KL the token mean of :func:`kl_divergence`.
     The defaults are DisCO as published; the other options are its ablations
-    (:mod:`discoloss.constraints`, and the objective table in the README).
+    (:mod:`discoloss.constraints`, and the table of ablation variants in the documentation).
 
     Args:
       log_probs: (B, T) token log-probs under the current policy. The only input that receives
@@ -270,12 +270,12 @@ def disco_loss(
       ``num_groups``, ``groups_with_signal``, ``frac_groups_with_signal``, ``frac_positive``
       (share of positive responses), ``mean_pos_score``, ``mean_neg_score``,
       ``effective_negatives`` (mean over groups with signal of 1/sum q_j^2 for the normalised
-      weights q on a group's negatives: |N_q| for DisCO-b, fewer when DRO focuses on hard
+      weights q on a group's negatives: ``|N_q|`` for DisCO-b, fewer when DRO focuses on hard
       negatives) and ``mean_response_length``.
 
     Raises:
-      ValueError / TypeError naming the argument for bad shapes, dtypes, devices, options and
-      (when ``validate``) values.
+      ValueError: (or TypeError) naming the argument, for bad shapes, dtypes, devices, options
+        and (when ``validate``) values.
     """
     options = DiscoOptions(
         score=score,

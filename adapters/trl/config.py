@@ -75,8 +75,9 @@ class DisCOConfig(GRPOConfig):
         \mathcal{L} = -\frac{1}{G}\sum_q J_q
             + \frac{\beta}{2}\big[\widehat{KL}(\pi_{old}\,\|\,\pi_\theta) - \delta\big]_+^2
 
-    Parameters (same names and defaults as :func:`discoloss.disco_loss`, except the two
-    prefixed ones):
+    Same names and defaults as :func:`discoloss.disco_loss`, except the two prefixed ones.
+
+    Parameters:
       score: ``"log_likelihood"`` (mean token log-prob) or ``"likelihood_ratio"`` (mean token
         ``pi_theta / pi_old``).
       objective: ``"disco"`` (log-mean-exp over a prompt's negatives) or ``"disco_b"`` (mean).
@@ -90,7 +91,7 @@ class DisCOConfig(GRPOConfig):
         (a multiplier updated by dual ascent after every optimizer step with the step's KL,
         step size ``lagrangian_lr``, saved in checkpoints) or ``"none"``.
       cvar_alpha, margin, clip_eps: parameters of the ablation objectives / score (see the
-        discoloss README's table of variants).
+        table of ablation variants in the discoloss documentation).
       allow_reference_kl: allow ``beta`` (GRPOConfig's KL-to-reference coefficient) to be
         non-zero; its term is then added to the DisCO loss as in GRPO.
 

@@ -72,7 +72,7 @@ class DifficultyReport:
     method's estimator put on it, see :func:`~discoloss.analysis.implied_weights`).
     Summaries: ``frac_no_correct`` / ``frac_all_correct`` (questions no method learns from),
     ``frac_with_signal``, the negative-to-positive imbalance over questions with signal
-    (``imbalance_mean`` / ``imbalance_median`` of |N|/|P|, ``frac_more_negatives``,
+    (``imbalance_mean`` / ``imbalance_median`` of ``|N|/|P|``, ``frac_more_negatives``,
     ``negatives_per_positive`` pooled), the accuracy histogram (``hist_edges``, ``hist_counts``)
     and ``rows``, the table's accuracy buckets.
     """

@@ -63,7 +63,9 @@ from discoloss.objectives import dense_group_ids, reward_checks
 
 __all__ = ["METHODS", "ImpliedWeights", "Method", "difficulty_weight", "implied_weights"]
 
+#: The methods whose per-question weights the analysis computes.
 Method = Literal["grpo", "dr_grpo", "dapo", "disco", "disco_b"]
+#: The values of :data:`Method`, in order.
 METHODS: tuple[str, ...] = get_args(Method)
 WeightKind = Literal["advantages", "weights"]
 _KINDS: tuple[str, ...] = get_args(WeightKind)
@@ -203,7 +205,7 @@ class ImpliedWeights(NamedTuple):
     group_ids: (Q,) the group id of each question, ascending.
     weight: (Q,) omega_q = G * sum of the positive coefficients of the question's responses
       (G = number of questions in the batch); 1 for DisCO, ~sqrt(p(1-p)) for GRPO.
-    negative_weight: (Q,) G * |sum of the negative coefficients|. Equal to ``weight`` for every
+    negative_weight: (Q,) ``G * |sum of the negative coefficients|``. Equal to ``weight`` for every
       method whose per-question coefficients sum to 0 (GRPO family with equal lengths, DisCO).
     accuracy: (Q,) share of the question's responses with reward > threshold.
     size: (Q,) number of responses (int64).
