@@ -3,13 +3,14 @@
     pip install nox && nox            # every suite, as CI runs it
     nox -s core                       # one suite
     nox -R -s core                    # reuse an existing environment
+    nox -s docs                       # the documentation site, into docs/_build/html
 """
 
 from __future__ import annotations
 
 import nox
 
-nox.options.sessions = ["core", "verl", "trl", "openrlhf", "openrlhf_oldest"]
+nox.options.sessions = ["core", "docs", "verl", "trl", "openrlhf", "openrlhf_oldest"]
 nox.options.error_on_missing_interpreters = True
 
 PYTHON = "3.11"
@@ -22,6 +23,18 @@ def core(session: nox.Session) -> None:
     session.install(TORCH)
     session.install("-e", ".[test,analysis,demo]")
     session.run("pytest", "tests/core", *session.posargs)
+
+
+@nox.session(python=PYTHON)
+def docs(session: nox.Session) -> None:
+    """The documentation site: warnings are errors (broken links and references, docstring
+    markup, public names missing from the API reference). The engines are not installed."""
+    session.install(TORCH)
+    session.install("-e", ".[docs]")
+    session.run(
+        "sphinx-build", "-W", "--keep-going", "-n", "-E", "-b", "html",
+        "docs", "docs/_build/html", *session.posargs,
+    )
 
 
 @nox.session(python=PYTHON)

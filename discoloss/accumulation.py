@@ -97,8 +97,8 @@ class MiniBatchPlan(NamedTuple):
     kl_coef: 0-d derivative of the penalty wrt the KL at the stats (beta * max(kl - delta, 0)
       for the squared hinge).
     num_tokens: 0-d number of response tokens in the mini-batch.
-    output: :class:`~discoloss.DiscoOutput` of the mini-batch at the stats' parameters, detached (log
-      its ``metrics``).
+    output: :class:`~discoloss.DiscoOutput` of the mini-batch at the stats' parameters,
+      detached (log its ``metrics``).
     """
 
     weights: Tensor

@@ -25,8 +25,8 @@ from pathlib import Path
 
 from sphinx.application import Sphinx
 from sphinx.environment import BuildEnvironment
-from sphinx.ext.autodoc.mock import mock
 from sphinx.errors import PycodeError
+from sphinx.ext.autodoc.mock import mock
 from sphinx.pycode import ModuleAnalyzer
 from sphinx.util import logging
 
@@ -112,6 +112,7 @@ autodoc_typehints = "signature"
 autodoc_preserve_defaults = True
 autodoc_class_signature = "mixed"
 
+
 def _type_checking_names() -> None:
     """``discoloss.loss`` imports ``ProcessGroup`` for type checkers only; without it autodoc
     leaves the whole signature unevaluated (``'Score'`` instead of the Literal of its values)."""
@@ -130,51 +131,54 @@ napoleon_use_rtype = False
 
 # -- intersphinx -----------------------------------------------------------------------------------
 # The build runs without network access (CI has none), so the inventories are small local files
-# written below from the names our signatures use; the links point at the real pages.
+# written below from the names our signatures use; the links point at the real pages (``$``
+# in a URI stands for the name).
 INVENTORIES = Path(__file__).parent / "_build" / "inventories"
 
 PYTHON_OBJECTS = {
-    "typing.Any": ("py:data", "library/typing.html#typing.Any"),
-    "typing.Literal": ("py:data", "library/typing.html#typing.Literal"),
-    "typing.NamedTuple": ("py:class", "library/typing.html#typing.NamedTuple"),
-    "collections.abc.Callable": ("py:class", "library/collections.abc.html#collections.abc.Callable"),
-    "collections.abc.Iterable": ("py:class", "library/collections.abc.html#collections.abc.Iterable"),
-    "collections.abc.Iterator": ("py:class", "library/collections.abc.html#collections.abc.Iterator"),
-    "collections.abc.Mapping": ("py:class", "library/collections.abc.html#collections.abc.Mapping"),
-    "collections.abc.Sequence": ("py:class", "library/collections.abc.html#collections.abc.Sequence"),
-    "pathlib.Path": ("py:class", "library/pathlib.html#pathlib.Path"),
-    "argparse.ArgumentParser": ("py:class", "library/argparse.html#argparse.ArgumentParser"),
-    "argparse.Namespace": ("py:class", "library/argparse.html#argparse.Namespace"),
-    "ValueError": ("py:exception", "library/exceptions.html#ValueError"),
-    "TypeError": ("py:exception", "library/exceptions.html#TypeError"),
-    "RuntimeError": ("py:exception", "library/exceptions.html#RuntimeError"),
-    "object": ("py:class", "library/functions.html#object"),
-    "int": ("py:class", "library/functions.html#int"),
-    "float": ("py:class", "library/functions.html#float"),
-    "bool": ("py:class", "library/functions.html#bool"),
-    "str": ("py:class", "library/stdtypes.html#str"),
-    "bytes": ("py:class", "library/stdtypes.html#bytes"),
-    "dict": ("py:class", "library/stdtypes.html#dict"),
-    "list": ("py:class", "library/stdtypes.html#list"),
-    "tuple": ("py:class", "library/stdtypes.html#tuple"),
-    "None": ("py:data", "library/constants.html#None"),
+    "typing.Any": ("py:data", "library/typing.html#$"),
+    "typing.Literal": ("py:data", "library/typing.html#$"),
+    "typing.NamedTuple": ("py:class", "library/typing.html#$"),
+    "collections.abc.Callable": ("py:class", "library/collections.abc.html#$"),
+    "collections.abc.Iterable": ("py:class", "library/collections.abc.html#$"),
+    "collections.abc.Iterator": ("py:class", "library/collections.abc.html#$"),
+    "collections.abc.Mapping": ("py:class", "library/collections.abc.html#$"),
+    "collections.abc.Sequence": ("py:class", "library/collections.abc.html#$"),
+    "pathlib.Path": ("py:class", "library/pathlib.html#$"),
+    "argparse.ArgumentParser": ("py:class", "library/argparse.html#$"),
+    "argparse.Namespace": ("py:class", "library/argparse.html#$"),
+    "ValueError": ("py:exception", "library/exceptions.html#$"),
+    "TypeError": ("py:exception", "library/exceptions.html#$"),
+    "RuntimeError": ("py:exception", "library/exceptions.html#$"),
+    "object": ("py:class", "library/functions.html#$"),
+    "int": ("py:class", "library/functions.html#$"),
+    "float": ("py:class", "library/functions.html#$"),
+    "bool": ("py:class", "library/functions.html#$"),
+    "str": ("py:class", "library/stdtypes.html#$"),
+    "bytes": ("py:class", "library/stdtypes.html#$"),
+    "dict": ("py:class", "library/stdtypes.html#$"),
+    "list": ("py:class", "library/stdtypes.html#$"),
+    "tuple": ("py:class", "library/stdtypes.html#$"),
+    "None": ("py:data", "library/constants.html#$"),
 }
 TORCH_OBJECTS = {
-    "torch.Tensor": ("py:class", "tensors.html#torch.Tensor"),
-    "torch.dtype": ("py:class", "tensor_attributes.html#torch.dtype"),
-    "torch.device": ("py:class", "tensor_attributes.html#torch.device"),
-    "torch.Generator": ("py:class", "generated/torch.Generator.html#torch.Generator"),
-    "torch.nn.Module": ("py:class", "generated/torch.nn.Module.html#torch.nn.Module"),
+    "torch.Tensor": ("py:class", "tensors.html#$"),
+    "torch.dtype": ("py:class", "tensor_attributes.html#$"),
+    "torch.device": ("py:class", "tensor_attributes.html#$"),
+    "torch.Generator": ("py:class", "generated/torch.Generator.html#$"),
+    "torch.nn.Module": ("py:class", "generated/torch.nn.Module.html#$"),
     "torch.distributed.ProcessGroup": ("py:class", "distributed.html"),
     "torch.distributed.distributed_c10d.ProcessGroup": ("py:class", "distributed.html"),
-    "torch.no_grad": ("py:class", "generated/torch.no_grad.html#torch.no_grad"),
+    "torch.no_grad": ("py:class", "generated/torch.no_grad.html#$"),
 }
 NUMPY_OBJECTS = {
-    "numpy.ndarray": ("py:class", "reference/generated/numpy.ndarray.html#numpy.ndarray"),
+    "numpy.ndarray": ("py:class", "reference/generated/numpy.ndarray.html#$"),
 }
 
 
-def write_inventory(path: Path, project: str, version: str, objects: dict[str, tuple[str, str]]) -> str:
+def write_inventory(
+    path: Path, project: str, version: str, objects: dict[str, tuple[str, str]]
+) -> str:
     """Write a Sphinx (version 2) object inventory and return its path."""
     header = (
         "# Sphinx inventory version 2\n"
@@ -313,7 +317,12 @@ def process_docstring(
 
 
 def process_signature(
-    app: Sphinx, what: str, name: str, obj: object, options: object, signature: str | None,
+    app: Sphinx,
+    what: str,
+    name: str,
+    obj: object,
+    options: object,
+    signature: str | None,
     return_annotation: str | None,
 ) -> tuple[str, str | None] | None:
     """NamedTuples: the field names (their types are in the fields' entries)."""

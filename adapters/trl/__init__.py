@@ -3,8 +3,9 @@
     from discoloss.adapters.trl import DisCOConfig, DisCOTrainer
 
 Switching a TRL GRPO script to DisCO is two renamed classes. Tested with the TRL range pinned
-by the ``trl`` extra (``pip install -e ".[trl]"`` in a checkout). See ``trainer.py`` for how the loss is
-split across processes, gradient accumulation and several optimizer steps per generation.
+by the ``trl`` extra (``pip install -e ".[trl]"`` in a checkout). See ``trainer.py`` for how
+the loss is split across processes, gradient accumulation and several optimizer steps per
+generation.
 """
 
 from __future__ import annotations
