@@ -1,7 +1,7 @@
 """DisCO for OpenRLHF (0.11.x) without forking it.
 
 Launch with ``python -m discoloss.adapters.openrlhf.train_ppo_ray <OpenRLHF flags>
---algo.advantage.estimator disco --algo.disco.*`` (see ``adapters/openrlhf/README.md``).
+--algo.advantage.estimator disco --algo.disco.*`` (see ``docs/guides/openrlhf.md``).
 
 Programmatic use: call :func:`install` in every process that runs OpenRLHF trainers, e.g. with
 ``ray.init(runtime_env={"worker_process_setup_hook": HOOK})``, and set
