@@ -1,7 +1,7 @@
 """Sphinx configuration of the discoloss documentation.
 
 Why Sphinx with MyST Markdown: Sphinx is what the PyTorch ecosystem documents itself with
-(PyTorch, torchvision, torchmetrics, TRL's API pages), its autodoc builds the API reference from
+(PyTorch, torchvision, torchaudio, torchmetrics), its autodoc builds the API reference from
 the docstrings the code already carries (one source per text), intersphinx links our signatures
 to PyTorch's and Python's own pages, and MyST lets the pages stay Markdown that reads well on
 GitHub too (the engine guides, the demo and the benchmark results are plain ``.md`` files).
