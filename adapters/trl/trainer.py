@@ -116,6 +116,33 @@ def _loss_mask(inputs: dict[str, Any]) -> Tensor:
     return mask if tool_mask is None else mask * tool_mask
 
 
+def _raise_on_every_process(bad: Tensor, rows_per_process: int, message: str) -> None:
+    """Raise ``message`` (formatted with the first bad row's place) if any of the gathered
+    per-completion flags ``bad`` is set. Every process holds the same gathered tensors, so
+    every process raises the same error (one host read), and no process is left waiting in a
+    collective."""
+    if not bool(bad.any()):
+        return
+    row = int(bad.nonzero()[0, 0])
+    where = f"process {row // rows_per_process}, completion {row % rows_per_process}"
+    raise ValueError("DisCOTrainer: " + message.format(where=where))
+
+
+def _check_gathered_stats(
+    values: Tensor, lengths: Tensor, rows_per_process: int, what: str
+) -> None:
+    """Non-finite values and empty completions among gathered per-completion scalars."""
+    _raise_on_every_process(
+        ~torch.isfinite(values), rows_per_process, what + " at a completion token of {where}"
+    )
+    _raise_on_every_process(
+        lengths == 0,
+        rows_per_process,
+        "the completion at {where} has no completion token (completion_mask * tool_mask is "
+        "all 0); DisCO scores are token means over a non-empty completion",
+    )
+
+
 #: File holding the KL multiplier of ``constraint="lagrangian"`` inside a checkpoint folder.
 MULTIPLIER_FILE = "disco_multiplier.pt"
 
@@ -279,8 +306,14 @@ class DisCOTrainer(GRPOTrainer):
             rewards = torch.where(scorable, rewards, torch.nan).double()
             start = self.accelerator.process_index * n_local
             local_rows = slice(start, start + n_local)
+            # Checked after the gather, on the gathered values: every process raises alike.
             local = response_stats(
-                old, old, mask, **self._stats_options(), rewards=rewards[local_rows]
+                old,
+                old,
+                mask,
+                **self._stats_options(),
+                rewards=rewards[local_rows],
+                validate=False,
             )
             payload = torch.stack([local.scores.double(), local.lengths.double()], dim=1)
             full = self.accelerator.gather(payload)  # (B, 2), process order, like the rewards
@@ -289,6 +322,16 @@ class DisCOTrainer(GRPOTrainer):
                     f"DisCOTrainer: {rewards_per_func.shape[0]} gathered rewards for "
                     f"{full.shape[0]} gathered completions"
                 )
+            _check_gathered_stats(
+                full[:, 0], full[:, 1], n_local, "non-finite sampling log-prob (old_per_token_logps)"
+            )
+            _raise_on_every_process(
+                scorable & ~torch.isfinite(rewards),
+                n_local,
+                "non-finite reward for the completion at {where} (the rewards of the reward "
+                "functions, weighted and summed, must be finite; None marks a completion that "
+                "cannot be scored)",
+            )
             group_ids = torch.arange(full.shape[0], device=device) // num_generations
             weights = torch.zeros(full.shape[0], dtype=torch.float64, device=device)
             rows = scorable.nonzero().squeeze(1)
@@ -365,6 +408,7 @@ class DisCOTrainer(GRPOTrainer):
             constraint=args.constraint,
             multiplier=self.disco_multiplier,
             rewards=inputs["disco_rewards"],
+            validate=False,  # checked on every process at the step's end (_flush_disco_metrics)
         )
         loss = piece.loss
         ref_kl_sum = torch.zeros((), device=per_token_logps.device)
@@ -440,6 +484,15 @@ class DisCOTrainer(GRPOTrainer):
         rows = gathered[:, : n_rows * len(_ROW_COLUMNS)].reshape(-1, len(_ROW_COLUMNS))
         sums = gathered[:, n_rows * len(_ROW_COLUMNS) :].sum(dim=0)
         assert sums.shape[0] == n_sums
+        # Before the optimizer step (which would apply the non-finite gradient that DDP has
+        # already averaged onto every process), and on gathered values: every process raises.
+        _check_gathered_stats(
+            rows[:, 0] + rows[:, 1],
+            rows[:, 2],
+            n_rows,
+            "non-finite log-prob of the current policy in the "
+            f"{'optimizer step' if mode == 'train' else 'evaluation batch'}",
+        )
         num_tokens = rows[:, 2].sum().clamp_min(1.0)
         kl = rows[:, 1].sum() / num_tokens
         penalty = constraint_penalty(

@@ -1,0 +1,48 @@
+"""A bad value on one data-parallel rank in TRL's loop (two processes, accelerate, gloo).
+
+The job must stop on every rank with discoloss's message, never with one rank raising while
+the other waits in a collective (under NCCL that is a hang until the timeout; under gloo the
+waiting rank dies of "Connection closed by peer"). Each rank records what it raised; both must
+have raised the same exception with the same message.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+from test_two_processes import free_port
+
+WORKER = Path(__file__).resolve().parent / "fault_worker.py"
+
+EXPECTED = {
+    "old_log_prob": "DisCOTrainer: non-finite sampling log-prob (old_per_token_logps) at a "
+    "completion token of process 1, completion 0",
+    "current_log_prob": "DisCOTrainer: non-finite log-prob of the current policy in the "
+    "optimizer step at a completion token of process 1, completion 0",
+    "reward": "DisCOTrainer: non-finite reward for the completion at process 1, completion 0 "
+    "(the rewards of the reward functions, weighted and summed, must be finite; None marks a "
+    "completion that cannot be scored)",
+}
+
+
+def test_a_bad_value_on_one_rank_stops_every_rank_with_our_message(tmp_path: Any) -> None:
+    command = [
+        sys.executable, "-m", "accelerate.commands.launch",
+        "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+        "--mixed_precision", "no", "--dynamo_backend", "no",
+        "--main_process_ip", "127.0.0.1", "--main_process_port", str(free_port()),
+        str(WORKER), str(tmp_path),
+    ]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(command, capture_output=True, text=True, timeout=420, env=env)
+    assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
+    ranks = [torch.load(tmp_path / f"faults-rank{r}.pt", weights_only=False) for r in (0, 1)]
+    for fault, message in EXPECTED.items():
+        for rank, outcomes in enumerate(ranks):
+            # the same error on both processes, raised before any optimizer step
+            assert outcomes[fault][:3] == ("ValueError", message, 0), (fault, rank, outcomes[fault])
