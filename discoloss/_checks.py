@@ -144,9 +144,7 @@ def raise_if_failed(
     """
     if not checks:
         return
-    flags = [
-        ~c.bad.any() if isinstance(c, ValueCheck) else c[0].reshape(()) for c in checks
-    ]
+    flags = [~c.bad.any() if isinstance(c, ValueCheck) else c[0].reshape(()) for c in checks]
     ok = torch.stack(flags).cpu()
     if bool(ok.all()):
         return

@@ -116,7 +116,9 @@ def options_words(options: DiscoOptions, validate: bool) -> list[int]:
 def _option_text(name: str, word: int) -> str:
     choices = dict(OPTION_FIELDS)[name]
     if name == "multiplier":
-        return "None" if word == NO_MULTIPLIER else f"LagrangeMultiplier(value={_word_float(word)!r})"
+        return (
+            "None" if word == NO_MULTIPLIER else f"LagrangeMultiplier(value={_word_float(word)!r})"
+        )
     if choices is not None:
         return choices[word] if name == "validate" else repr(choices[word])
     return repr(_word_float(word))
@@ -155,9 +157,7 @@ def build_header(
         host[_OPTIONS_OK] = 1
         host[_OPTIONS:_MESSAGE] = options_words(options, validate)
     head = torch.tensor(host, dtype=torch.int64, device=device)
-    use_multiplier = (
-        failure is None and options is not None and options.constraint == "lagrangian"
-    )
+    use_multiplier = failure is None and options is not None and options.constraint == "lagrangian"
     value_checks = [c for c in checks if isinstance(c, ValueCheck)]
     if not use_multiplier and not value_checks:
         tail = [NO_MULTIPLIER] + [-1] * len(VALUE_CHECK_KEYS)
@@ -231,9 +231,7 @@ class _GatherRows(torch.autograd.Function):
     """all_gather of a (n_local, k) tensor with ragged n across ranks; autograd without comms."""
 
     @staticmethod
-    def forward(
-        ctx: Any, payload: Tensor, group: Any, counts: list[int], rank: int
-    ) -> Tensor:
+    def forward(ctx: Any, payload: Tensor, group: Any, counts: list[int], rank: int) -> Tensor:
         world = len(counts)
         max_count = max(counts)
         padded = payload.new_zeros((max_count, payload.shape[1]))

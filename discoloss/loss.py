@@ -185,7 +185,9 @@ class LocalStats(NamedTuple):
     device: torch.device
 
 
-def resolve_options(settings: dict[str, Any], multiplier: LagrangeMultiplier | None) -> DiscoOptions:
+def resolve_options(
+    settings: dict[str, Any], multiplier: LagrangeMultiplier | None
+) -> DiscoOptions:
     options = DiscoOptions(**settings)
     if options.constraint == "lagrangian" and multiplier is None:
         raise ValueError('constraint="lagrangian" needs multiplier=LagrangeMultiplier(...)')
@@ -297,14 +299,20 @@ def disco_loss(
         :mod:`discoloss.accumulation`.
       process_group: a ``torch.distributed`` group. When given, groups are formed across all
         its ranks (a question's responses may sit on different ranks, ranks may hold different
-        numbers of responses and sequence lengths). Only per-response scalars are exchanged,
-        never token tensors: exactly two ``all_gather`` calls per forward (the response counts,
-        then a (max_count, 5) float64 payload of score, KL sum, token count, reward and group
-        id), none in backward, and one host sync to read the counts. Loss, objective, kl,
-        penalty and metrics are global and identical on every rank; the gradient of each
-        rank's local log-probs is scaled by the world size so that the usual DDP/FSDP gradient
-        averaging yields exactly the single-process gradient of the concatenated batch. Every
-        rank must make the same calls (as with any collective). Off by default.
+        numbers of responses and sequence lengths, and a rank may hold none: ``(0, T)``
+        inputs). Only per-response scalars are exchanged, never token tensors: exactly two
+        ``all_gather`` calls per forward (a fixed-size header per rank with its response
+        count, the outcome of its checks and its resolved options; then a (max_count, 5)
+        float64 payload of score, KL sum, token count, reward and group id), none in
+        backward, and one host sync to read the headers. Loss, objective, kl, penalty and
+        metrics are global and identical on every rank; the gradient of each rank's local
+        log-probs is scaled by the world size so that the usual DDP/FSDP gradient averaging
+        yields exactly the single-process gradient of the concatenated batch. Every rank must
+        make the same calls (as with any collective). Errors are collective: a check that
+        fails on one rank (shapes, dtypes, devices, option values, values with ``validate``)
+        or options that differ across ranks raise the same exception on every rank, naming
+        the failing rank, before the payload gather (see :mod:`discoloss.distributed`). Off
+        by default.
 
     Returns:
       :class:`DiscoOutput`. ``metrics`` holds detached 0-d float tensors: ``loss``,
@@ -317,7 +325,9 @@ def disco_loss(
 
     Raises:
       ValueError / TypeError naming the argument for bad shapes, dtypes, devices, options and
-      (when ``validate``) values.
+      (when ``validate``) values; with ``process_group``, on every rank, naming the failing
+      rank. RuntimeError when ``process_group`` is given and torch.distributed is not
+      initialised.
     """
     settings = dict(
         score=score,

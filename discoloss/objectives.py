@@ -235,9 +235,7 @@ def discriminative_terms(
             per_group = on_leaf.detach()
         weights = (w / denom).detach()
         q = torch.where(negative, -w, 0.0)
-        q = q / torch.zeros_like(n_neg).index_add(0, dense, q)[dense].clamp_min(
-            torch.finfo(f).tiny
-        )
+        q = q / torch.zeros_like(n_neg).index_add(0, dense, q)[dense].clamp_min(torch.finfo(f).tiny)
     else:
         if objective == "disco_2way":
             # soft-min over positives: -tau * log mean exp(-s / tau)

@@ -23,11 +23,11 @@ from torch import Tensor
 
 from discoloss._checks import (
     Check,
+    ValueCheck,
     check_batch,
     check_device,
     check_option,
     check_same_shape,
-    ValueCheck,
     check_tensor,
     raise_if_failed,
 )

@@ -71,6 +71,14 @@ surrogate above, not the DisCO loss: read ``disco/objective`` and ``disco/penalt
 
 Completions for which every reward function returned None get weight 0 and are left out of
 the groups (their tokens still count in the KL constraint).
+
+**A bad value on one process** (a non-finite log-prob, a non-finite reward, a completion
+without completion token) stops the job on every process with the same ``ValueError``, never
+one process raising while the others wait in a collective: the checks run on gathered values
+that every process holds alike: the sampling statistics and the rewards right after the
+generation batch's gather, the current-policy statistics in the metrics gather at the end of
+each optimizer step, after DDP's gradient all-reduce and before the optimizer step (so a
+non-finite gradient is never applied).
 """
 
 from __future__ import annotations
@@ -323,7 +331,10 @@ class DisCOTrainer(GRPOTrainer):
                     f"{full.shape[0]} gathered completions"
                 )
             _check_gathered_stats(
-                full[:, 0], full[:, 1], n_local, "non-finite sampling log-prob (old_per_token_logps)"
+                full[:, 0],
+                full[:, 1],
+                n_local,
+                "non-finite sampling log-prob (old_per_token_logps)",
             )
             _raise_on_every_process(
                 scorable & ~torch.isfinite(rewards),

@@ -59,16 +59,17 @@ def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
     """Every option set of OPTIONS on one process group (one spawned job per world size)."""
     init_gloo(rank, world, port)
     results = []
+    sent: list[tuple[str, int]] = []
+    real_all_gather = dist.all_gather
+
+    def recording_all_gather(tensor_list, tensor, group=None, async_op=False):
+        sent.append(("all_gather", tensor.numel() * tensor.element_size()))
+        return real_all_gather(tensor_list, tensor, group=group, async_op=async_op)
+
     try:
         for opt_index, opts in enumerate(OPTIONS):
             seed = 10 * world + opt_index
-            sent: list[tuple[str, int]] = []
-            real_all_gather = dist.all_gather
-
-            def recording_all_gather(tensor_list, tensor, group=None, async_op=False):
-                sent.append(("all_gather", tensor.numel() * tensor.element_size()))
-                return real_all_gather(tensor_list, tensor, group=group, async_op=async_op)
-
+            sent.clear()
             dist.all_gather = recording_all_gather
             shard = make_shards(world, seed)[rank]
             theta = theta0().requires_grad_()
@@ -95,7 +96,7 @@ def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
                     grad=grad,
                     loss=out.loss.detach(),
                     metrics={k: v.clone() for k, v in out.metrics.items()},
-                    sent=sent,
+                    sent=list(sent),
                     n_calls_forward=n_calls_forward,
                 )
             )

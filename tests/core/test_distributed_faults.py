@@ -205,7 +205,8 @@ CASES: dict[str, tuple[Callable[[int, int], dict[str, Any]], Callable[[int], Any
         counts_with_process_group,
         lambda w: (
             "ValueError",
-            where(0, w) + "num_groups/num_tokens cannot be combined with process_group: the "
+            where(0, w)
+            + "num_groups/num_tokens cannot be combined with process_group: the "
             "cross-rank mode already normalises by the global counts ({} failed a check "
             "too)".format("rank 1" if w == 2 else "ranks 1, 2"),
         ),

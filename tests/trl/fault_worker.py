@@ -5,7 +5,8 @@ each with a bad value on rank 1 only; records, per training, what this rank rais
   trainer computes for DisCO's weights);
 * ``current_log_prob``: a non-finite log-prob of the current policy in the training forward
   (what an overflowing model produces);
-* ``reward``: a reward function that returns inf for one completion.
+* ``reward``: a reward function that returns inf for one completion;
+* ``empty_completion``: a completion whose loss mask is all 0.
 
 The stand-ins are test-only subclasses that change one value; nothing else is patched.
 """
@@ -34,6 +35,8 @@ class FaultyTrainer(RecordingTrainer):
         return int(self.accelerator.process_index)
 
     def _sampling_log_probs(self, output: dict[str, Any], batch_size: int) -> torch.Tensor:
+        if self.fault == "empty_completion" and self._rank() == FAULTY_RANK:
+            output["completion_mask"][0] = 0  # in place: the loss mask of the generation batch
         logps = super()._sampling_log_probs(output, batch_size)
         if self.fault == "old_log_prob" and self._rank() == FAULTY_RANK:
             logps = logps.clone()
@@ -50,7 +53,7 @@ class FaultyTrainer(RecordingTrainer):
         return logps, entropies, aux
 
 
-FAULTS = ("old_log_prob", "current_log_prob", "reward")
+FAULTS = ("old_log_prob", "current_log_prob", "reward", "empty_completion")
 
 
 def main(out_dir: str, faults: tuple[str, ...] = FAULTS) -> None:
@@ -59,7 +62,9 @@ def main(out_dir: str, faults: tuple[str, ...] = FAULTS) -> None:
     rank = -1
     for fault in faults:
 
-        def reward(completions: list[str], answer: list[str], **kw: Any) -> list[float]:
+        def reward(
+            completions: list[str], answer: list[str], fault: str = fault, **kw: Any
+        ) -> list[float]:
             scores = ex.parity_reward(completions, answer)
             if fault == "reward" and torch.distributed.get_rank() == FAULTY_RANK:
                 scores[0] = float("inf")

@@ -27,6 +27,9 @@ EXPECTED = {
     "reward": "DisCOTrainer: non-finite reward for the completion at process 1, completion 0 "
     "(the rewards of the reward functions, weighted and summed, must be finite; None marks a "
     "completion that cannot be scored)",
+    "empty_completion": "DisCOTrainer: the completion at process 1, completion 0 has no "
+    "completion token (completion_mask * tool_mask is all 0); DisCO scores are token means "
+    "over a non-empty completion",
 }
 
 
