@@ -257,28 +257,10 @@ def require_initialised() -> None:
         )
 
 
-def decide_across_ranks(
-    *,
-    count: int,
-    failure: Exception | None,
-    options: DiscoOptions | None,
-    validate: bool,
-    multiplier: LagrangeMultiplier | None,
-    checks: Sequence[Check | ValueCheck],
-    device: torch.device,
-    group: Any,
-) -> list[int]:
-    """Collective 1 and the collective decision: returns every rank's response count, or
-    raises the same exception on every rank (chained to the local error on a failing rank)."""
-    header = build_header(
-        count=count,
-        failure=failure,
-        options=options,
-        validate=validate,
-        multiplier=multiplier,
-        checks=checks,
-        device=device,
-    )
+def decide_across_ranks(header: Tensor, failure: Exception | None, group: Any) -> list[int]:
+    """Collective 1 and the collective decision, from this rank's :func:`build_header`:
+    returns every rank's response count, or raises the same exception on every rank (chained
+    to the local error on a failing rank)."""
     table = gather_headers(header, group)
     error = collective_error(table)
     if error is not None:
@@ -316,7 +298,7 @@ def gather_response_stats(
         dim=1,
     )
     if counts is None:
-        counts = decide_across_ranks(
+        header = build_header(
             count=payload.shape[0],
             failure=None,
             options=None,
@@ -324,8 +306,8 @@ def gather_response_stats(
             multiplier=None,
             checks=(),
             device=payload.device,
-            group=group,
         )
+        counts = decide_across_ranks(header, None, group)
     rank = dist.get_rank(group)
     full: Tensor = _GatherRows.apply(payload, group, counts, rank)  # type: ignore[no-untyped-call]
     ids = full[:, 4].detach().contiguous().view(torch.int64)

@@ -373,7 +373,7 @@ def disco_loss(
             )
         except (ValueError, TypeError) as exc:
             failure = exc
-        counts = distributed.decide_across_ranks(
+        header = distributed.build_header(
             count=0 if stats_or_none is None else int(stats_or_none.scores.shape[0]),
             failure=failure,
             options=options_or_none,
@@ -381,8 +381,8 @@ def disco_loss(
             multiplier=multiplier,
             checks=() if stats_or_none is None else stats_or_none.checks,
             device=distributed.comm_device(process_group, log_probs),
-            group=process_group,
         )
+        counts = distributed.decide_across_ranks(header, failure, process_group)
         assert options_or_none is not None and stats_or_none is not None  # else raised above
         options, stats = options_or_none, stats_or_none
         scores, kl_sums, lengths, rewards, group_ids = distributed.gather_response_stats(

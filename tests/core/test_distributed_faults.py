@@ -358,3 +358,58 @@ def test_one_rank_faults_are_decided_by_every_rank(world: int) -> None:
             torch.testing.assert_close(
                 outcome["grad"] / world, ref_grads[rank], rtol=1e-9, atol=1e-12
             )
+
+
+def _table(headers: list[torch.Tensor]) -> list[list[int]]:
+    return torch.stack(headers).tolist()  # what gather_headers reads
+
+
+def test_decision_order_and_long_messages_without_processes() -> None:
+    """The decision is a function of the gathered headers alone: simulate the gather."""
+    from discoloss import DiscoOptions
+    from discoloss._checks import ValueCheck
+    from discoloss.distributed import MESSAGE_BYTES, build_header, collective_error
+
+    cpu = torch.device("cpu")
+    opts = DiscoOptions()
+
+    def header(**kw: Any) -> torch.Tensor:
+        base: dict[str, Any] = dict(
+            count=4, failure=None, options=opts, validate=True, multiplier=None, checks=()
+        )
+        return build_header(**{**base, **kw}, device=cpu)
+
+    nan_at_2 = ValueCheck("log_probs", torch.tensor([False, False, True, True]))
+    long = TypeError("x" * (2 * MESSAGE_BYTES) + " é")
+    # a failed local check beats different options and value failures; messages are cut
+    error = collective_error(
+        _table(
+            [
+                header(checks=[nan_at_2]),
+                header(failure=long, options=None),
+                header(options=DiscoOptions(tau=3.0)),
+                header(failure=ValueError("second")),
+            ]
+        )
+    )
+    assert type(error) is TypeError
+    assert str(error) == (
+        "disco_loss on rank 1 of 4 in process_group: "
+        + "x" * MESSAGE_BYTES
+        + " (rank 3 failed a check too)"
+    )
+    # different options beat value failures
+    error = collective_error(
+        _table([header(checks=[nan_at_2]), header(options=DiscoOptions(tau=3.0))])
+    )
+    assert str(error).endswith("tau: 10.0 (rank 0) vs 3.0 (rank 1)")
+    # value failures: the lowest rank, its first failing response
+    error = collective_error(
+        _table([header(), header(checks=[nan_at_2]), header(checks=[nan_at_2])])
+    )
+    assert str(error) == (
+        "disco_loss on rank 1 of 3 in process_group: log_probs: non-finite value at a response "
+        "token of response 2"
+    )
+    assert collective_error(_table([header(), header(count=0)])) is None
+    assert "empty batch" in str(collective_error(_table([header(count=0), header(count=0)])))

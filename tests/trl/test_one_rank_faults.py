@@ -8,14 +8,11 @@ have raised the same exception with the same message.
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
 import torch
-from test_two_processes import free_port
+from trl_support import launch_two_processes
 
 WORKER = Path(__file__).resolve().parent / "fault_worker.py"
 
@@ -34,16 +31,7 @@ EXPECTED = {
 
 
 def test_a_bad_value_on_one_rank_stops_every_rank_with_our_message(tmp_path: Any) -> None:
-    command = [
-        sys.executable, "-m", "accelerate.commands.launch",
-        "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-        "--mixed_precision", "no", "--dynamo_backend", "no",
-        "--main_process_ip", "127.0.0.1", "--main_process_port", str(free_port()),
-        str(WORKER), str(tmp_path),
-    ]  # fmt: skip
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    done = subprocess.run(command, capture_output=True, text=True, timeout=420, env=env)
-    assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
+    launch_two_processes(WORKER, str(tmp_path))
     ranks = [torch.load(tmp_path / f"faults-rank{r}.pt", weights_only=False) for r in (0, 1)]
     for fault, message in EXPECTED.items():
         for rank, outcomes in enumerate(ranks):
