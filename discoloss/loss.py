@@ -324,10 +324,10 @@ def disco_loss(
       negatives) and ``mean_response_length``.
 
     Raises:
-      ValueError / TypeError naming the argument for bad shapes, dtypes, devices, options and
-      (when ``validate``) values; with ``process_group``, on every rank, naming the failing
-      rank. RuntimeError when ``process_group`` is given and torch.distributed is not
-      initialised.
+      ValueError: (or TypeError) naming the argument, for bad shapes, dtypes, devices, options
+        and (when ``validate``) values; with ``process_group``, on every rank, naming the
+        failing rank.
+      RuntimeError: ``process_group`` is given and torch.distributed is not initialised.
     """
     settings = dict(
         score=score,
