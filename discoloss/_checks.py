@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor
@@ -81,10 +81,13 @@ def check_same_shape(names: Sequence[str], tensors: Sequence[Tensor]) -> None:
             )
 
 
-def check_batch(names: Sequence[str], tensors: Sequence[Tensor]) -> None:
-    """Leading dimensions must match and be non-empty."""
+def check_batch(
+    names: Sequence[str], tensors: Sequence[Tensor], *, allow_empty: bool = False
+) -> None:
+    """Leading dimensions must match and be non-empty (or may be empty, with ``allow_empty``:
+    a rank's shard in cross-rank mode)."""
     b = tensors[0].shape[0]
-    if b == 0:
+    if b == 0 and not allow_empty:
         raise ValueError(f"{names[0]} is an empty batch (0 responses); at least one is required")
     for n, t in zip(names[1:], tensors[1:]):
         if t.shape[0] != b:
@@ -102,20 +105,67 @@ def check_device(names: Sequence[str], tensors: Sequence[Tensor]) -> None:
 
 Check = tuple[Tensor, Callable[[], str]]
 
+#: Value checks of the per-response inputs, in the order they are reported: key -> message,
+#: formatted with the index of the first failing response. A check that every rank can name by
+#: its key and index can be decided collectively (:mod:`discoloss.distributed`): any rank can
+#: write the failing rank's message from two integers.
+VALUE_CHECKS: dict[str, str] = {
+    "mask_values": "mask must hold only 0 and 1 (or be a bool tensor); found other values "
+    "(first at response {index})",
+    "empty_response": "mask: response {index} has no response token; every response needs at "
+    "least one",
+    "log_probs": "log_probs: non-finite value at a response token of response {index}",
+    "old_log_probs": "old_log_probs: non-finite value at a response token of response {index}",
+    "ratio": "exp(log_probs - old_log_probs) overflows at a response token of response "
+    "{index}: the likelihood ratio is too large to represent",
+    "rewards": "rewards: non-finite value at response {index}; every reward must be finite to "
+    "be labelled positive or negative",
+}
+VALUE_CHECK_KEYS: tuple[str, ...] = tuple(VALUE_CHECKS)
 
-def raise_if_failed(checks: Sequence[Check], exc: type[Exception] = ValueError) -> None:
-    """Evaluate 0-d boolean ``checks`` (True = ok) with a single host sync.
+
+class ValueCheck(NamedTuple):
+    """A value check over the responses: ``bad`` is (B,) bool, True where it fails."""
+
+    key: str
+    bad: Tensor
+
+    def message(self, index: int) -> str:
+        return VALUE_CHECKS[self.key].format(index=index)
+
+
+def raise_if_failed(
+    checks: Sequence[Check | ValueCheck], exc: type[Exception] = ValueError
+) -> None:
+    """Evaluate the checks with a single host sync: ``(ok, message)`` pairs (0-d boolean ok,
+    True = passed) and :class:`ValueCheck` s.
 
     The message callables run only for a failed check, so they may sync freely.
     """
     if not checks:
         return
-    ok = torch.stack([c.reshape(()) for c, _ in checks]).cpu()
+    flags = [~c.bad.any() if isinstance(c, ValueCheck) else c[0].reshape(()) for c in checks]
+    ok = torch.stack(flags).cpu()
     if bool(ok.all()):
         return
-    for flag, (_, message) in zip(ok.tolist(), checks):
+    for flag, check in zip(ok.tolist(), checks):
         if not flag:
-            raise exc(message())
+            if isinstance(check, ValueCheck):
+                raise exc(check.message(first_index(check.bad)))
+            raise exc(check[1]())
+
+
+def first_failures(checks: Sequence[ValueCheck], device: torch.device) -> Tensor:
+    """(len(VALUE_CHECKS),) int64 on ``device``: per registered check, the index of its first
+    failing response, -1 where it passes or was not run. No host sync."""
+    out = torch.full((len(VALUE_CHECK_KEYS),), -1, dtype=torch.int64, device=device)
+    live = [c for c in checks if c.bad.numel() > 0]
+    if not live:
+        return out
+    bad = torch.stack([c.bad.reshape(-1) for c in live])
+    first = torch.where(bad.any(1), bad.to(torch.uint8).argmax(1), -1)
+    slots = torch.tensor([VALUE_CHECK_KEYS.index(c.key) for c in live], device=device)
+    return out.index_copy_(0, slots, first)
 
 
 def first_index(bad: Tensor) -> int:

@@ -35,6 +35,15 @@ The accumulated gradient then equals the gradient of ``disco_loss`` on the whole
   ``kl_coef=None``, the local approximation (each micro-batch's token share times the penalty
   of its own token-mean KL), an upper bound of the exact penalty by Jensen's inequality that
   equals it when micro-batches have equal KL.
+
+**Data parallel: a bad value on one rank.** These functions are local: with ``validate=True``
+a bad value (a non-finite log-prob, an empty response) raises on the rank that holds it. In a
+data-parallel loop the other ranks would then wait in their next collective (a gather, the
+gradient all-reduce): a hang under NCCL. Check where every rank sees the same values instead:
+compute the stats with ``validate=False``, gather them (the planning step gathers them anyway)
+and check the gathered tensors, or check the per-response stats that a step gathers for its
+metrics before the optimizer step; every rank then raises the same error (the TRL adapter does
+both). :func:`discoloss.disco_loss` with ``process_group`` does this by itself.
 """
 
 from __future__ import annotations

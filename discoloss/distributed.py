@@ -7,12 +7,26 @@ never communicated: traffic is O(sum_r B_r), not O(B * T * world) as in the publ
 
 Collectives per forward call, in this order, on ``process_group``:
 
-1. ``all_gather`` of the local response count (one int64 per rank);
-2. ``all_gather`` of the payload, padded to the largest count ((max_count, 5) float64 per rank).
+1. ``all_gather`` of a fixed-size int64 *header* per rank (:data:`HEADER_WORDS` words): the
+   local response count, the outcome of the rank's checks, and its resolved options;
+2. ``all_gather`` of the payload, padded to the largest count ((max_count, 5) float64 per
+   rank), only when every rank's header says that everything is in order.
 
-None in backward. Reading the counts is one host sync. Every rank must call the loss the same
-number of times (as for any collective); a rank with no responses cannot call it (the loss
-rejects empty batches), so engines must give every rank at least one response per call.
+None in backward. Reading the headers is the one host sync (it was needed anyway for the
+counts). Every rank must call the loss the same number of times (as for any collective).
+
+**Collective errors.** No check that can fail on one rank only raises before the headers are
+exchanged. A rank whose inputs are malformed (bad shapes, dtypes, devices, option values)
+catches its own error, sends a header that carries its type and message, and takes part in the
+header gather like every other rank; with ``validate=True`` the value checks (non-finite
+inputs, empty responses, mask values) are computed on the device before the gather and travel
+as one int64 per check (the index of the first failing response, or -1). Every rank then reads
+the same table of headers and raises the same exception, which names the failing rank, before
+the payload gather, which then no rank enters. The options are compared the same way (each
+header carries the resolved options, :func:`options_words`): different options on two ranks
+are an error on every rank that names the options and the ranks. A rank with 0 responses is
+legal (it contributes nothing and gets a zero-size gradient); all ranks empty is an error on
+every rank.
 
 Gradient convention: every rank holds the same global loss L. The backward of the gather
 returns, for the local responses, ``world_size * dL/d(local payload)``, so that after the
@@ -23,25 +37,201 @@ gradients across ranks instead of averaging them, divide the loss by the world s
 
 from __future__ import annotations
 
+import struct
+from collections.abc import Sequence
 from typing import Any
 
 import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from discoloss._checks import VALUE_CHECK_KEYS, VALUE_CHECKS, Check, ValueCheck, first_failures
+from discoloss._types import CONSTRAINTS, KL_ESTIMATORS, NORMALIZES, OBJECTIVES, SCORES
+from discoloss.constraints import LagrangeMultiplier
+from discoloss.options import DiscoOptions
+
 __all__ = ["gather_response_stats"]
 
 #: Columns of the per-response payload.
 PAYLOAD_COLUMNS = ("score", "kl_sum", "length", "reward", "group_id")
+
+#: Options compared across ranks, in header order: (name, choices) for string options,
+#: (name, None) for numbers (sent as float64 bit patterns; tau resolved).
+OPTION_FIELDS: tuple[tuple[str, tuple[str, ...] | None], ...] = (
+    ("score", SCORES),
+    ("objective", OBJECTIVES),
+    ("tau", None),
+    ("delta", None),
+    ("beta", None),
+    ("kl_estimator", KL_ESTIMATORS),
+    ("threshold", None),
+    ("normalize", NORMALIZES),
+    ("constraint", CONSTRAINTS),
+    ("cvar_alpha", None),
+    ("margin", None),
+    ("clip_eps", None),
+    ("validate", ("False", "True")),
+    ("multiplier", None),  # the Lagrange multiplier's value; NO_MULTIPLIER when there is none
+)
+#: Bytes of a rank's error message carried in its header (longer messages are cut).
+MESSAGE_BYTES = 512
+
+# Header layout (int64 words).
+_COUNT, _ERROR, _MESSAGE_LEN, _OPTIONS_OK = 0, 1, 2, 3
+_OPTIONS = 4
+_MESSAGE = _OPTIONS + len(OPTION_FIELDS) - 1  # the multiplier word is on the device part
+_MULTIPLIER = _MESSAGE + MESSAGE_BYTES // 8
+_VALUES = _MULTIPLIER + 1
+HEADER_WORDS = _VALUES + len(VALUE_CHECK_KEYS)
+
+#: Exception types a rank's failed check can carry (index = header code - 1).
+_ERROR_TYPES: tuple[type[Exception], ...] = (ValueError, TypeError)
+NO_MULTIPLIER = -(2**63)
+
+
+def _float_word(x: float) -> int:
+    return int(struct.unpack("<q", struct.pack("<d", float(x)))[0])
+
+
+def _word_float(w: int) -> float:
+    return float(struct.unpack("<d", struct.pack("<q", int(w)))[0])
+
+
+def options_words(options: DiscoOptions, validate: bool) -> list[int]:
+    """The resolved options as int64 words (without the multiplier, which lives on the device):
+    the fingerprint compared across ranks. Bit-exact: equal words iff equal options."""
+    words = []
+    for name, choices in OPTION_FIELDS[:-1]:
+        if name == "validate":
+            words.append(int(bool(validate)))
+        elif name == "tau":
+            words.append(_float_word(options.tau_value))
+        elif choices is None:
+            words.append(_float_word(getattr(options, name)))
+        else:
+            words.append(choices.index(getattr(options, name)))
+    return words
+
+
+def _option_text(name: str, word: int) -> str:
+    choices = dict(OPTION_FIELDS)[name]
+    if name == "multiplier":
+        return (
+            "None" if word == NO_MULTIPLIER else f"LagrangeMultiplier(value={_word_float(word)!r})"
+        )
+    if choices is not None:
+        return choices[word] if name == "validate" else repr(choices[word])
+    return repr(_word_float(word))
+
+
+def comm_device(group: Any, log_probs: object) -> torch.device:
+    """Device of the header: CUDA under NCCL (whatever a malformed rank passed), else the
+    device of ``log_probs`` (CPU when it is not a tensor)."""
+    if dist.get_backend(group) == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return log_probs.device if isinstance(log_probs, Tensor) else torch.device("cpu")
+
+
+def build_header(
+    *,
+    count: int,
+    failure: Exception | None,
+    options: DiscoOptions | None,
+    validate: bool,
+    multiplier: LagrangeMultiplier | None,
+    checks: Sequence[Check | ValueCheck],
+    device: torch.device,
+) -> Tensor:
+    """This rank's (HEADER_WORDS,) int64 header. Host-known words go in one host-to-device
+    copy; the value checks' first failures and the multiplier are device tensors (no sync)."""
+    host = [0] * _MULTIPLIER
+    host[_COUNT] = count
+    if failure is not None:
+        exc = failure
+        code = next(i for i, t in enumerate(_ERROR_TYPES) if isinstance(exc, t)) + 1
+        raw = str(exc).encode("utf-8")[:MESSAGE_BYTES]
+        host[_ERROR], host[_MESSAGE_LEN] = code, len(raw)
+        padded = raw.ljust(MESSAGE_BYTES, b"\0")
+        host[_MESSAGE:_MULTIPLIER] = list(struct.unpack(f"<{MESSAGE_BYTES // 8}q", padded))
+    if options is not None:
+        host[_OPTIONS_OK] = 1
+        host[_OPTIONS:_MESSAGE] = options_words(options, validate)
+    head = torch.tensor(host, dtype=torch.int64, device=device)
+    use_multiplier = failure is None and options is not None and options.constraint == "lagrangian"
+    value_checks = [c for c in checks if isinstance(c, ValueCheck)]
+    if not use_multiplier and not value_checks:
+        tail = [NO_MULTIPLIER] + [-1] * len(VALUE_CHECK_KEYS)
+        return torch.cat([head, torch.tensor(tail, dtype=torch.int64, device=device)])
+    if use_multiplier:
+        assert multiplier is not None
+        value = multiplier.value.detach().to(device=device, dtype=torch.float64)
+        mult = value.reshape(1).view(torch.int64)
+    else:
+        mult = torch.full((1,), NO_MULTIPLIER, dtype=torch.int64, device=device)
+    return torch.cat([head, mult, first_failures(value_checks, device)])
+
+
+def gather_headers(header: Tensor, group: Any) -> list[list[int]]:
+    """Collective 1: every rank's header; reading it is the one host sync."""
+    world = dist.get_world_size(group)
+    parts = [torch.empty_like(header) for _ in range(world)]
+    dist.all_gather(parts, header, group=group)
+    table: list[list[int]] = torch.stack(parts).tolist()  # the one host sync
+    return table
+
+
+def _ranks_text(ranks: Sequence[int]) -> str:
+    return ("rank " if len(ranks) == 1 else "ranks ") + ", ".join(str(r) for r in ranks)
+
+
+def collective_error(table: list[list[int]]) -> Exception | None:
+    """The error every rank raises, decided from the gathered headers alone (so it is the same
+    on every rank), or None. Order: a failed local check (lowest rank), different options,
+    a failed value check (lowest rank, then the check order of VALUE_CHECKS), an empty global
+    batch."""
+    world = len(table)
+    where = f"of {world} in process_group"
+    failed = [r for r, h in enumerate(table) if h[_ERROR] != 0]
+    if failed:
+        h = table[failed[0]]
+        raw = struct.pack(f"<{MESSAGE_BYTES // 8}q", *h[_MESSAGE:_MULTIPLIER])
+        text = raw[: h[_MESSAGE_LEN]].decode("utf-8", errors="ignore")
+        also = f" ({_ranks_text(failed[1:])} failed a check too)" if len(failed) > 1 else ""
+        return _ERROR_TYPES[h[_ERROR] - 1](f"disco_loss on rank {failed[0]} {where}: {text}{also}")
+    names = [name for name, _ in OPTION_FIELDS]
+    words = [h[_OPTIONS:_MESSAGE] + [h[_MULTIPLIER]] for h in table]
+    differ = []
+    for i, name in enumerate(names):
+        values: dict[int, list[int]] = {}
+        for r in range(world):
+            values.setdefault(words[r][i], []).append(r)
+        if len(values) > 1:
+            parts = [f"{_option_text(name, w)} ({_ranks_text(rs)})" for w, rs in values.items()]
+            differ.append(f"{name}: " + " vs ".join(parts))
+    if differ:
+        return ValueError(
+            "disco_loss options differ across the ranks of process_group (every rank must "
+            "pass the same options): " + "; ".join(differ)
+        )
+    for r, h in enumerate(table):
+        for key, index in zip(VALUE_CHECK_KEYS, h[_VALUES:]):
+            if index >= 0:
+                return ValueError(
+                    f"disco_loss on rank {r} {where}: {VALUE_CHECKS[key].format(index=index)}"
+                )
+    if sum(h[_COUNT] for h in table) == 0:
+        return ValueError(
+            f"log_probs is an empty batch (0 responses) on every rank of process_group "
+            f"({world} ranks); at least one response is required across the ranks"
+        )
+    return None
 
 
 class _GatherRows(torch.autograd.Function):
     """all_gather of a (n_local, k) tensor with ragged n across ranks; autograd without comms."""
 
     @staticmethod
-    def forward(
-        ctx: Any, payload: Tensor, group: Any, counts: list[int], rank: int
-    ) -> Tensor:
+    def forward(ctx: Any, payload: Tensor, group: Any, counts: list[int], rank: int) -> Tensor:
         world = len(counts)
         max_count = max(counts)
         padded = payload.new_zeros((max_count, payload.shape[1]))
@@ -59,12 +249,23 @@ class _GatherRows(torch.autograd.Function):
         return local * ctx.world, None, None, None
 
 
-def gather_counts(n: int, device: torch.device, group: Any) -> list[int]:
-    world = dist.get_world_size(group)
-    mine = torch.tensor([n], dtype=torch.int64, device=device)
-    counts = [torch.empty_like(mine) for _ in range(world)]
-    dist.all_gather(counts, mine, group=group)
-    return [int(c) for c in torch.cat(counts).tolist()]  # the one host sync
+def require_initialised() -> None:
+    if not dist.is_available() or not dist.is_initialized():
+        raise RuntimeError(
+            "process_group was given but torch.distributed is not initialised; call "
+            "torch.distributed.init_process_group first or pass process_group=None"
+        )
+
+
+def decide_across_ranks(header: Tensor, failure: Exception | None, group: Any) -> list[int]:
+    """Collective 1 and the collective decision, from this rank's :func:`build_header`:
+    returns every rank's response count, or raises the same exception on every rank (chained
+    to the local error on a failing rank)."""
+    table = gather_headers(header, group)
+    error = collective_error(table)
+    if error is not None:
+        raise error from failure
+    return [h[_COUNT] for h in table]
 
 
 def gather_response_stats(
@@ -74,18 +275,17 @@ def gather_response_stats(
     rewards: Tensor,
     group_ids: Tensor,
     group: Any,
+    counts: list[int] | None = None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Concatenate per-response scalars of every rank, in rank order.
 
+    ``counts``: every rank's response count, from :func:`decide_across_ranks` (then this is
+    the payload gather alone); None gathers a header first, with no options to compare.
     Scores and KL sums keep their autograd connection to the local inputs (see the module
     docstring for the gradient scale). Group ids travel bit-exactly (int64 reinterpreted as
     float64), so any int64 id is preserved. Returned float tensors are float64.
     """
-    if not dist.is_available() or not dist.is_initialized():
-        raise RuntimeError(
-            "process_group was given but torch.distributed is not initialised; call "
-            "torch.distributed.init_process_group first or pass process_group=None"
-        )
+    require_initialised()
     f = torch.float64
     payload = torch.stack(
         [
@@ -97,7 +297,17 @@ def gather_response_stats(
         ],
         dim=1,
     )
-    counts = gather_counts(payload.shape[0], payload.device, group)
+    if counts is None:
+        header = build_header(
+            count=payload.shape[0],
+            failure=None,
+            options=None,
+            validate=False,
+            multiplier=None,
+            checks=(),
+            device=payload.device,
+        )
+        counts = decide_across_ranks(header, None, group)
     rank = dist.get_rank(group)
     full: Tensor = _GatherRows.apply(payload, group, counts, rank)  # type: ignore[no-untyped-call]
     ids = full[:, 4].detach().contiguous().view(torch.int64)

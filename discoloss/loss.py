@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import torch
 from torch import Tensor
 
-from discoloss._checks import raise_if_failed
+from discoloss._checks import Check, ValueCheck, raise_if_failed
 from discoloss._types import Constraint, KLEstimator, Normalize, Objective, Score
 from discoloss.constraints import LagrangeMultiplier, constraint_penalty
 from discoloss.kl import kl_row_sums
@@ -175,6 +175,50 @@ def as_count(name: str, value: int | Tensor | None, device: torch.device) -> Ten
     return torch.tensor(value, device=device)
 
 
+class LocalStats(NamedTuple):
+    """What the loss needs from this process's token tensors, and its value checks."""
+
+    scores: Tensor
+    kl_sums: Tensor
+    lengths: Tensor
+    checks: list[Check | ValueCheck]
+    device: torch.device
+
+
+def resolve_options(
+    settings: dict[str, Any], multiplier: LagrangeMultiplier | None
+) -> DiscoOptions:
+    options = DiscoOptions(**settings)
+    if options.constraint == "lagrangian" and multiplier is None:
+        raise ValueError('constraint="lagrangian" needs multiplier=LagrangeMultiplier(...)')
+    return options
+
+
+def local_stats(
+    log_probs: Tensor,
+    old_log_probs: Tensor,
+    mask: Tensor,
+    rewards: Tensor,
+    group_ids: Tensor,
+    options: DiscoOptions,
+    validate: bool,
+    allow_empty: bool,
+) -> LocalStats:
+    """Metadata checks (raise), the token pass, and the value checks (returned, not run)."""
+    log_probs, old_log_probs, mask = check_token_inputs(
+        log_probs, old_log_probs, mask, allow_empty=allow_empty
+    )
+    check_response_inputs(rewards, group_ids, ("log_probs", log_probs), allow_empty=allow_empty)
+    sums, checks = token_sums(
+        log_probs, old_log_probs, mask, need_ratio=options.needs_ratio, validate=validate
+    )
+    if validate:
+        checks += reward_checks(rewards)
+    scores = response_scores(sums, log_probs, old_log_probs, mask, rewards, options)
+    kl_sums = kl_row_sums(sums, options.kl_estimator)
+    return LocalStats(scores, kl_sums, sums.lengths, checks, log_probs.device)
+
+
 def disco_loss(
     log_probs: Tensor,
     old_log_probs: Tensor,
@@ -255,14 +299,20 @@ def disco_loss(
         :mod:`discoloss.accumulation`.
       process_group: a ``torch.distributed`` group. When given, groups are formed across all
         its ranks (a question's responses may sit on different ranks, ranks may hold different
-        numbers of responses and sequence lengths). Only per-response scalars are exchanged,
-        never token tensors: exactly two ``all_gather`` calls per forward (the response counts,
-        then a (max_count, 5) float64 payload of score, KL sum, token count, reward and group
-        id), none in backward, and one host sync to read the counts. Loss, objective, kl,
-        penalty and metrics are global and identical on every rank; the gradient of each
-        rank's local log-probs is scaled by the world size so that the usual DDP/FSDP gradient
-        averaging yields exactly the single-process gradient of the concatenated batch. Every
-        rank must make the same calls (as with any collective). Off by default.
+        numbers of responses and sequence lengths, and a rank may hold none: ``(0, T)``
+        inputs). Only per-response scalars are exchanged, never token tensors: exactly two
+        ``all_gather`` calls per forward (a fixed-size header per rank with its response
+        count, the outcome of its checks and its resolved options; then a (max_count, 5)
+        float64 payload of score, KL sum, token count, reward and group id), none in
+        backward, and one host sync to read the headers. Loss, objective, kl, penalty and
+        metrics are global and identical on every rank; the gradient of each rank's local
+        log-probs is scaled by the world size so that the usual DDP/FSDP gradient averaging
+        yields exactly the single-process gradient of the concatenated batch. Every rank must
+        make the same calls (as with any collective). Errors are collective: a check that
+        fails on one rank (shapes, dtypes, devices, option values, values with ``validate``)
+        or options that differ across ranks raise the same exception on every rank, naming
+        the failing rank, before the payload gather (see :mod:`discoloss.distributed`). Off
+        by default.
 
     Returns:
       :class:`DiscoOutput`. ``metrics`` holds detached 0-d float tensors: ``loss``,
@@ -275,9 +325,11 @@ def disco_loss(
 
     Raises:
       ValueError: (or TypeError) naming the argument, for bad shapes, dtypes, devices, options
-        and (when ``validate``) values.
+        and (when ``validate``) values; with ``process_group``, on every rank, naming the
+        failing rank.
+      RuntimeError: ``process_group`` is given and torch.distributed is not initialised.
     """
-    options = DiscoOptions(
+    settings = dict(
         score=score,
         objective=objective,
         tau=tau,
@@ -291,34 +343,52 @@ def disco_loss(
         margin=margin,
         clip_eps=clip_eps,
     )
-    if constraint == "lagrangian" and multiplier is None:
-        raise ValueError('constraint="lagrangian" needs multiplier=LagrangeMultiplier(...)')
-    log_probs, old_log_probs, mask = check_token_inputs(log_probs, old_log_probs, mask)
-    check_response_inputs(rewards, group_ids, ("log_probs", log_probs))
-    groups_t = as_count("num_groups", num_groups, log_probs.device)
-    tokens_t = as_count("num_tokens", num_tokens, log_probs.device)
-    if process_group is not None and (groups_t is not None or tokens_t is not None):
-        raise ValueError(
-            "num_groups/num_tokens cannot be combined with process_group: the cross-rank mode "
-            "already normalises by the global counts"
+    if process_group is None:
+        options = resolve_options(settings, multiplier)
+        stats = local_stats(
+            log_probs, old_log_probs, mask, rewards, group_ids, options, validate, False
         )
+        raise_if_failed(stats.checks)
+        groups_t = as_count("num_groups", num_groups, stats.device)
+        tokens_t = as_count("num_tokens", num_tokens, stats.device)
+        scores, kl_sums, lengths = stats.scores, stats.kl_sums, stats.lengths
+    else:
+        from discoloss import distributed
 
-    sums, checks = token_sums(
-        log_probs, old_log_probs, mask, need_ratio=options.needs_ratio, validate=validate
-    )
-    if validate:
-        checks += reward_checks(rewards)
-    raise_if_failed(checks)
-
-    scores = response_scores(sums, log_probs, old_log_probs, mask, rewards, options)
-    kl_sums = kl_row_sums(sums, options.kl_estimator)
-    lengths = sums.lengths
-    if process_group is not None:
-        from discoloss.distributed import gather_response_stats
-
-        scores, kl_sums, lengths, rewards, group_ids = gather_response_stats(
-            scores, kl_sums, lengths, rewards, group_ids, process_group
+        distributed.require_initialised()
+        # No check may raise on one rank only: a rank's failure travels in the header gather,
+        # and every rank raises the same error (see discoloss.distributed).
+        failure: Exception | None = None
+        options_or_none: DiscoOptions | None = None
+        stats_or_none: LocalStats | None = None
+        try:
+            options_or_none = resolve_options(settings, multiplier)
+            if num_groups is not None or num_tokens is not None:
+                raise ValueError(
+                    "num_groups/num_tokens cannot be combined with process_group: the "
+                    "cross-rank mode already normalises by the global counts"
+                )
+            stats_or_none = local_stats(
+                log_probs, old_log_probs, mask, rewards, group_ids, options_or_none, validate, True
+            )
+        except (ValueError, TypeError) as exc:
+            failure = exc
+        header = distributed.build_header(
+            count=0 if stats_or_none is None else int(stats_or_none.scores.shape[0]),
+            failure=failure,
+            options=options_or_none,
+            validate=validate,
+            multiplier=multiplier,
+            checks=() if stats_or_none is None else stats_or_none.checks,
+            device=distributed.comm_device(process_group, log_probs),
         )
+        counts = distributed.decide_across_ranks(header, failure, process_group)
+        assert options_or_none is not None and stats_or_none is not None  # else raised above
+        options, stats = options_or_none, stats_or_none
+        scores, kl_sums, lengths, rewards, group_ids = distributed.gather_response_stats(
+            stats.scores, stats.kl_sums, stats.lengths, rewards, group_ids, process_group, counts
+        )
+        groups_t = tokens_t = None
     output, _ = loss_from_stats(
         scores,
         kl_sums,

@@ -31,6 +31,7 @@ from torch import Tensor
 
 from discoloss._checks import (
     Check,
+    ValueCheck,
     check_batch,
     check_device,
     check_tensor,
@@ -234,9 +235,7 @@ def discriminative_terms(
             per_group = on_leaf.detach()
         weights = (w / denom).detach()
         q = torch.where(negative, -w, 0.0)
-        q = q / torch.zeros_like(n_neg).index_add(0, dense, q)[dense].clamp_min(
-            torch.finfo(f).tiny
-        )
+        q = q / torch.zeros_like(n_neg).index_add(0, dense, q)[dense].clamp_min(torch.finfo(f).tiny)
     else:
         if objective == "disco_2way":
             # soft-min over positives: -tau * log mean exp(-s / tau)
@@ -274,27 +273,21 @@ def discriminative_terms(
 
 
 def check_response_inputs(
-    rewards: Tensor, group_ids: Tensor, batch: tuple[str, Tensor]
+    rewards: Tensor, group_ids: Tensor, batch: tuple[str, Tensor], *, allow_empty: bool = False
 ) -> None:
     """Metadata checks of rewards and group ids against a (B, ...) tensor named ``batch[0]``."""
     check_tensor("rewards", rewards, ndim=1, kind="real")
     check_tensor("group_ids", group_ids, ndim=1, kind="int")
     names = (batch[0], "rewards", "group_ids")
     tensors = (batch[1], rewards, group_ids)
-    check_batch(names, tensors)
+    check_batch(names, tensors, allow_empty=allow_empty)
     check_device(names, tensors)
 
 
-def reward_checks(rewards: Tensor) -> list[Check]:
+def reward_checks(rewards: Tensor) -> list[Check | ValueCheck]:
     if not rewards.dtype.is_floating_point:
         return []
-    return [
-        (
-            rewards.isfinite().all(),
-            lambda: f"rewards: non-finite value at response {first_index(~rewards.isfinite())}; "
-            "every reward must be finite to be labelled positive or negative",
-        )
-    ]
+    return [ValueCheck("rewards", ~rewards.isfinite())]
 
 
 def _prepare(

@@ -23,12 +23,12 @@ from torch import Tensor
 
 from discoloss._checks import (
     Check,
+    ValueCheck,
     check_batch,
     check_device,
     check_option,
     check_same_shape,
     check_tensor,
-    first_index,
     raise_if_failed,
 )
 from discoloss._types import SCORES, Score
@@ -234,9 +234,12 @@ def as_bool_mask(mask: Tensor) -> Tensor:
 
 
 def check_token_inputs(
-    log_probs: Tensor, old_log_probs: Tensor | None, mask: Tensor
+    log_probs: Tensor, old_log_probs: Tensor | None, mask: Tensor, *, allow_empty: bool = False
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """Metadata checks of the (B, T) inputs; returns (log_probs, old_log_probs, mask)."""
+    """Metadata checks of the (B, T) inputs; returns (log_probs, old_log_probs, mask).
+
+    ``allow_empty``: B = 0 is legal (a rank's empty shard in cross-rank mode).
+    """
     check_tensor("log_probs", log_probs, ndim=2, kind="float")
     if old_log_probs is None:
         old_log_probs = log_probs.detach()
@@ -245,8 +248,8 @@ def check_token_inputs(
     names = ("log_probs", "old_log_probs", "mask")
     check_same_shape(names, (log_probs, old_log_probs, mask))
     check_device(names, (log_probs, old_log_probs, mask))
-    check_batch(names, (log_probs, old_log_probs, mask))
-    if log_probs.shape[1] == 0:
+    check_batch(names, (log_probs, old_log_probs, mask), allow_empty=allow_empty)
+    if log_probs.shape[1] == 0 and log_probs.shape[0] > 0:
         raise ValueError(
             "log_probs has 0 token positions (shape (B, 0)); responses cannot be empty"
         )
@@ -260,7 +263,7 @@ def token_sums(
     *,
     need_ratio: bool,
     validate: bool,
-) -> tuple[TokenSums, list[Check]]:
+) -> tuple[TokenSums, list[Check | ValueCheck]]:
     """Reduce the token tensors to per-response sums (inputs already metadata-checked).
 
     Returns the sums and the value checks to run (empty when ``validate`` is False), so that
@@ -271,46 +274,16 @@ def token_sums(
         log_probs, old_log_probs.detach(), bmask, need_ratio
     )
     sums = TokenSums(lengths, s_lp, s_old, s_e if need_ratio else None)
-    checks: list[Check] = []
+    checks: list[Check | ValueCheck] = []
     if validate:
         if mask.dtype != torch.bool:
-            checks.append(
-                (
-                    ((mask == 0) | (mask == 1)).all(),
-                    lambda: "mask must hold only 0 and 1 (or be a bool tensor); found other values",
-                )
-            )
-        checks.append(
-            (
-                (lengths > 0).all(),
-                lambda: f"mask: response {first_index(lengths == 0)} has no response token; "
-                "every response needs at least one",
-            )
-        )
-        checks.append(
-            (
-                s_lp.detach().isfinite().all(),
-                lambda: "log_probs: non-finite value at a response token of response "
-                f"{first_index(~s_lp.detach().isfinite())}",
-            )
-        )
-        checks.append(
-            (
-                s_old.isfinite().all(),
-                lambda: "old_log_probs: non-finite value at a response token of response "
-                f"{first_index(~s_old.isfinite())}",
-            )
-        )
+            binary = (mask == 0) | (mask == 1)
+            checks.append(ValueCheck("mask_values", (~binary).any(-1)))
+        checks.append(ValueCheck("empty_response", lengths == 0))
+        checks.append(ValueCheck("log_probs", ~s_lp.detach().isfinite()))
+        checks.append(ValueCheck("old_log_probs", ~s_old.isfinite()))
         if need_ratio:
-            se = s_e.detach()
-            checks.append(
-                (
-                    se.isfinite().all(),
-                    lambda: "exp(log_probs - old_log_probs) overflows at a response token of "
-                    f"response {first_index(~se.isfinite())}: the likelihood ratio is too large "
-                    "to represent",
-                )
-            )
+            checks.append(ValueCheck("ratio", ~s_e.detach().isfinite()))
     return sums, checks
 
 

@@ -71,6 +71,14 @@ surrogate above, not the DisCO loss: read ``disco/objective`` and ``disco/penalt
 
 Completions for which every reward function returned None get weight 0 and are left out of
 the groups (their tokens still count in the KL constraint).
+
+**A bad value on one process** (a non-finite log-prob, a non-finite reward, a completion
+without completion token) stops the job on every process with the same ``ValueError``, never
+one process raising while the others wait in a collective: the checks run on gathered values
+that every process holds alike: the sampling statistics and the rewards right after the
+generation batch's gather, the current-policy statistics in the metrics gather at the end of
+each optimizer step, after DDP's gradient all-reduce and before the optimizer step (so a
+non-finite gradient is never applied).
 """
 
 from __future__ import annotations
@@ -114,6 +122,33 @@ def _loss_mask(inputs: dict[str, Any]) -> Tensor:
     mask = inputs["completion_mask"]
     tool_mask = inputs.get("tool_mask")
     return mask if tool_mask is None else mask * tool_mask
+
+
+def _raise_on_every_process(bad: Tensor, rows_per_process: int, message: str) -> None:
+    """Raise ``message`` (formatted with the first bad row's place) if any of the gathered
+    per-completion flags ``bad`` is set. Every process holds the same gathered tensors, so
+    every process raises the same error (one host read), and no process is left waiting in a
+    collective."""
+    if not bool(bad.any()):
+        return
+    row = int(bad.nonzero()[0, 0])
+    where = f"process {row // rows_per_process}, completion {row % rows_per_process}"
+    raise ValueError("DisCOTrainer: " + message.format(where=where))
+
+
+def _check_gathered_stats(
+    values: Tensor, lengths: Tensor, rows_per_process: int, what: str
+) -> None:
+    """Non-finite values and empty completions among gathered per-completion scalars."""
+    _raise_on_every_process(
+        ~torch.isfinite(values), rows_per_process, what + " at a completion token of {where}"
+    )
+    _raise_on_every_process(
+        lengths == 0,
+        rows_per_process,
+        "the completion at {where} has no completion token (completion_mask * tool_mask is "
+        "all 0); DisCO scores are token means over a non-empty completion",
+    )
 
 
 #: File holding the KL multiplier of ``constraint="lagrangian"`` inside a checkpoint folder.
@@ -279,8 +314,14 @@ class DisCOTrainer(GRPOTrainer):
             rewards = torch.where(scorable, rewards, torch.nan).double()
             start = self.accelerator.process_index * n_local
             local_rows = slice(start, start + n_local)
+            # Checked after the gather, on the gathered values: every process raises alike.
             local = response_stats(
-                old, old, mask, **self._stats_options(), rewards=rewards[local_rows]
+                old,
+                old,
+                mask,
+                **self._stats_options(),
+                rewards=rewards[local_rows],
+                validate=False,
             )
             payload = torch.stack([local.scores.double(), local.lengths.double()], dim=1)
             full = self.accelerator.gather(payload)  # (B, 2), process order, like the rewards
@@ -289,6 +330,19 @@ class DisCOTrainer(GRPOTrainer):
                     f"DisCOTrainer: {rewards_per_func.shape[0]} gathered rewards for "
                     f"{full.shape[0]} gathered completions"
                 )
+            _check_gathered_stats(
+                full[:, 0],
+                full[:, 1],
+                n_local,
+                "non-finite sampling log-prob (old_per_token_logps)",
+            )
+            _raise_on_every_process(
+                scorable & ~torch.isfinite(rewards),
+                n_local,
+                "non-finite reward for the completion at {where} (the rewards of the reward "
+                "functions, weighted and summed, must be finite; None marks a completion that "
+                "cannot be scored)",
+            )
             group_ids = torch.arange(full.shape[0], device=device) // num_generations
             weights = torch.zeros(full.shape[0], dtype=torch.float64, device=device)
             rows = scorable.nonzero().squeeze(1)
@@ -365,6 +419,7 @@ class DisCOTrainer(GRPOTrainer):
             constraint=args.constraint,
             multiplier=self.disco_multiplier,
             rewards=inputs["disco_rewards"],
+            validate=False,  # checked on every process at the step's end (_flush_disco_metrics)
         )
         loss = piece.loss
         ref_kl_sum = torch.zeros((), device=per_token_logps.device)
@@ -440,6 +495,15 @@ class DisCOTrainer(GRPOTrainer):
         rows = gathered[:, : n_rows * len(_ROW_COLUMNS)].reshape(-1, len(_ROW_COLUMNS))
         sums = gathered[:, n_rows * len(_ROW_COLUMNS) :].sum(dim=0)
         assert sums.shape[0] == n_sums
+        # Before the optimizer step (which would apply the non-finite gradient that DDP has
+        # already averaged onto every process), and on gathered values: every process raises.
+        _check_gathered_stats(
+            rows[:, 0] + rows[:, 1],
+            rows[:, 2],
+            n_rows,
+            "non-finite log-prob of the current policy in the "
+            f"{'optimizer step' if mode == 'train' else 'evaluation batch'}",
+        )
         num_tokens = rows[:, 2].sum().clamp_min(1.0)
         kl = rows[:, 1].sum() / num_tokens
         penalty = constraint_penalty(

@@ -10,15 +10,15 @@ The collectives are wrapped to record what each call sends.
 from __future__ import annotations
 
 import os
-import socket
 import tempfile
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
+from dist_support import free_port, init_gloo, run_ranks
 
 from discoloss import disco_loss
+from discoloss.distributed import HEADER_WORDS
 
 OPTIONS = [
     dict(score="log_likelihood", objective="disco", kl_estimator="k1"),
@@ -26,12 +26,6 @@ OPTIONS = [
     dict(score="log_likelihood", objective="disco_b", kl_estimator="k1", normalize="valid"),
 ]
 HIDDEN = 6
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def make_shards(world: int, seed: int) -> list[dict[str, torch.Tensor]]:
@@ -61,50 +55,53 @@ def theta0() -> torch.Tensor:
     return torch.linspace(-0.5, 0.5, HIDDEN, dtype=torch.float64)
 
 
-def _worker(rank: int, world: int, port: int, seed: int, opts: dict, out_dir: str) -> None:
-    os.environ["MASTER_ADDR"] = "127.0.0.1"
-    os.environ["MASTER_PORT"] = str(port)
-    dist.init_process_group("gloo", rank=rank, world_size=world)
+def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
+    """Every option set of OPTIONS on one process group (one spawned job per world size)."""
+    init_gloo(rank, world, port)
+    results = []
+    sent: list[tuple[str, int]] = []
+    real_all_gather = dist.all_gather
+
+    def recording_all_gather(tensor_list, tensor, group=None, async_op=False):
+        sent.append(("all_gather", tensor.numel() * tensor.element_size()))
+        return real_all_gather(tensor_list, tensor, group=group, async_op=async_op)
+
     try:
-        sent: list[tuple[str, int]] = []
-        real_all_gather = dist.all_gather
-
-        def recording_all_gather(tensor_list, tensor, group=None, async_op=False):
-            sent.append(("all_gather", tensor.numel() * tensor.element_size()))
-            return real_all_gather(tensor_list, tensor, group=group, async_op=async_op)
-
-        dist.all_gather = recording_all_gather
-        shard = make_shards(world, seed)[rank]
-        theta = theta0().requires_grad_()
-        lp = log_probs_of(theta, shard)
-        old = (lp.detach() + shard["old_noise"]).clone()
-        out = disco_loss(
-            lp,
-            old,
-            shard["mask"],
-            shard["rewards"],
-            shard["group_ids"],
-            delta=1e-3,
-            process_group=dist.group.WORLD,
-            **opts,
-        )
-        n_calls_forward = len(sent)
-        out.loss.backward()
-        dist.all_gather = real_all_gather
-        grad = theta.grad.clone()
-        dist.all_reduce(grad)  # what DDP does: average over ranks
-        grad /= world
-        torch.save(
-            dict(
-                grad=grad,
-                loss=out.loss.detach(),
-                metrics={k: v.clone() for k, v in out.metrics.items()},
-                sent=sent,
-                n_calls_forward=n_calls_forward,
-            ),
-            os.path.join(out_dir, f"rank{rank}.pt"),
-        )
+        for opt_index, opts in enumerate(OPTIONS):
+            seed = 10 * world + opt_index
+            sent.clear()
+            dist.all_gather = recording_all_gather
+            shard = make_shards(world, seed)[rank]
+            theta = theta0().requires_grad_()
+            lp = log_probs_of(theta, shard)
+            old = (lp.detach() + shard["old_noise"]).clone()
+            out = disco_loss(
+                lp,
+                old,
+                shard["mask"],
+                shard["rewards"],
+                shard["group_ids"],
+                delta=1e-3,
+                process_group=dist.group.WORLD,
+                **opts,
+            )
+            n_calls_forward = len(sent)
+            out.loss.backward()
+            dist.all_gather = real_all_gather
+            grad = theta.grad.clone()
+            dist.all_reduce(grad)  # what DDP does: average over ranks
+            grad /= world
+            results.append(
+                dict(
+                    grad=grad,
+                    loss=out.loss.detach(),
+                    metrics={k: v.clone() for k, v in out.metrics.items()},
+                    sent=list(sent),
+                    n_calls_forward=n_calls_forward,
+                )
+            )
     finally:
+        torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
         dist.destroy_process_group()
 
 
@@ -133,29 +130,30 @@ def single_process(world: int, seed: int, opts: dict):
 
 
 @pytest.mark.parametrize("world", [2, 3])
-@pytest.mark.parametrize("opt_index", range(len(OPTIONS)))
-def test_cross_rank_gradient_equals_single_process(world: int, opt_index: int) -> None:
-    opts = OPTIONS[opt_index]
-    seed = 10 * world + opt_index
+def test_cross_rank_gradient_equals_single_process(world: int) -> None:
     with tempfile.TemporaryDirectory() as tmp:
-        mp.spawn(_worker, args=(world, _free_port(), seed, opts, tmp), nprocs=world, join=True)
-        results = [torch.load(os.path.join(tmp, f"rank{r}.pt")) for r in range(world)]
-    ref, ref_grad, total = single_process(world, seed, opts)
-    assert ref.penalty.item() > 0, "test data must activate the penalty"
-    assert ref.metrics["groups_with_signal"].item() > 0
-    for res in results:
-        torch.testing.assert_close(res["grad"], ref_grad, rtol=1e-9, atol=1e-12)
-        torch.testing.assert_close(res["loss"], ref.loss.detach(), rtol=1e-9, atol=1e-12)
-        for k, v in ref.metrics.items():  # global metrics, identical on every rank
-            torch.testing.assert_close(
-                res["metrics"][k].double(), v.double(), rtol=1e-9, atol=1e-12
-            )
-        # exactly two all_gathers per call, none in backward; O(B) bytes independent of T
-        assert res["n_calls_forward"] == 2
-        assert [name for name, _ in res["sent"]] == ["all_gather", "all_gather"]
-        max_count = max(5 + 3 * r for r in range(world))
-        assert res["sent"][0][1] == 8
-        assert res["sent"][1][1] == max_count * 5 * 8
+        run_ranks(_worker, world, (world, free_port(), tmp))
+        per_rank = [torch.load(os.path.join(tmp, f"rank{r}.pt")) for r in range(world)]
+    assert all(len(r) == len(OPTIONS) for r in per_rank), "a rank did not run every case"
+    for opt_index, opts in enumerate(OPTIONS):
+        seed = 10 * world + opt_index
+        ref, ref_grad, total = single_process(world, seed, opts)
+        assert ref.penalty.item() > 0, "test data must activate the penalty"
+        assert ref.metrics["groups_with_signal"].item() > 0
+        for res in (r[opt_index] for r in per_rank):
+            torch.testing.assert_close(res["grad"], ref_grad, rtol=1e-9, atol=1e-12)
+            torch.testing.assert_close(res["loss"], ref.loss.detach(), rtol=1e-9, atol=1e-12)
+            for k, v in ref.metrics.items():  # global metrics, identical on every rank
+                torch.testing.assert_close(
+                    res["metrics"][k].double(), v.double(), rtol=1e-9, atol=1e-12
+                )
+            # exactly two all_gathers per call, none in backward; O(B) bytes independent of T:
+            # a fixed-size header (counts, check outcomes, options), then the payload
+            assert res["n_calls_forward"] == 2
+            assert [name for name, _ in res["sent"]] == ["all_gather", "all_gather"]
+            max_count = max(5 + 3 * r for r in range(world))
+            assert res["sent"][0][1] == HEADER_WORDS * 8 == 704
+            assert res["sent"][1][1] == max_count * 5 * 8
 
 
 def test_process_group_requires_initialised_backend() -> None:
@@ -168,18 +166,4 @@ def test_process_group_requires_initialised_backend() -> None:
             torch.tensor([0.0, 1.0]),
             torch.tensor([0, 0]),
             process_group=object(),
-        )
-
-
-def test_global_counts_cannot_combine_with_process_group() -> None:
-    lp = torch.zeros(2, 3)
-    with pytest.raises(ValueError, match="num_groups"):
-        disco_loss(
-            lp,
-            lp,
-            torch.ones(2, 3, dtype=torch.bool),
-            torch.tensor([0.0, 1.0]),
-            torch.tensor([0, 0]),
-            process_group=object(),
-            num_groups=3,
         )

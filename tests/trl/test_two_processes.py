@@ -4,10 +4,6 @@ all the completions of the step."""
 
 from __future__ import annotations
 
-import os
-import socket
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +12,7 @@ from trl_support import (
     assert_grads_close,
     check_generation_batch,
     concat,
+    launch_two_processes,
     load_example,
     reference_model,
     token_log_probs,
@@ -26,25 +23,8 @@ from discoloss import disco_loss
 WORKER = Path(__file__).resolve().parent / "two_process_worker.py"
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def test_two_processes_match_one(tmp_path: Any) -> None:
-    # accelerate's multi-process launcher (torchrun underneath); with use_cpu=True the Trainer
-    # joins a gloo process group and wraps the model in DDP on CPU.
-    command = [
-        sys.executable, "-m", "accelerate.commands.launch",
-        "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-        "--mixed_precision", "no", "--dynamo_backend", "no",
-        "--main_process_ip", "127.0.0.1", "--main_process_port", str(free_port()),
-        str(WORKER), str(tmp_path),
-    ]  # fmt: skip
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    done = subprocess.run(command, capture_output=True, text=True, timeout=420, env=env)
-    assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
+    launch_two_processes(WORKER, str(tmp_path))
     ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in (0, 1)]
     assert all(r["world_size"] == 2 for r in ranks)
 

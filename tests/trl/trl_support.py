@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import socket
+import subprocess
 import sys
 from pathlib import Path
 from typing import Any
@@ -23,6 +25,29 @@ from transformers import TrainerCallback  # noqa: E402
 ROOT = Path(__file__).resolve().parents[2]
 EXAMPLE = ROOT / "adapters" / "trl" / "examples" / "train_disco_trl.py"
 README = ROOT / "docs" / "guides" / "trl.md"  # the TRL guide
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def launch_two_processes(worker: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    """Run ``worker`` on two processes with accelerate's multi-process launcher (torchrun
+    underneath; with use_cpu=True the Trainer joins a gloo process group and wraps the model
+    in DDP on CPU). Hard timeout: a hang fails the test."""
+    command = [
+        sys.executable, "-m", "accelerate.commands.launch",
+        "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+        "--mixed_precision", "no", "--dynamo_backend", "no",
+        "--main_process_ip", "127.0.0.1", "--main_process_port", str(free_port()),
+        str(worker), *args,
+    ]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(command, capture_output=True, text=True, timeout=420, env=env)
+    assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
+    return done
 
 
 def load_example() -> Any:
