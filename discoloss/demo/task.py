@@ -102,8 +102,9 @@ class TaskConfig:
 
     @property
     def max_answer_tokens(self) -> int:
-        """Longest correct answer plus the end token: sum digits <= larger digits + 1."""
-        return max(self.buckets) + 2
+        """Generation budget: the longest correct answer (sum digits <= larger digits + 1),
+        the end token, and one more token (room for a spurious token before the end)."""
+        return max(self.buckets) + 3
 
     @property
     def max_prompt_tokens(self) -> int:
@@ -180,9 +181,13 @@ def encode_prompt(q: Question) -> list[int]:
     return [BOS, *(_ID[c] for c in q.prompt)]
 
 
-def encode_answer(q: Question) -> list[int]:
-    """The correct response: the digits of a+b, then ``<eos>``."""
-    return [*(_ID[c] for c in q.answer), EOS]
+def encode_answer(q: Question, *, spurious: bool = False) -> list[int]:
+    """The correct response: the digits of a+b, then ``<eos>``.
+
+    ``spurious=True``: a flawed demonstration with a stray ``=`` before ``<eos>`` (right digits,
+    wrong format: :func:`verify` gives it 0).
+    """
+    return [*(_ID[c] for c in q.answer), *((_ID["="],) if spurious else ()), EOS]
 
 
 def decode(ids: Iterable[int]) -> str:

@@ -90,6 +90,13 @@ class WarmupConfig:
     lr_warmup: int = 50
     weight_decay: float = 0.0
     grad_clip: float = 1.0
+    #: Fraction of flawed demonstrations: right digits, then a stray ``=`` before the end
+    #: token (a habit the verifier rejects and RL can unlearn; see docs/demo.md).
+    habit: float = 0.0
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.habit < 1.0:
+            raise ValueError(f"habit must be in [0, 1), got {self.habit}")
 
 
 @dataclass(frozen=True)
@@ -156,8 +163,14 @@ def config_key(*parts: Any) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
-def _answer_loss(model: Any, qs: Sequence[Question]) -> Tensor:
-    batch = pack([encode_prompt(q) for q in qs], [encode_answer(q) for q in qs])
+def _answer_loss(
+    model: Any, qs: Sequence[Question], spurious: Sequence[bool] | None = None
+) -> Tensor:
+    flags = [False] * len(qs) if spurious is None else spurious
+    batch = pack(
+        [encode_prompt(q) for q in qs],
+        [encode_answer(q, spurious=f) for q, f in zip(qs, flags)],
+    )
     log_probs, _ = response_log_probs(model, batch)
     mask = batch.response_mask
     return -torch.where(mask, log_probs, 0.0).sum() / mask.sum()
@@ -206,10 +219,13 @@ def warmup(
 
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_factor)
     rng = random.Random(f"{seed}:warmup")
+    habit_rng = random.Random(f"{seed}:habit")
     bar = progress(total=config.steps, desc="warm-up (supervised)") if progress else None
     loss_value = float("nan")
     for _ in range(config.steps):
-        loss = _answer_loss(model, sample_questions(rng, config.batch_size, task))
+        qs = sample_questions(rng, config.batch_size, task)
+        flags = [habit_rng.random() < config.habit for _ in qs]
+        loss = _answer_loss(model, qs, flags)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
