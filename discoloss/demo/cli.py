@@ -165,6 +165,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="seed of the warm-up, the question stream and the sampling (default 0)",
     )
     p.add_argument(
+        "--seeds",
+        type=_positive_int("--seeds"),
+        default=1,
+        help="number of seeds, --seed, --seed+1, ... (warm-up per seed, cached); with 2 or "
+        "more the table reports the mean over seeds with a 95%% interval across seeds "
+        "(default 1)",
+    )
+    p.add_argument(
         "--quick",
         action="store_true",
         help="smaller RL budget: 15 steps of 32 questions, 200 test questions per bucket",
@@ -244,6 +252,104 @@ def _param_vector(model: Any) -> Any:
     return torch.cat([p.detach().reshape(-1).clone() for p in model.parameters()])
 
 
+def _run_seed(
+    preset: Preset,
+    *,
+    methods: Sequence[str],
+    seed: int,
+    cache_dir: Path | None,
+    bar: Any,
+) -> dict[str, Any]:
+    """Warm-up (or load it) for ``seed``, then RL with each method from that checkpoint."""
+    from discoloss.demo.task import test_questions
+    from discoloss.demo.train import LABELS, evaluate, rl_train, warmup
+
+    model0, winfo = warmup(
+        preset.task, preset.model, preset.warmup, seed=seed, cache_dir=cache_dir, progress=bar
+    )
+    state0 = copy.deepcopy(model0.state_dict())
+    test_set = test_questions(preset.task)
+    t0 = time.perf_counter()
+    initial = evaluate(model0, test_set, preset.task, samples=preset.rl.eval_samples, seed=seed)
+    eval0_seconds = time.perf_counter() - t0
+    n_params = sum(p.numel() for p in model0.parameters())
+    before = _param_vector(model0)
+    histories: dict[str, Any] = {}
+    for method in methods:
+        model0.load_state_dict(state0)
+        hist = rl_train(
+            method,
+            model0,
+            preset.task,
+            preset.rl,
+            seed=seed,
+            test_set=test_set,
+            initial_eval=initial,
+            progress=bar,
+        )
+        delta = _param_vector(model0) - before
+        hist["label"] = LABELS[method]
+        hist["param_change_norm"] = float(delta.norm())
+        hist["params_changed"] = bool((delta != 0).any())
+        histories[method] = hist
+    return {
+        "seed": seed,
+        "warmup": winfo,
+        "initial_eval": initial._asdict(),
+        "initial_eval_seconds": eval0_seconds,
+        "model_parameters": n_params,
+        "methods": histories,
+    }
+
+
+def _seed_digest(r: dict[str, Any]) -> dict[str, Any]:
+    """The per-seed detail kept in results.json: final evaluations and reward endpoints."""
+    out: dict[str, Any] = {
+        "seed": r["seed"],
+        "warmup": r["warmup"],
+        "initial_eval": r["initial_eval"],
+        "methods": {},
+    }
+    for m, h in r["methods"].items():
+        steps = h["steps"]
+        tail = max(1, len(steps) // 10)
+        out["methods"][m] = {
+            "final_eval": h["evals"][-1][1],
+            "reward_first": sum(s["reward"] for s in steps[:tail]) / tail,
+            "reward_last": sum(s["reward"] for s in steps[-tail:]) / tail,
+            "reward": [s["reward"] for s in steps],
+            "entropy": [s["entropy"] for s in steps],
+            "kl": [s["kl"] for s in steps],
+            "evals": h["evals"],
+            "seconds": h["seconds"],
+        }
+    return out
+
+
+def _pooled(per_seed: Sequence[dict[str, Any]], first: dict[str, Any]) -> dict[str, Any]:
+    """Histories for the plots: training curves averaged over seeds, evaluations pooled
+    (summed over seeds, so pass@1 is the mean over seeds)."""
+    out: dict[str, Any] = {}
+    for m, h in first.items():
+        steps = []
+        for i, s in enumerate(h["steps"]):
+            row = dict(s)
+            for f in ("reward", "entropy", "kl"):
+                row[f] = sum(sr["methods"][m][f][i] for sr in per_seed) / len(per_seed)
+            steps.append(row)
+        evals = []
+        for j, (step, e0) in enumerate(h["evals"]):
+            pooled = {k: dict.fromkeys(e0[k], 0) for k in e0}
+            for sr in per_seed:
+                e = sr["methods"][m]["evals"][j][1]
+                for k in e0:
+                    for b in e0[k]:
+                        pooled[k][b] += e[k][b]
+            evals.append((step, pooled))
+        out[m] = {**h, "steps": steps, "evals": evals}
+    return out
+
+
 def run(
     preset: Preset,
     *,
@@ -254,16 +360,18 @@ def run(
     threads: int,
     progress: bool = True,
     command: str = "",
+    seeds: int = 1,
 ) -> dict[str, Any]:
-    """Warm-up (or load it), then RL with each method from the same checkpoint; write results.
+    """For each of ``seeds`` seeds (``seed``, ``seed + 1``, ...): warm-up (or load it), then RL
+    with each method from the same checkpoint; write results.
 
-    Returns the results dictionary that ``results.json`` holds.
+    Returns the results dictionary that ``results.json`` holds. Its ``initial_eval`` and
+    ``methods`` are the first seed's full run; ``per_seed`` holds every seed's final numbers,
+    and with two or more seeds the ``summary`` reports means with intervals across seeds.
     """
     import torch
 
     from discoloss.demo import report
-    from discoloss.demo.task import test_questions
-    from discoloss.demo.train import LABELS, evaluate, rl_train, warmup
 
     bar: Any = None
     if progress:
@@ -280,48 +388,28 @@ def run(
     torch.set_num_threads(threads)
     try:
         out.mkdir(parents=True, exist_ok=True)
-        model0, winfo = warmup(
-            preset.task, preset.model, preset.warmup, seed=seed, cache_dir=cache_dir, progress=bar
-        )
-        state0 = copy.deepcopy(model0.state_dict())
-        test_set = test_questions(preset.task)
-        t0 = time.perf_counter()
-        initial = evaluate(model0, test_set, preset.task, samples=preset.rl.eval_samples, seed=seed)
-        eval0_seconds = time.perf_counter() - t0
-        n_params = sum(p.numel() for p in model0.parameters())
-        before = _param_vector(model0)
-        histories: dict[str, Any] = {}
-        for method in methods:
-            model0.load_state_dict(state0)
-            hist = rl_train(
-                method,
-                model0,
-                preset.task,
-                preset.rl,
-                seed=seed,
-                test_set=test_set,
-                initial_eval=initial,
-                progress=bar,
-            )
-            delta = _param_vector(model0) - before
-            hist["label"] = LABELS[method]
-            hist["param_change_norm"] = float(delta.norm())
-            hist["params_changed"] = bool((delta != 0).any())
-            histories[method] = hist
+        runs = [
+            _run_seed(preset, methods=methods, seed=s, cache_dir=cache_dir, bar=bar)
+            for s in range(seed, seed + seeds)
+        ]
     finally:
         torch.set_num_threads(old_threads)
 
     import transformers
 
+    first = runs[0]
+    winfo = first["warmup"]
+    histories = first["methods"]
     results: dict[str, Any] = {
         "command": command,
         "config": {
             "seed": seed,
+            "seeds": [r["seed"] for r in runs],
             "methods": list(methods),
             "threads": threads,
             "task": asdict(preset.task),
             "model": asdict(preset.model),
-            "model_parameters": n_params,
+            "model_parameters": first["model_parameters"],
             "warmup": asdict(preset.warmup),
             "rl": asdict(preset.rl),
         },
@@ -336,12 +424,16 @@ def run(
             "load_average_end": os.getloadavg() if hasattr(os, "getloadavg") else None,
         },
         "warmup": winfo,
-        "initial_eval": initial._asdict(),
+        "initial_eval": first["initial_eval"],
         "methods": histories,
+        "per_seed": [_seed_digest(r) for r in runs],
         "timing": {
             "warmup_seconds": None if winfo["cached"] else winfo["seconds"],
             "warmup_cached": winfo["cached"],
-            "initial_eval_seconds": eval0_seconds,
+            "warmup_seconds_per_seed": [
+                None if r["warmup"]["cached"] else r["warmup"]["seconds"] for r in runs
+            ],
+            "initial_eval_seconds": first["initial_eval_seconds"],
             "methods_seconds": {m: h["seconds"] for m, h in histories.items()},
             "total_seconds": time.perf_counter() - t_start,
             "total_cpu_seconds": time.process_time() - cpu_start,
@@ -349,7 +441,10 @@ def run(
     }
     table = report.table_markdown(results)
     (out / "table.md").write_text(table + "\n")
-    report.write_plots(results, out)
+    plot_results = results
+    if len(runs) > 1:
+        plot_results = {**results, "methods": _pooled(results["per_seed"], histories)}
+    report.write_plots(plot_results, out)
     results["timing"]["total_seconds"] = time.perf_counter() - t_start
     results["timing"]["total_cpu_seconds"] = time.process_time() - cpu_start
     report.write_json(results, out / "results.json")
@@ -403,6 +498,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         preset,
         methods=args.methods,
         seed=args.seed,
+        seeds=args.seeds,
         out=args.out,
         cache_dir=cache_dir,
         threads=threads,
