@@ -42,6 +42,11 @@ class Preset:
     model: Any
     warmup: Any
     rl: Any
+    #: Learning rate per method (``rl.lr`` for a method not listed): chosen by the sweep.
+    lrs: tuple[tuple[str, float], ...] = ()
+
+    def lr(self, method: str) -> float:
+        return dict(self.lrs).get(method, self.rl.lr)
 
 
 def _presets() -> dict[str, Preset]:
@@ -58,7 +63,14 @@ def _presets() -> dict[str, Preset]:
         warmup=default.warmup,  # same checkpoint (cache key) as the default run
         rl=RLConfig(steps=15, questions=32, samples=8, minibatches=2, eval_every=5, eval_samples=2),
     )
-    return {"default": default, "quick": quick}
+    long = Preset(
+        task=default.task,
+        model=default.model,
+        warmup=default.warmup,  # same checkpoint as the default run
+        rl=replace(default.rl, steps=300, eval_every=50),
+        lrs=default.lrs,
+    )
+    return {"default": default, "quick": quick, "long": long}
 
 
 def _default_cache_dir() -> Path:
@@ -113,6 +125,37 @@ def _methods(text: str) -> tuple[str, ...]:
     if len(set(names)) != len(names):
         raise argparse.ArgumentTypeError(f"--methods lists a method twice: {text!r}")
     return names
+
+
+def _lrs(text: str) -> dict[str, float]:
+    """``--lr``: one number for every method, or ``method=lr`` pairs (others keep theirs)."""
+    from discoloss.demo.train import METHODS
+
+    parse = _positive_float("--lr")
+    if "=" not in text:
+        v = parse(text)
+        return dict.fromkeys(METHODS, v)
+    out: dict[str, float] = {}
+    for part in text.split(","):
+        name, sep, value = part.partition("=")
+        m = name.strip().lower().replace("-", "_").replace(".", "")
+        if not sep or m not in METHODS:
+            raise argparse.ArgumentTypeError(
+                f"--lr: expected a number or method=lr pairs such as disco=1e-4,grpo=3e-4 "
+                f"(methods: {', '.join(METHODS)}); got {text!r}"
+            )
+        out[m] = parse(value)
+    return out
+
+
+def _lr_list(text: str) -> tuple[float, ...]:
+    parse = _positive_float("--sweep-lr")
+    values = tuple(parse(t) for t in text.split(","))
+    if len(values) < 2 or len(set(values)) != len(values):
+        raise argparse.ArgumentTypeError(
+            f"--sweep-lr needs at least 2 distinct comma-separated learning rates; got {text!r}"
+        )
+    return values
 
 
 def _buckets(text: str) -> tuple[int, ...]:
@@ -178,6 +221,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="smaller RL budget: 15 steps of 32 questions, 200 test questions per bucket",
     )
     p.add_argument(
+        "--long",
+        action="store_true",
+        help="long RL run (300 steps, evaluations every 50) for the entropy and KL "
+        "trajectories; about an hour on 2 CPU cores",
+    )
+    p.add_argument(
         "--cache-dir",
         type=Path,
         default=None,
@@ -216,9 +265,19 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--lr",
-        type=_positive_float("--lr"),
+        type=_lrs,
         default=None,
-        help="RL learning rate (AdamW), the same for every method (default 5e-5)",
+        help="RL learning rate (AdamW): one number for every method, or method=lr pairs "
+        "(default: each method's value chosen by the sweep, see docs/demo.md)",
+    )
+    p.add_argument(
+        "--sweep-lr",
+        type=_lr_list,
+        default=None,
+        metavar="LR,LR,...",
+        help="instead of the comparison: train every method with each of these learning "
+        "rates, evaluate on the validation split (disjoint from the test set) and write "
+        "sweep.md, sweep.json and sweep.png with the best value per method",
     )
     p.add_argument(
         "--threads",
@@ -281,7 +340,7 @@ def _run_seed(
             method,
             model0,
             preset.task,
-            preset.rl,
+            replace(preset.rl, lr=preset.lr(method)),
             seed=seed,
             test_set=test_set,
             initial_eval=initial,
@@ -412,6 +471,7 @@ def run(
             "model_parameters": first["model_parameters"],
             "warmup": asdict(preset.warmup),
             "rl": asdict(preset.rl),
+            "lr": {m: preset.lr(m) for m in methods},
         },
         "environment": {
             "python": platform.python_version(),
@@ -465,14 +525,17 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise _Error(f"--out {str(args.out)!r} exists and is not a directory")
         if args.no_cache and args.cache_dir is not None:
             raise _Error("--no-cache and --cache-dir exclude each other")
-        preset = _presets()["quick" if args.quick else "default"]
+        if args.quick and args.long:
+            raise _Error("--quick and --long exclude each other")
+        preset = _presets()["quick" if args.quick else "long" if args.long else "default"]
         rl = preset.rl
         if args.steps is not None:
             rl = replace(rl, steps=args.steps)
         if args.eval_every is not None:
             rl = replace(rl, eval_every=args.eval_every)
+        lrs = dict(preset.lrs)
         if args.lr is not None:
-            rl = replace(rl, lr=args.lr)
+            lrs.update(args.lr)
         warm = preset.warmup
         if args.warmup_steps is not None:
             warm = replace(warm, steps=args.warmup_steps)
@@ -486,7 +549,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             task = replace(task, **changes)
         except ValueError as exc:
             raise _Error(f"--buckets / --test-per-bucket: {exc}") from None
-        preset = Preset(task=task, model=preset.model, warmup=warm, rl=rl)
+        preset = Preset(
+            task=task, model=preset.model, warmup=warm, rl=rl, lrs=tuple(sorted(lrs.items()))
+        )
         threads = args.threads
         cache_dir = None if args.no_cache else (args.cache_dir or _default_cache_dir())
     except _Error as exc:
@@ -494,6 +559,22 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
 
     command = "discoloss demo " + " ".join(args_list)
+    if args.sweep_lr is not None:
+        from discoloss.demo.sweep import sweep
+
+        sweep(
+            preset,
+            methods=args.methods,
+            lrs=args.sweep_lr,
+            seed=args.seed,
+            out=args.out,
+            cache_dir=cache_dir,
+            threads=threads,
+            progress=not args.no_progress,
+            command=command.strip(),
+        )
+        print((args.out / "sweep.md").read_text())
+        return 0
     results = run(
         preset,
         methods=args.methods,

@@ -279,6 +279,10 @@ def write_json(results: Mapping[str, Any], path: Path) -> None:
     """Every number of the run, plus the summary rows."""
     doc = dict(results)
     doc["summary"] = summary_rows(results)
+    write_json_plain(doc, path)
+
+
+def write_json_plain(doc: Mapping[str, Any], path: Path) -> None:
     path.write_text(json.dumps(doc, indent=1, sort_keys=False) + "\n")
 
 

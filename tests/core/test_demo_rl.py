@@ -167,3 +167,53 @@ def test_summary_across_seeds() -> None:
     start = rows[0]
     # three identical start evaluations: zero-width interval across seeds
     assert start["eval"]["all"]["pass1_ci"] == pytest.approx((0.3, 0.3))
+
+
+# ----------------------------------------------------------------------------- RL improves
+
+
+def _reward_curve(lr: float) -> list[float]:
+    from discoloss.demo.train import RLConfig, rl_train, warmup
+
+    task = T.TaskConfig(buckets=(1, 2), test_per_bucket=4)
+    model, _ = warmup(
+        task,
+        ModelConfig(hidden=32, layers=2, heads=2, ffn=64),
+        WarmupConfig(steps=700, batch_size=64, lr=3e-3, habit=0.5),
+        seed=0,
+        cache_dir=None,
+    )
+    rl = RLConfig(
+        steps=30,
+        questions=32,
+        samples=8,
+        minibatches=2,
+        lr=lr,
+        lr_warmup_steps=2,
+        eval_every=1000,
+        eval_samples=0,
+    )
+    hist = rl_train("disco", model, task, rl, seed=0, test_set=T.test_questions(task)[:2])
+    return [s["reward"] for s in hist["steps"]]
+
+
+def test_disco_raises_the_training_reward() -> None:
+    """Seeded, one thread: DisCO in the demo loop raises the training reward of a tiny policy
+    whose warm-up taught it a habit the verifier rejects (half the demonstrations end with a
+    stray "=" before <eos>). A broken loss sign, off-policy log-probs, a wrong mask or a
+    reward on other tokens stop the rise. The control run (lr 1e-7: the policy barely moves)
+    shows that the margin is above the sampling noise of the same reward stream."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        trained = _reward_curve(1e-3)
+        control = _reward_curve(1e-7)
+    finally:
+        torch.set_num_threads(old)
+
+    def gain(curve: list[float]) -> float:
+        return sum(curve[-10:]) / 10 - sum(curve[:10]) / 10
+
+    assert gain(trained) > 0.05, trained
+    assert abs(gain(control)) < 0.03, control
+    assert sum(trained[-10:]) > sum(control[-10:]) + 0.5  # 10 steps: +0.05 mean reward
