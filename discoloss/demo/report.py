@@ -139,7 +139,7 @@ def summary_rows(results: Mapping[str, Any]) -> list[dict[str, Any]]:
         last = steps[-tail:]
 
         def mean(field: str, rows_: list[dict[str, Any]] = last) -> float:
-            return sum(float(s[field]) for s in rows_) / len(rows_)
+            return sum(float(s.get(field, 0.0)) for s in rows_) / len(rows_)
 
         rows.append(
             {
@@ -149,6 +149,8 @@ def summary_rows(results: Mapping[str, Any]) -> list[dict[str, Any]]:
                 "eval_step": hist["evals"][-1][0],
                 "reward_first": mean("reward", steps[:tail]),
                 "reward_last": mean("reward"),
+                "malformed_first": mean("malformed", steps[:tail]),
+                "malformed_last": mean("malformed"),
                 "entropy_first": mean("entropy", steps[:tail]),
                 "entropy_last": mean("entropy"),
                 "kl_mean": sum(float(s["kl"]) for s in steps) / len(steps),
@@ -228,7 +230,7 @@ def table_markdown(results: Mapping[str, Any]) -> str:
     head = (
         ["method", "pass@1 all"]
         + [f"{k}-digit" for k in buckets]
-        + ["greedy all", "train reward", "entropy", "KL mean", "KL max"]
+        + ["greedy all", "train reward", "malformed", "entropy", "KL mean", "KL max"]
     )
     multi = bool(rows) and "per_seed" in rows[0]
     if multi:
@@ -242,10 +244,11 @@ def table_markdown(results: Mapping[str, Any]) -> str:
         cells += [_pct(e[str(k)]["pass1"]) for k in buckets]
         cells.append(_ci(e["all"], "greedy"))
         if r["method"] == "start":
-            cells += ["", "", "", ""]
+            cells += ["", "", "", "", ""]
         else:
             cells += [
                 f"{r['reward_first']:.3f} → {r['reward_last']:.3f}",
+                f"{r['malformed_first']:.3f} → {r['malformed_last']:.3f}",
                 f"{r['entropy_first']:.3f} → {r['entropy_last']:.3f}",
                 f"{r['kl_mean']:.1e}",
                 f"{r['kl_max']:.1e}",
@@ -268,7 +271,8 @@ def table_markdown(results: Mapping[str, Any]) -> str:
     lines.append(
         f"Held-out: {n_test} questions per bucket; pass@1 = mean reward of {samples} samples at "
         "temperature 1 per question, greedy = greedy decoding; % with 95% intervals (pass@1: "
-        "normal across questions; greedy: Wilson). Train reward and entropy (mean token entropy "
+        "normal across questions; greedy: Wilson). Train reward, malformed (share of sampled "
+        "responses that are not digits then the end token) and entropy (mean token entropy "
         f"of the sampled responses): first → last {tail} step(s). KL: k1 estimate of "
         "KL(pi_old || pi_theta) on each mini-batch before its update, mean and max over the run."
     )

@@ -144,7 +144,7 @@ def is_test_pair(a: int, b: int) -> bool:
 
 
 def split_of(a: int, b: int) -> str:
-    """"test", "val" (validation, for learning-rate choice) or "train"."""
+    """ "test", "val" (validation, for learning-rate choice) or "train"."""
     r = _residue(a, b)
     return "test" if r == 0 else "val" if r == 1 else "train"
 
@@ -181,9 +181,7 @@ def sample_questions(
 def _bucket_questions(k: int) -> list[Question]:
     """Every question of bucket k (only for small k)."""
     lo = 0 if k == 1 else 10 ** (k - 1)
-    return [
-        Question(a, b) for a in range(10**k) for b in range(10**k) if max(a, b) >= lo
-    ]
+    return [Question(a, b) for a in range(10**k) for b in range(10**k) if max(a, b) >= lo]
 
 
 def _fixed_set(config: TaskConfig, split: str, seed: int) -> list[Question]:

@@ -112,6 +112,8 @@ def test_flawed_demonstrations() -> None:
     assert len(T.encode_answer(T.Question(999, 999), spurious=True)) <= config.max_answer_tokens
     with pytest.raises(ValueError, match="habit"):
         WarmupConfig(habit=1.0)
+    with pytest.raises(ValueError, match="habit_steps"):
+        WarmupConfig(habit_steps=-1)
 
 
 def test_seed_interval() -> None:
@@ -172,17 +174,27 @@ def test_summary_across_seeds() -> None:
 # ----------------------------------------------------------------------------- RL improves
 
 
-def _reward_curve(lr: float) -> list[float]:
-    from discoloss.demo.train import RLConfig, rl_train, warmup
+def _reward_curves(lrs: tuple[float, ...]) -> list[list[float]]:
+    from discoloss.demo.train import warmup
 
     task = T.TaskConfig(buckets=(1, 2), test_per_bucket=4)
     model, _ = warmup(
         task,
         ModelConfig(hidden=32, layers=2, heads=2, ffn=64),
-        WarmupConfig(steps=700, batch_size=64, lr=3e-3, habit=0.5),
+        WarmupConfig(steps=600, batch_size=64, lr=3e-3, habit=0.5, habit_steps=100),
         seed=0,
         cache_dir=None,
     )
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    return [_rl_curve(model, state, task, lr) for lr in lrs]
+
+
+def _rl_curve(
+    model: object, state: dict[str, torch.Tensor], task: T.TaskConfig, lr: float
+) -> list[float]:
+    from discoloss.demo.train import RLConfig, rl_train
+
+    model.load_state_dict(state)  # type: ignore[attr-defined]
     rl = RLConfig(
         steps=30,
         questions=32,
@@ -206,8 +218,7 @@ def test_disco_raises_the_training_reward() -> None:
     old = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        trained = _reward_curve(1e-3)
-        control = _reward_curve(1e-7)
+        trained, control = _reward_curves((1e-3, 1e-7))
     finally:
         torch.set_num_threads(old)
 
@@ -217,3 +228,15 @@ def test_disco_raises_the_training_reward() -> None:
     assert gain(trained) > 0.05, trained
     assert abs(gain(control)) < 0.03, control
     assert sum(trained[-10:]) > sum(control[-10:]) + 0.5  # 10 steps: +0.05 mean reward
+
+
+def test_malformed_responses() -> None:
+    from discoloss.demo.train import _malformed
+
+    def ids(text: str) -> list[int]:
+        return [T.EOS if c == "$" else T.VOCAB.index(c) for c in text]
+
+    assert not _malformed(ids("42$"))
+    assert not _malformed(ids("41$"))  # wrong digits, right format
+    for bad in ("42=$", "42", "$", "4+2$", "="):
+        assert _malformed(ids(bad)), bad
