@@ -337,6 +337,17 @@ def _param_vector(model: Any) -> Any:
     return torch.cat([p.detach().reshape(-1).clone() for p in model.parameters()])
 
 
+def progress_factory(progress: bool) -> Any:
+    """A tqdm constructor writing to stderr, or None without progress bars."""
+    if not progress:
+        return None
+    from functools import partial
+
+    from tqdm.auto import tqdm
+
+    return partial(tqdm, file=sys.stderr, dynamic_ncols=True, leave=True)
+
+
 def _run_seed(
     preset: Preset,
     *,
@@ -458,13 +469,7 @@ def run(
 
     from discoloss.demo import report
 
-    bar: Any = None
-    if progress:
-        from functools import partial
-
-        from tqdm.auto import tqdm
-
-        bar = partial(tqdm, file=sys.stderr, dynamic_ncols=True, leave=True)
+    bar = progress_factory(progress)
 
     t_start = time.perf_counter()
     cpu_start = time.process_time()

@@ -12,7 +12,6 @@ Writes ``sweep.md`` (table), ``sweep.json`` (every number) and ``sweep.png`` int
 from __future__ import annotations
 
 import copy
-import sys
 import time
 from collections.abc import Sequence
 from dataclasses import replace
@@ -38,16 +37,11 @@ def sweep(
     import torch
 
     from discoloss.demo import report
+    from discoloss.demo.cli import progress_factory
     from discoloss.demo.task import validation_questions
     from discoloss.demo.train import LABELS, evaluate, rl_train, warmup
 
-    bar: Any = None
-    if progress:
-        from functools import partial
-
-        from tqdm.auto import tqdm
-
-        bar = partial(tqdm, file=sys.stderr, dynamic_ncols=True, leave=True)
+    bar = progress_factory(progress)
     t0 = time.perf_counter()
     c0 = time.process_time()
     old_threads = torch.get_num_threads()
