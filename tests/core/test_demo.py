@@ -319,6 +319,10 @@ def _strip_timing(doc: dict[str, object]) -> dict[str, object]:
             m.pop(k)
     for row in doc["summary"]:
         row.pop("seconds", None)
+    for seed_run in doc["per_seed"]:
+        seed_run["warmup"] = {k: seed_run["warmup"][k] for k in ("key", "final_loss")}
+        for m in seed_run["methods"].values():
+            m.pop("seconds")
     return doc
 
 
