@@ -24,6 +24,15 @@ from typing import Any
 __all__ = ["Preset", "build_parser", "main", "run"]
 
 DEFAULT_METHODS = ("disco", "grpo", "dr_grpo", "dapo")
+#: RL learning rate per method (AdamW). Not yet chosen by ``--sweep-lr``: one value, 1e-4, for
+#: every method (see docs/demo.md).
+DEFAULT_LRS: tuple[tuple[str, float], ...] = (
+    ("dapo", 1e-4),
+    ("disco", 1e-4),
+    ("disco_b", 1e-4),
+    ("dr_grpo", 1e-4),
+    ("grpo", 1e-4),
+)
 
 
 def _configs() -> tuple[Any, Any, Any, Any]:
@@ -42,23 +51,52 @@ class Preset:
     model: Any
     warmup: Any
     rl: Any
+    #: Learning rate per method (``rl.lr`` for a method not listed): chosen by the sweep.
+    lrs: tuple[tuple[str, float], ...] = ()
+
+    def lr(self, method: str) -> float:
+        return dict(self.lrs).get(method, self.rl.lr)
 
 
 def _presets() -> dict[str, Preset]:
     TaskConfig, ModelConfig, WarmupConfig, RLConfig = _configs()
+    # The warm-up learns the arithmetic from correct demonstrations (1000 steps), then 100
+    # steps on demonstrations of which 30% carry a stray "=" before the end token: the policy
+    # keeps the arithmetic and picks up the habit in part of its samples, which the verifier
+    # rejects. Removing it is a correction shared by every question, which RL from a binary
+    # reward accumulates (see docs/demo.md for why this is the setting).
     default = Preset(
         task=TaskConfig(buckets=(2, 3, 4, 5), test_per_bucket=400),
         model=ModelConfig(hidden=64, layers=4, heads=4, ffn=256),
-        warmup=WarmupConfig(steps=1000, batch_size=128, lr=3e-3),
-        rl=RLConfig(steps=60, questions=64, samples=8, minibatches=4, eval_every=15),
+        warmup=WarmupConfig(
+            steps=1000, batch_size=128, lr=3e-3, habit=0.3, habit_steps=100, habit_lr=1e-3
+        ),
+        rl=RLConfig(steps=60, questions=64, samples=8, minibatches=4, lr=1e-4, eval_every=15),
+        lrs=DEFAULT_LRS,
     )
     quick = Preset(
         task=replace(default.task, test_per_bucket=200),
         model=default.model,
         warmup=default.warmup,  # same checkpoint (cache key) as the default run
-        rl=RLConfig(steps=15, questions=32, samples=8, minibatches=2, eval_every=5, eval_samples=2),
+        rl=RLConfig(
+            steps=15,
+            questions=32,
+            samples=8,
+            minibatches=2,
+            lr=1e-4,
+            eval_every=5,
+            eval_samples=2,
+        ),  # fmt: skip
+        lrs=DEFAULT_LRS,
     )
-    return {"default": default, "quick": quick}
+    long = Preset(
+        task=default.task,
+        model=default.model,
+        warmup=default.warmup,  # same checkpoint as the default run
+        rl=replace(default.rl, steps=300, eval_every=50),
+        lrs=default.lrs,
+    )
+    return {"default": default, "quick": quick, "long": long}
 
 
 def _default_cache_dir() -> Path:
@@ -115,6 +153,37 @@ def _methods(text: str) -> tuple[str, ...]:
     return names
 
 
+def _lrs(text: str) -> dict[str, float]:
+    """``--lr``: one number for every method, or ``method=lr`` pairs (others keep theirs)."""
+    from discoloss.demo.train import METHODS
+
+    parse = _positive_float("--lr")
+    if "=" not in text:
+        v = parse(text)
+        return dict.fromkeys(METHODS, v)
+    out: dict[str, float] = {}
+    for part in text.split(","):
+        name, sep, value = part.partition("=")
+        m = name.strip().lower().replace("-", "_").replace(".", "")
+        if not sep or m not in METHODS:
+            raise argparse.ArgumentTypeError(
+                f"--lr: expected a number or method=lr pairs such as disco=1e-4,grpo=3e-4 "
+                f"(methods: {', '.join(METHODS)}); got {text!r}"
+            )
+        out[m] = parse(value)
+    return out
+
+
+def _lr_list(text: str) -> tuple[float, ...]:
+    parse = _positive_float("--sweep-lr")
+    values = tuple(parse(t) for t in text.split(","))
+    if len(values) < 2 or len(set(values)) != len(values):
+        raise argparse.ArgumentTypeError(
+            f"--sweep-lr needs at least 2 distinct comma-separated learning rates; got {text!r}"
+        )
+    return values
+
+
 def _buckets(text: str) -> tuple[int, ...]:
     try:
         values = tuple(int(t) for t in text.split(","))
@@ -165,9 +234,23 @@ def build_parser() -> argparse.ArgumentParser:
         help="seed of the warm-up, the question stream and the sampling (default 0)",
     )
     p.add_argument(
+        "--seeds",
+        type=_positive_int("--seeds"),
+        default=1,
+        help="number of seeds, --seed, --seed+1, ... (warm-up per seed, cached); with 2 or "
+        "more the table reports the mean over seeds with a 95%% interval across seeds "
+        "(default 1)",
+    )
+    p.add_argument(
         "--quick",
         action="store_true",
         help="smaller RL budget: 15 steps of 32 questions, 200 test questions per bucket",
+    )
+    p.add_argument(
+        "--long",
+        action="store_true",
+        help="long RL run (300 steps, evaluations every 50) for the entropy and KL "
+        "trajectories; about an hour on 2 CPU cores",
     )
     p.add_argument(
         "--cache-dir",
@@ -208,9 +291,19 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--lr",
-        type=_positive_float("--lr"),
+        type=_lrs,
         default=None,
-        help="RL learning rate (AdamW), the same for every method (default 5e-5)",
+        help="RL learning rate (AdamW): one number for every method, or method=lr pairs "
+        "(default: each method's value chosen by the sweep, see docs/demo.md)",
+    )
+    p.add_argument(
+        "--sweep-lr",
+        type=_lr_list,
+        default=None,
+        metavar="LR,LR,...",
+        help="instead of the comparison: train every method with each of these learning "
+        "rates, evaluate on the validation split (disjoint from the test set) and write "
+        "sweep.md, sweep.json and sweep.png with the best value per method",
     )
     p.add_argument(
         "--threads",
@@ -244,6 +337,115 @@ def _param_vector(model: Any) -> Any:
     return torch.cat([p.detach().reshape(-1).clone() for p in model.parameters()])
 
 
+def progress_factory(progress: bool) -> Any:
+    """A tqdm constructor writing to stderr, or None without progress bars."""
+    if not progress:
+        return None
+    from functools import partial
+
+    from tqdm.auto import tqdm
+
+    return partial(tqdm, file=sys.stderr, dynamic_ncols=True, leave=True)
+
+
+def _run_seed(
+    preset: Preset,
+    *,
+    methods: Sequence[str],
+    seed: int,
+    cache_dir: Path | None,
+    bar: Any,
+) -> dict[str, Any]:
+    """Warm-up (or load it) for ``seed``, then RL with each method from that checkpoint."""
+    from discoloss.demo.task import test_questions
+    from discoloss.demo.train import LABELS, evaluate, rl_train, warmup
+
+    model0, winfo = warmup(
+        preset.task, preset.model, preset.warmup, seed=seed, cache_dir=cache_dir, progress=bar
+    )
+    state0 = copy.deepcopy(model0.state_dict())
+    test_set = test_questions(preset.task)
+    t0 = time.perf_counter()
+    initial = evaluate(model0, test_set, preset.task, samples=preset.rl.eval_samples, seed=seed)
+    eval0_seconds = time.perf_counter() - t0
+    n_params = sum(p.numel() for p in model0.parameters())
+    before = _param_vector(model0)
+    histories: dict[str, Any] = {}
+    for method in methods:
+        model0.load_state_dict(state0)
+        hist = rl_train(
+            method,
+            model0,
+            preset.task,
+            replace(preset.rl, lr=preset.lr(method)),
+            seed=seed,
+            test_set=test_set,
+            initial_eval=initial,
+            progress=bar,
+        )
+        delta = _param_vector(model0) - before
+        hist["label"] = LABELS[method]
+        hist["param_change_norm"] = float(delta.norm())
+        hist["params_changed"] = bool((delta != 0).any())
+        histories[method] = hist
+    return {
+        "seed": seed,
+        "warmup": winfo,
+        "initial_eval": initial._asdict(),
+        "initial_eval_seconds": eval0_seconds,
+        "model_parameters": n_params,
+        "methods": histories,
+    }
+
+
+def _seed_digest(r: dict[str, Any]) -> dict[str, Any]:
+    """The per-seed detail kept in results.json: final evaluations and reward endpoints."""
+    out: dict[str, Any] = {
+        "seed": r["seed"],
+        "warmup": r["warmup"],
+        "initial_eval": r["initial_eval"],
+        "methods": {},
+    }
+    for m, h in r["methods"].items():
+        steps = h["steps"]
+        tail = max(1, len(steps) // 10)
+        out["methods"][m] = {
+            "final_eval": h["evals"][-1][1],
+            "reward_first": sum(s["reward"] for s in steps[:tail]) / tail,
+            "reward_last": sum(s["reward"] for s in steps[-tail:]) / tail,
+            "reward": [s["reward"] for s in steps],
+            "entropy": [s["entropy"] for s in steps],
+            "kl": [s["kl"] for s in steps],
+            "evals": h["evals"],
+            "seconds": h["seconds"],
+        }
+    return out
+
+
+def _pooled(per_seed: Sequence[dict[str, Any]], first: dict[str, Any]) -> dict[str, Any]:
+    """Histories for the plots: training curves averaged over seeds, evaluations pooled
+    (summed over seeds, so pass@1 is the mean over seeds)."""
+    out: dict[str, Any] = {}
+    for m, h in first.items():
+        steps = []
+        for i, s in enumerate(h["steps"]):
+            row = dict(s)
+            for f in ("reward", "entropy", "kl"):
+                row[f] = sum(sr["methods"][m][f][i] for sr in per_seed) / len(per_seed)
+            steps.append(row)
+        evals = []
+        for j, (step, e0) in enumerate(h["evals"]):
+            pooled = {k: dict.fromkeys(e0[k], 0) for k in e0}
+            for sr in per_seed:
+                e = sr["methods"][m]["evals"][j][1]
+                for k in e0:
+                    for b in e0[k]:
+                        pooled[k][b] += e[k][b]
+            evals.append((step, pooled))
+        out[m] = {**h, "steps": steps, "evals": evals}
+    return out
+
+
 def run(
     preset: Preset,
     *,
@@ -254,24 +456,20 @@ def run(
     threads: int,
     progress: bool = True,
     command: str = "",
+    seeds: int = 1,
 ) -> dict[str, Any]:
-    """Warm-up (or load it), then RL with each method from the same checkpoint; write results.
+    """For each of ``seeds`` seeds (``seed``, ``seed + 1``, ...): warm-up (or load it), then RL
+    with each method from the same checkpoint; write results.
 
-    Returns the results dictionary that ``results.json`` holds.
+    Returns the results dictionary that ``results.json`` holds. Its ``initial_eval`` and
+    ``methods`` are the first seed's full run; ``per_seed`` holds every seed's final numbers,
+    and with two or more seeds the ``summary`` reports means with intervals across seeds.
     """
     import torch
 
     from discoloss.demo import report
-    from discoloss.demo.task import test_questions
-    from discoloss.demo.train import LABELS, evaluate, rl_train, warmup
 
-    bar: Any = None
-    if progress:
-        from functools import partial
-
-        from tqdm.auto import tqdm
-
-        bar = partial(tqdm, file=sys.stderr, dynamic_ncols=True, leave=True)
+    bar = progress_factory(progress)
 
     t_start = time.perf_counter()
     cpu_start = time.process_time()
@@ -280,50 +478,31 @@ def run(
     torch.set_num_threads(threads)
     try:
         out.mkdir(parents=True, exist_ok=True)
-        model0, winfo = warmup(
-            preset.task, preset.model, preset.warmup, seed=seed, cache_dir=cache_dir, progress=bar
-        )
-        state0 = copy.deepcopy(model0.state_dict())
-        test_set = test_questions(preset.task)
-        t0 = time.perf_counter()
-        initial = evaluate(model0, test_set, preset.task, samples=preset.rl.eval_samples, seed=seed)
-        eval0_seconds = time.perf_counter() - t0
-        n_params = sum(p.numel() for p in model0.parameters())
-        before = _param_vector(model0)
-        histories: dict[str, Any] = {}
-        for method in methods:
-            model0.load_state_dict(state0)
-            hist = rl_train(
-                method,
-                model0,
-                preset.task,
-                preset.rl,
-                seed=seed,
-                test_set=test_set,
-                initial_eval=initial,
-                progress=bar,
-            )
-            delta = _param_vector(model0) - before
-            hist["label"] = LABELS[method]
-            hist["param_change_norm"] = float(delta.norm())
-            hist["params_changed"] = bool((delta != 0).any())
-            histories[method] = hist
+        runs = [
+            _run_seed(preset, methods=methods, seed=s, cache_dir=cache_dir, bar=bar)
+            for s in range(seed, seed + seeds)
+        ]
     finally:
         torch.set_num_threads(old_threads)
 
     import transformers
 
+    first = runs[0]
+    winfo = first["warmup"]
+    histories = first["methods"]
     results: dict[str, Any] = {
         "command": command,
         "config": {
             "seed": seed,
+            "seeds": [r["seed"] for r in runs],
             "methods": list(methods),
             "threads": threads,
             "task": asdict(preset.task),
             "model": asdict(preset.model),
-            "model_parameters": n_params,
+            "model_parameters": first["model_parameters"],
             "warmup": asdict(preset.warmup),
             "rl": asdict(preset.rl),
+            "lr": {m: preset.lr(m) for m in methods},
         },
         "environment": {
             "python": platform.python_version(),
@@ -336,12 +515,16 @@ def run(
             "load_average_end": os.getloadavg() if hasattr(os, "getloadavg") else None,
         },
         "warmup": winfo,
-        "initial_eval": initial._asdict(),
+        "initial_eval": first["initial_eval"],
         "methods": histories,
+        "per_seed": [_seed_digest(r) for r in runs],
         "timing": {
             "warmup_seconds": None if winfo["cached"] else winfo["seconds"],
             "warmup_cached": winfo["cached"],
-            "initial_eval_seconds": eval0_seconds,
+            "warmup_seconds_per_seed": [
+                None if r["warmup"]["cached"] else r["warmup"]["seconds"] for r in runs
+            ],
+            "initial_eval_seconds": first["initial_eval_seconds"],
             "methods_seconds": {m: h["seconds"] for m, h in histories.items()},
             "total_seconds": time.perf_counter() - t_start,
             "total_cpu_seconds": time.process_time() - cpu_start,
@@ -349,7 +532,10 @@ def run(
     }
     table = report.table_markdown(results)
     (out / "table.md").write_text(table + "\n")
-    report.write_plots(results, out)
+    plot_results = results
+    if len(runs) > 1:
+        plot_results = {**results, "methods": _pooled(results["per_seed"], histories)}
+    report.write_plots(plot_results, out)
     results["timing"]["total_seconds"] = time.perf_counter() - t_start
     results["timing"]["total_cpu_seconds"] = time.process_time() - cpu_start
     report.write_json(results, out / "results.json")
@@ -370,14 +556,17 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise _Error(f"--out {str(args.out)!r} exists and is not a directory")
         if args.no_cache and args.cache_dir is not None:
             raise _Error("--no-cache and --cache-dir exclude each other")
-        preset = _presets()["quick" if args.quick else "default"]
+        if args.quick and args.long:
+            raise _Error("--quick and --long exclude each other")
+        preset = _presets()["quick" if args.quick else "long" if args.long else "default"]
         rl = preset.rl
         if args.steps is not None:
             rl = replace(rl, steps=args.steps)
         if args.eval_every is not None:
             rl = replace(rl, eval_every=args.eval_every)
+        lrs = dict(preset.lrs)
         if args.lr is not None:
-            rl = replace(rl, lr=args.lr)
+            lrs.update(args.lr)
         warm = preset.warmup
         if args.warmup_steps is not None:
             warm = replace(warm, steps=args.warmup_steps)
@@ -391,7 +580,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             task = replace(task, **changes)
         except ValueError as exc:
             raise _Error(f"--buckets / --test-per-bucket: {exc}") from None
-        preset = Preset(task=task, model=preset.model, warmup=warm, rl=rl)
+        preset = Preset(
+            task=task, model=preset.model, warmup=warm, rl=rl, lrs=tuple(sorted(lrs.items()))
+        )
         threads = args.threads
         cache_dir = None if args.no_cache else (args.cache_dir or _default_cache_dir())
     except _Error as exc:
@@ -399,10 +590,27 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
 
     command = "discoloss demo " + " ".join(args_list)
+    if args.sweep_lr is not None:
+        from discoloss.demo.sweep import sweep
+
+        sweep(
+            preset,
+            methods=args.methods,
+            lrs=args.sweep_lr,
+            seed=args.seed,
+            out=args.out,
+            cache_dir=cache_dir,
+            threads=threads,
+            progress=not args.no_progress,
+            command=command.strip(),
+        )
+        print((args.out / "sweep.md").read_text())
+        return 0
     results = run(
         preset,
         methods=args.methods,
         seed=args.seed,
+        seeds=args.seeds,
         out=args.out,
         cache_dir=cache_dir,
         threads=threads,

@@ -11,6 +11,7 @@ same position whatever the padding, in sampling and in training alike.
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any, NamedTuple
@@ -148,6 +149,16 @@ def trim_response(tokens: Sequence[int]) -> list[int]:
     return out
 
 
+def _cache_name(model: Any) -> str:
+    """The KV-cache keyword of ``model.forward`` (and field of its output).
+
+    transformers >= 5.24 names it ``cache`` (``past_key_values`` is deprecated there and goes
+    in 5.40); older releases only know ``past_key_values``.
+    """
+    params = inspect.signature(model.forward).parameters
+    return "cache" if "cache" in params else "past_key_values"
+
+
 @torch.no_grad()
 def generate(
     model: Any,
@@ -156,14 +167,20 @@ def generate(
     max_new_tokens: int,
     temperature: float,
     generator: torch.Generator | None = None,
-) -> list[list[int]]:
+    with_log_probs: bool = False,
+) -> Any:
     """Sample (``temperature > 0``) or decode greedily (``temperature == 0``) with a KV cache.
 
     Returns one response per prompt, trimmed after the first ``<eos>`` (responses that hit
     ``max_new_tokens`` have no ``<eos>``). Deterministic given ``generator``'s state.
+    ``with_log_probs=True`` returns ``(responses, log_probs)`` instead, ``log_probs[i][t]``
+    being the log-probability of ``responses[i][t]`` under the distribution it was drawn from
+    (softmax of logits / temperature; the argmax's log-probability at temperature 1 for greedy
+    decoding): what a training forward pass of the same tokens must reproduce at theta_old.
     """
     if temperature < 0:
         raise ValueError(f"temperature must be >= 0, got {temperature}")
+    cache_name = _cache_name(model)
     was_training = model.training
     model.eval()
     try:
@@ -176,16 +193,20 @@ def generate(
             attn[i, p_len - len(p) :] = 1
         pos = (attn.cumsum(-1) - 1).clamp_min(0)
         out = model(input_ids=ids, attention_mask=attn, position_ids=pos, use_cache=True)
-        cache = out.past_key_values
+        cache = getattr(out, cache_name)
         logits = out.logits[:, -1].float()
         done = torch.zeros(b, dtype=torch.bool)
         steps: list[Tensor] = []
+        step_lp: list[Tensor] = []
         for _ in range(max_new_tokens):
             if temperature == 0:
                 nxt = logits.argmax(-1)
+                logp = torch.log_softmax(logits, dim=-1)
             else:
                 probs = torch.softmax(logits / temperature, dim=-1)
                 nxt = torch.multinomial(probs, 1, generator=generator).squeeze(1)
+                logp = torch.log_softmax(logits / temperature, dim=-1)
+            step_lp.append(logp.gather(1, nxt[:, None]).squeeze(1))
             nxt = torch.where(done, PAD, nxt)
             steps.append(nxt)
             done = done | (nxt == EOS)
@@ -197,12 +218,16 @@ def generate(
                 input_ids=nxt[:, None],
                 attention_mask=attn,
                 position_ids=pos,
-                past_key_values=cache,
                 use_cache=True,
+                **{cache_name: cache},
             )
-            cache = out.past_key_values
+            cache = getattr(out, cache_name)
             logits = out.logits[:, -1].float()
         tokens = torch.stack(steps, dim=1).tolist()
-        return [trim_response(t) for t in tokens]
+        responses = [trim_response(t) for t in tokens]
+        if not with_log_probs:
+            return responses
+        lps = torch.stack(step_lp, dim=1).tolist()
+        return responses, [lp[: len(r)] for lp, r in zip(lps, responses)]
     finally:
         model.train(was_training)

@@ -20,7 +20,15 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-__all__ = ["mean_interval", "summary_rows", "table_markdown", "wilson", "write_json", "write_plots"]
+__all__ = [
+    "mean_interval",
+    "seed_interval",
+    "summary_rows",
+    "table_markdown",
+    "wilson",
+    "write_json",
+    "write_plots",
+]
 
 Z95 = 1.959963984540054
 
@@ -55,6 +63,26 @@ def mean_interval(total: float, total_sq: float, n: int, z: float = Z95) -> tupl
     var = max(total_sq / n - mean * mean, 0.0) * n / max(n - 1, 1)
     half = z * math.sqrt(var / n)
     return max(0.0, mean - half), min(1.0, mean + half)
+
+
+#: Two-sided 95% quantiles of Student's t, by degrees of freedom (1..30).
+_T95 = (
+    12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228,
+    2.201, 2.179, 2.160, 2.145, 2.131, 2.120, 2.110, 2.101, 2.093, 2.086,
+    2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048, 2.045, 2.042,
+)  # fmt: skip
+
+
+def seed_interval(values: Sequence[float]) -> tuple[float, float]:
+    """95% Student-t interval of the mean of per-seed values (at least 2 values)."""
+    n = len(values)
+    if n < 2:
+        raise ValueError(f"values: need at least 2 seeds for an interval, got {n}")
+    mean = sum(values) / n
+    sd = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1))
+    t = _T95[n - 2] if n - 1 <= len(_T95) else Z95
+    half = t * sd / math.sqrt(n)
+    return mean - half, mean + half
 
 
 def _eval_numbers(e: Mapping[str, Any], buckets: Sequence[int]) -> dict[str, Any]:
@@ -111,15 +139,18 @@ def summary_rows(results: Mapping[str, Any]) -> list[dict[str, Any]]:
         last = steps[-tail:]
 
         def mean(field: str, rows_: list[dict[str, Any]] = last) -> float:
-            return sum(float(s[field]) for s in rows_) / len(rows_)
+            return sum(float(s.get(field, 0.0)) for s in rows_) / len(rows_)
 
         rows.append(
             {
                 "method": method,
                 "label": hist["label"],
                 "eval": _eval_numbers(hist["evals"][-1][1], buckets),
+                "eval_step": hist["evals"][-1][0],
                 "reward_first": mean("reward", steps[:tail]),
                 "reward_last": mean("reward"),
+                "malformed_first": mean("malformed", steps[:tail]),
+                "malformed_last": mean("malformed"),
                 "entropy_first": mean("entropy", steps[:tail]),
                 "entropy_last": mean("entropy"),
                 "kl_mean": sum(float(s["kl"]) for s in steps) / len(steps),
@@ -128,7 +159,59 @@ def summary_rows(results: Mapping[str, Any]) -> list[dict[str, Any]]:
                 "tail_steps": tail,
             }
         )
+    per_seed = results.get("per_seed") or []
+    if len(per_seed) >= 2:
+        rows = [_across_seeds(row, per_seed, buckets) for row in rows]
     return rows
+
+
+def _across_seeds(
+    row: dict[str, Any], per_seed: Sequence[Mapping[str, Any]], buckets: Sequence[int]
+) -> dict[str, Any]:
+    """``row`` with its eval numbers replaced by the mean over seeds and a 95% interval across
+    seeds (Student t); the per-seed figures (with their evaluation-noise intervals) go into
+    ``row["per_seed"]``."""
+    method = row["method"]
+    seeds_eval = [
+        _eval_numbers(
+            sr["initial_eval"] if method == "start" else sr["methods"][method]["final_eval"],
+            buckets,
+        )
+        for sr in per_seed
+    ]
+    agg: dict[str, Any] = {}
+    for bucket in ["all", *[str(k) for k in buckets]]:
+        cell: dict[str, Any] = {"n": seeds_eval[0][bucket]["n"], "seeds": len(per_seed)}
+        for what in ("pass1", "greedy"):
+            vals = [e[bucket][what] for e in seeds_eval]
+            cell[what] = sum(vals) / len(vals)
+            cell[f"{what}_ci"] = seed_interval(vals)
+        agg[bucket] = cell
+    out = dict(row)
+    out["eval"] = agg
+    out["interval"] = "across seeds (Student t, 95%)"
+    out["per_seed"] = [
+        {
+            "seed": sr["seed"],
+            "pass1": e["all"]["pass1"],
+            "pass1_ci": e["all"]["pass1_ci"],
+            "greedy": e["all"]["greedy"],
+            "greedy_ci": e["all"]["greedy_ci"],
+            **(
+                {}
+                if method == "start"
+                else {
+                    "reward_first": sr["methods"][method]["reward_first"],
+                    "reward_last": sr["methods"][method]["reward_last"],
+                }
+            ),
+        }
+        for sr, e in zip(per_seed, seeds_eval)
+    ]
+    if method != "start":
+        out["reward_first"] = sum(p["reward_first"] for p in out["per_seed"]) / len(per_seed)
+        out["reward_last"] = sum(p["reward_last"] for p in out["per_seed"]) / len(per_seed)
+    return out
 
 
 def _pct(x: float) -> str:
@@ -147,19 +230,25 @@ def table_markdown(results: Mapping[str, Any]) -> str:
     head = (
         ["method", "pass@1 all"]
         + [f"{k}-digit" for k in buckets]
-        + ["greedy all", "train reward", "entropy", "KL mean", "KL max"]
+        + ["greedy all", "train reward", "malformed", "entropy", "KL mean", "KL max"]
     )
+    multi = bool(rows) and "per_seed" in rows[0]
+    if multi:
+        head.insert(2, "per seed")
     lines = ["| " + " | ".join(head) + " |", "|" + "|".join(["---"] * len(head)) + "|"]
     for r in rows:
         e = r["eval"]
         cells = [r["label"], _ci(e["all"], "pass1")]
+        if multi:
+            cells.append(" / ".join(_pct(p["pass1"]) for p in r["per_seed"]))
         cells += [_pct(e[str(k)]["pass1"]) for k in buckets]
         cells.append(_ci(e["all"], "greedy"))
         if r["method"] == "start":
-            cells += ["", "", "", ""]
+            cells += ["", "", "", "", ""]
         else:
             cells += [
                 f"{r['reward_first']:.3f} → {r['reward_last']:.3f}",
+                f"{r['malformed_first']:.3f} → {r['malformed_last']:.3f}",
                 f"{r['entropy_first']:.3f} → {r['entropy_last']:.3f}",
                 f"{r['kl_mean']:.1e}",
                 f"{r['kl_max']:.1e}",
@@ -169,10 +258,21 @@ def table_markdown(results: Mapping[str, Any]) -> str:
     samples = results["config"]["rl"]["eval_samples"]
     tail = rows[1]["tail_steps"] if len(rows) > 1 else 1
     lines.append("")
+    if multi:
+        seeds = [p["seed"] for p in rows[0]["per_seed"]]
+        lines.append(
+            f"Mean over {len(seeds)} seeds ({', '.join(map(str, seeds))}: warm-up, question "
+            "stream and sampling per seed); intervals in brackets are 95% Student-t intervals "
+            "across seeds (training-run variation); 'per seed' lists each seed's pass@1. Entropy "
+            "and KL columns: the first seed's run. A difference between two methods counts only "
+            "when their intervals do not overlap."
+        )
+        lines.append("")
     lines.append(
         f"Held-out: {n_test} questions per bucket; pass@1 = mean reward of {samples} samples at "
         "temperature 1 per question, greedy = greedy decoding; % with 95% intervals (pass@1: "
-        "normal across questions; greedy: Wilson). Train reward and entropy (mean token entropy "
+        "normal across questions; greedy: Wilson). Train reward, malformed (share of sampled "
+        "responses that are not digits then the end token) and entropy (mean token entropy "
         f"of the sampled responses): first → last {tail} step(s). KL: k1 estimate of "
         "KL(pi_old || pi_theta) on each mini-batch before its update, mean and max over the run."
     )
@@ -183,6 +283,10 @@ def write_json(results: Mapping[str, Any], path: Path) -> None:
     """Every number of the run, plus the summary rows."""
     doc = dict(results)
     doc["summary"] = summary_rows(results)
+    write_json_plain(doc, path)
+
+
+def write_json_plain(doc: Mapping[str, Any], path: Path) -> None:
     path.write_text(json.dumps(doc, indent=1, sort_keys=False) + "\n")
 
 

@@ -9,8 +9,9 @@ small model. Questions of a bucket ``k`` have one operand of exactly k digits an
 order.
 
 Held-out split: a question belongs to the test side iff a fixed hash of the *unordered* pair
-{a, b} is 0 modulo :data:`TEST_MODULUS`, so ``a+b`` and ``b+a`` are always on the same side
-and no test question (or its mirror) is ever trained on. The test set is fixed (independent of
+{a, b} is 0 modulo :data:`TEST_MODULUS`, and to the validation side (for choosing learning
+rates) iff it is 1; so ``a+b`` and ``b+a`` are always on the same side and no test or
+validation question (or its mirror) is ever trained on. The test set is fixed (independent of
 the run's seed); the training stream depends on the seed.
 
 Pure Python, no tensors: the verifier is the single source of truth of the reward.
@@ -36,6 +37,7 @@ __all__ = [
     "rewards",
     "sample_questions",
     "test_questions",
+    "validation_questions",
     "verify",
 ]
 
@@ -49,6 +51,8 @@ _DIGIT_IDS = frozenset(_ID[d] for d in "0123456789")
 TEST_MODULUS = 8
 #: Seed of the held-out set: fixed, so every run evaluates on the same questions.
 TEST_SEED = 20250518
+#: Seed of the validation set (learning-rate sweep), another residue of the same hash.
+VAL_SEED = 20250519
 
 _MASK64 = (1 << 64) - 1
 
@@ -102,8 +106,9 @@ class TaskConfig:
 
     @property
     def max_answer_tokens(self) -> int:
-        """Longest correct answer plus the end token: sum digits <= larger digits + 1."""
-        return max(self.buckets) + 2
+        """Generation budget: the longest correct answer (sum digits <= larger digits + 1),
+        the end token, and one more token (room for a spurious token before the end)."""
+        return max(self.buckets) + 3
 
     @property
     def max_prompt_tokens(self) -> int:
@@ -128,10 +133,20 @@ def _mix64(x: int) -> int:
     return x
 
 
+def _residue(a: int, b: int) -> int:
+    lo, hi = (a, b) if a <= b else (b, a)
+    return _mix64(lo * 10_000_000_000 + hi) % TEST_MODULUS
+
+
 def is_test_pair(a: int, b: int) -> bool:
     """True iff the unordered pair {a, b} is held out (never sampled for training)."""
-    lo, hi = (a, b) if a <= b else (b, a)
-    return _mix64(lo * 10_000_000_000 + hi) % TEST_MODULUS == 0
+    return _residue(a, b) == 0
+
+
+def split_of(a: int, b: int) -> str:
+    """ "test", "val" (validation, for learning-rate choice) or "train"."""
+    r = _residue(a, b)
+    return "test" if r == 0 else "val" if r == 1 else "train"
 
 
 def _number(rng: random.Random, digits: int) -> int:
@@ -149,30 +164,55 @@ def _draw(rng: random.Random, bucket: int) -> Question:
 def sample_questions(
     rng: random.Random, n: int, config: TaskConfig, *, split: str = "train"
 ) -> list[Question]:
-    """``n`` questions of ``split`` ("train" or "test"), buckets uniform, drawn with ``rng``."""
-    if split not in ("train", "test"):
-        raise ValueError(f"split={split!r} is not a valid option; expected 'train' or 'test'")
-    want_test = split == "test"
+    """``n`` questions of ``split`` ("train", "val" or "test"), buckets uniform, drawn with
+    ``rng``."""
+    if split not in ("train", "val", "test"):
+        raise ValueError(
+            f"split={split!r} is not a valid option; expected 'train', 'val' or 'test'"
+        )
     out: list[Question] = []
     while len(out) < n:
         q = _draw(rng, rng.choice(config.buckets))
-        if is_test_pair(q.a, q.b) == want_test:
+        if split_of(q.a, q.b) == split:
             out.append(q)
+    return out
+
+
+def _bucket_questions(k: int) -> list[Question]:
+    """Every question of bucket k (only for small k)."""
+    lo = 0 if k == 1 else 10 ** (k - 1)
+    return [Question(a, b) for a in range(10**k) for b in range(10**k) if max(a, b) >= lo]
+
+
+def _fixed_set(config: TaskConfig, split: str, seed: int) -> list[Question]:
+    rng = random.Random(seed)
+    out: list[Question] = []
+    for k in config.buckets:
+        if split == "val" and k <= 2:
+            # the validation residue of a 1- or 2-digit bucket may hold fewer questions than
+            # the test side's count: then all of them
+            pool = [q for q in _bucket_questions(k) if split_of(q.a, q.b) == split]
+            if len(pool) <= config.test_per_bucket:
+                out.extend(pool)
+                continue
+        seen: set[Question] = set()
+        while len(seen) < config.test_per_bucket:
+            q = _draw(rng, k)
+            if split_of(q.a, q.b) == split and q not in seen:
+                seen.add(q)
+                out.append(q)
     return out
 
 
 def test_questions(config: TaskConfig) -> list[Question]:
     """The fixed held-out set: ``test_per_bucket`` distinct questions per bucket, bucket order."""
-    rng = random.Random(TEST_SEED)
-    out: list[Question] = []
-    for k in config.buckets:
-        seen: set[Question] = set()
-        while len(seen) < config.test_per_bucket:
-            q = _draw(rng, k)
-            if is_test_pair(q.a, q.b) and q not in seen:
-                seen.add(q)
-                out.append(q)
-    return out
+    return _fixed_set(config, "test", TEST_SEED)
+
+
+def validation_questions(config: TaskConfig) -> list[Question]:
+    """The fixed validation set (disjoint from the test set and from training): the test set's
+    size per bucket, or every validation question of a bucket that has fewer."""
+    return _fixed_set(config, "val", VAL_SEED)
 
 
 def encode_prompt(q: Question) -> list[int]:
@@ -180,9 +220,13 @@ def encode_prompt(q: Question) -> list[int]:
     return [BOS, *(_ID[c] for c in q.prompt)]
 
 
-def encode_answer(q: Question) -> list[int]:
-    """The correct response: the digits of a+b, then ``<eos>``."""
-    return [*(_ID[c] for c in q.answer), EOS]
+def encode_answer(q: Question, *, spurious: bool = False) -> list[int]:
+    """The correct response: the digits of a+b, then ``<eos>``.
+
+    ``spurious=True``: a flawed demonstration with a stray ``=`` before ``<eos>`` (right digits,
+    wrong format: :func:`verify` gives it 0).
+    """
+    return [*(_ID[c] for c in q.answer), *((_ID["="],) if spurious else ()), EOS]
 
 
 def decode(ids: Iterable[int]) -> str:

@@ -90,6 +90,29 @@ class WarmupConfig:
     lr_warmup: int = 50
     weight_decay: float = 0.0
     grad_clip: float = 1.0
+    #: Second stage ("habit stage"): ``habit_steps`` more steps at the constant rate
+    #: ``habit_lr`` on demonstrations of which the fraction ``habit`` is flawed (right digits,
+    #: then a stray ``=`` before the end token: a habit the verifier rejects, which RL can
+    #: unlearn; see docs/demo.md). The clean first stage is cached on its own, so every habit
+    #: setting starts from the same arithmetic.
+    habit: float = 0.0
+    habit_steps: int = 0
+    habit_lr: float = 1e-3
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.habit < 1.0:
+            raise ValueError(f"habit must be in [0, 1), got {self.habit}")
+        if self.habit_steps < 0:
+            raise ValueError(f"habit_steps must be >= 0, got {self.habit_steps}")
+        if not self.habit_lr > 0:
+            raise ValueError(f"habit_lr must be > 0, got {self.habit_lr}")
+
+    def clean_stage(self) -> dict[str, Any]:
+        """The first stage's settings (its cache key)."""
+        d = asdict(self)
+        for k in ("habit", "habit_steps", "habit_lr"):
+            d.pop(k)
+        return d
 
 
 @dataclass(frozen=True)
@@ -146,6 +169,9 @@ class StepLog:
     loss: float
     response_length: float
     frac_groups_with_signal: float
+    #: Share of the sampled responses that are not digits followed by <eos> (wrong format,
+    #: e.g. the warm-up's stray "="), whatever their digits.
+    malformed: float = 0.0
     extra: dict[str, float] = field(default_factory=dict)
 
 
@@ -156,11 +182,70 @@ def config_key(*parts: Any) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
-def _answer_loss(model: Any, qs: Sequence[Question]) -> Tensor:
-    batch = pack([encode_prompt(q) for q in qs], [encode_answer(q) for q in qs])
+def _answer_loss(
+    model: Any, qs: Sequence[Question], spurious: Sequence[bool] | None = None
+) -> Tensor:
+    flags = [False] * len(qs) if spurious is None else spurious
+    batch = pack(
+        [encode_prompt(q) for q in qs],
+        [encode_answer(q, spurious=f) for q, f in zip(qs, flags)],
+    )
     log_probs, _ = response_log_probs(model, batch)
     mask = batch.response_mask
     return -torch.where(mask, log_probs, 0.0).sum() / mask.sum()
+
+
+def _load(path: Path | None, model: Any) -> dict[str, Any] | None:
+    if path is None or not path.exists():
+        return None
+    saved = torch.load(path, map_location="cpu", weights_only=True)
+    model.load_state_dict(saved["state_dict"])
+    info = dict(saved["info"])
+    info.update(cached=True, path=str(path))
+    return info
+
+
+def _save(path: Path | None, model: Any, info: dict[str, Any]) -> None:
+    if path is None:
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".tmp{os.getpid()}")
+    torch.save({"state_dict": model.state_dict(), "info": info}, tmp)
+    os.replace(tmp, path)
+
+
+def _supervised(
+    model: Any,
+    task: TaskConfig,
+    config: WarmupConfig,
+    *,
+    steps: int,
+    lr_factor: Callable[[int], float],
+    lr: float,
+    rng: random.Random,
+    habit: float,
+    habit_rng: random.Random,
+    bar: Any,
+) -> float:
+    opt = torch.optim.AdamW(
+        model.parameters(), lr=lr, betas=(0.9, 0.98), weight_decay=config.weight_decay
+    )
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_factor)
+    loss_value = float("nan")
+    for _ in range(steps):
+        qs = sample_questions(rng, config.batch_size, task)
+        flags = [habit_rng.random() < habit for _ in qs] if habit > 0 else None
+        loss = _answer_loss(model, qs, flags)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
+        opt.step()
+        sched.step()
+        loss_value = loss.item()
+        if bar is not None:
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss_value:.3f}", refresh=False)
+    return loss_value
 
 
 def warmup(
@@ -174,66 +259,89 @@ def warmup(
 ) -> tuple[Any, dict[str, Any]]:
     """The warm-up checkpoint, trained or loaded from ``cache_dir``.
 
-    The cache key hashes the task's buckets, the model and warm-up configs, the seed and
+    Stage 1: ``steps`` steps on correct demonstrations (linear warm-up + cosine); stage 2 (if
+    ``habit_steps``): the habit stage of :class:`WarmupConfig`. Each stage is cached under a
+    key hashing the task's buckets, the model config, the stage's settings, the seed and
     :data:`WARMUP_FORMAT` (not the size of the held-out set, so ``--quick`` and the default
     run share the checkpoint). Returns (model, info) with info = {"key", "cached", "seconds",
-    "final_loss", "path"}.
+    "cpu_seconds", "final_loss", "path"}; with a habit stage also "stage1".
     """
-    key = config_key(
-        {"buckets": list(task.buckets)},
-        model_config,
-        config,
-        {"seed": seed, "format": WARMUP_FORMAT},
-    )
-    path = None if cache_dir is None else Path(cache_dir) / f"warmup-{key}.pt"
+    base = ({"buckets": list(task.buckets)}, model_config)
+    tail = {"seed": seed, "format": WARMUP_FORMAT}
+    key1 = config_key(*base, config.clean_stage(), tail)
+    key2 = config_key(*base, config, tail)
+    path1 = None if cache_dir is None else Path(cache_dir) / f"warmup-{key1}.pt"
+    path2 = None if cache_dir is None else Path(cache_dir) / f"warmup-{key2}.pt"
     model = build_model(model_config, task, seed=seed)
-    if path is not None and path.exists():
-        saved = torch.load(path, map_location="cpu", weights_only=True)
-        model.load_state_dict(saved["state_dict"])
-        info = {k: v for k, v in saved["info"].items()}
-        info.update(cached=True, path=str(path))
-        return model, info
+    if config.habit_steps:
+        info2 = _load(path2, model)
+        if info2 is not None:
+            return model, info2
+
+    info1 = _load(path1, model)
+    if info1 is None:
+        t0 = time.perf_counter()
+        c0 = time.process_time()
+
+        def lr_factor(s: int) -> float:
+            ramp = min(1.0, (s + 1) / max(config.lr_warmup, 1))
+            return ramp * 0.5 * (1.0 + math.cos(math.pi * s / config.steps))
+
+        bar = progress(total=config.steps, desc="warm-up (supervised)") if progress else None
+        loss1 = _supervised(
+            model,
+            task,
+            config,
+            steps=config.steps,
+            lr_factor=lr_factor,
+            lr=config.lr,
+            rng=random.Random(f"{seed}:warmup"),
+            habit=0.0,
+            habit_rng=random.Random(0),
+            bar=bar,
+        )
+        if bar is not None:
+            bar.close()
+        info1 = {
+            "key": key1,
+            "seconds": time.perf_counter() - t0,
+            "cpu_seconds": time.process_time() - c0,
+            "final_loss": loss1,
+        }
+        _save(path1, model, info1)
+        info1.update(cached=False, path=None if path1 is None else str(path1))
+    if not config.habit_steps:
+        return model, info1
 
     t0 = time.perf_counter()
     c0 = time.process_time()
-    opt = torch.optim.AdamW(
-        model.parameters(), lr=config.lr, betas=(0.9, 0.98), weight_decay=config.weight_decay
+    bar = progress(total=config.habit_steps, desc="warm-up (habit stage)") if progress else None
+    loss2 = _supervised(
+        model,
+        task,
+        config,
+        steps=config.habit_steps,
+        lr_factor=lambda s: 1.0,
+        lr=config.habit_lr,
+        rng=random.Random(f"{seed}:habitstage"),
+        habit=config.habit,
+        habit_rng=random.Random(f"{seed}:habit"),
+        bar=bar,
     )
-
-    def lr_factor(s: int) -> float:
-        ramp = min(1.0, (s + 1) / max(config.lr_warmup, 1))
-        return ramp * 0.5 * (1.0 + math.cos(math.pi * s / config.steps))
-
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_factor)
-    rng = random.Random(f"{seed}:warmup")
-    bar = progress(total=config.steps, desc="warm-up (supervised)") if progress else None
-    loss_value = float("nan")
-    for _ in range(config.steps):
-        loss = _answer_loss(model, sample_questions(rng, config.batch_size, task))
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
-        opt.step()
-        sched.step()
-        loss_value = loss.item()
-        if bar is not None:
-            bar.update(1)
-            bar.set_postfix(loss=f"{loss_value:.3f}", refresh=False)
     if bar is not None:
         bar.close()
-    info = {
-        "key": key,
-        "seconds": time.perf_counter() - t0,
-        "cpu_seconds": time.process_time() - c0,
-        "final_loss": loss_value,
+    s1_seconds = 0.0 if info1["cached"] else info1["seconds"]
+    s1_cpu = 0.0 if info1["cached"] else info1["cpu_seconds"]
+    info2 = {
+        "key": key2,
+        "seconds": s1_seconds + time.perf_counter() - t0,
+        "cpu_seconds": s1_cpu + time.process_time() - c0,
+        "final_loss": loss2,
+        "stage1": {k: info1[k] for k in ("key", "final_loss", "cached")},
     }
-    if path is not None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(f".tmp{os.getpid()}")
-        torch.save({"state_dict": model.state_dict(), "info": info}, tmp)
-        os.replace(tmp, path)
-    info.update(cached=False, path=None if path is None else str(path))
-    return model, info
+    _save(path2, model, info2)
+    info2.update(cached=False, path=None if path2 is None else str(path2))
+    return model, info2
 
 
 @torch.no_grad()
@@ -462,6 +570,7 @@ def rl_train(
             loss=sum(losses) / len(losses) if losses else 0.0,
             response_length=float(mask.sum(1).float().mean()),
             frac_groups_with_signal=float(signal),
+            malformed=sum(map(_malformed, responses)) / len(responses),
             extra={k: sum(v) / len(v) for k, v in extra.items()},
         )
         steps.append(asdict(log))
@@ -493,6 +602,16 @@ def rl_train(
         "cpu_seconds": time.process_time() - c0,
         "eval_seconds": eval_seconds,
     }
+
+
+def _malformed(response: Sequence[int]) -> bool:
+    from discoloss.demo.task import EOS, VOCAB
+
+    digits = {VOCAB.index(d) for d in "0123456789"}
+    body = list(response)
+    if not body or body[-1] != EOS:
+        return True
+    return len(body) == 1 or any(t not in digits for t in body[:-1])
 
 
 def hash_seed(*parts: int) -> int:

@@ -87,6 +87,11 @@ def test_train_and_test_splits_are_disjoint_including_mirrors() -> None:
     assert all(T.is_test_pair(q.a, q.b) for q in test)
     train_pairs = {frozenset((q.a, q.b)) for q in train}
     assert not train_pairs & {frozenset((q.a, q.b)) for q in test}
+    # the validation set (learning-rate sweep) is disjoint from both
+    val = T.validation_questions(config)
+    assert len(val) >= 3 * 5 and all(T.split_of(q.a, q.b) == "val" for q in val)
+    val_pairs = {frozenset((q.a, q.b)) for q in val}
+    assert not val_pairs & train_pairs and not val_pairs & {frozenset((q.a, q.b)) for q in test}
     # the split is a property of the unordered pair
     for a, b in [(1, 2), (57, 68), (4021, 7), (0, 0), (999, 1000)]:
         assert T.is_test_pair(a, b) == T.is_test_pair(b, a)
@@ -111,7 +116,7 @@ def test_generator_buckets_and_determinism() -> None:
     assert test == T.test_questions(config)  # fixed, independent of any run seed
     assert len(test) == len(set(test)) == 900
     assert [q.bucket for q in test] == [2] * 300 + [3] * 300 + [4] * 300
-    assert config.max_answer_tokens == 6  # 5 digits + <eos>
+    assert config.max_answer_tokens == 7  # 5 digits + <eos>, and room for one stray token
     assert max(len(T.encode_answer(q)) for q in qs + test) <= config.max_answer_tokens
     assert max(len(T.encode_prompt(q)) for q in qs + test) <= config.max_prompt_tokens
 
@@ -134,7 +139,7 @@ def test_task_config_errors(kwargs: dict[str, object], match: str) -> None:
 
 def test_sample_questions_bad_split() -> None:
     with pytest.raises(ValueError, match="split"):
-        T.sample_questions(random.Random(0), 1, T.TaskConfig(), split="val")
+        T.sample_questions(random.Random(0), 1, T.TaskConfig(), split="validation")
 
 
 # ----------------------------------------------------------------------------- model
@@ -248,6 +253,13 @@ def test_mean_interval() -> None:
         (["--frobnicate"], "unrecognized arguments: --frobnicate"),
         (["--no-cache", "--cache-dir", "x"], "--no-cache and --cache-dir"),
         (["--buckets", "1", "--test-per-bucket", "400"], "--test-per-bucket"),
+        (["--seeds", "0"], "--seeds must be >= 1"),
+        (["--lr", "0"], "--lr must be a finite number > 0"),
+        (["--lr", "ppo=1e-4"], "--lr: expected a number or method=lr pairs"),
+        (["--lr", "disco=x"], "--lr must be a number"),
+        (["--sweep-lr", "1e-4"], "--sweep-lr needs at least 2 distinct"),
+        (["--sweep-lr", "1e-4,-1"], "--sweep-lr must be a finite number > 0"),
+        (["--quick", "--long"], "--quick and --long exclude each other"),
     ],
 )
 def test_bad_options_give_a_clear_error(
@@ -269,7 +281,10 @@ def test_out_must_be_a_directory(capsys: pytest.CaptureFixture[str], tmp_path: P
 def test_help(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["--help"]) == 0
     out = capsys.readouterr().out
-    for opt in ("--methods", "--steps", "--seed", "--quick", "--out", "--cache-dir"):
+    for opt in (
+        "--methods", "--steps", "--seed", "--seeds", "--quick", "--long", "--out",
+        "--cache-dir", "--lr", "--sweep-lr",
+    ):  # fmt: skip
         assert opt in out
 
 
@@ -304,6 +319,10 @@ def _strip_timing(doc: dict[str, object]) -> dict[str, object]:
             m.pop(k)
     for row in doc["summary"]:
         row.pop("seconds", None)
+    for seed_run in doc["per_seed"]:
+        seed_run["warmup"] = {k: seed_run["warmup"][k] for k in ("key", "final_loss")}
+        for m in seed_run["methods"].values():
+            m.pop("seconds")
     return doc
 
 
@@ -324,7 +343,8 @@ def test_quick_run_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture[str]
     doc = json.loads((out / "results.json").read_text())
     assert list(doc["methods"]) == ["disco", "grpo", "dr_grpo", "dapo"]
     assert all(math.isfinite(v) for v in _numbers(doc)), "non-finite number in results.json"
-    assert not doc["warmup"]["cached"] and len(list(cache.glob("warmup-*.pt"))) == 1
+    # both warm-up stages cached: the clean one and the habit stage
+    assert not doc["warmup"]["cached"] and len(list(cache.glob("warmup-*.pt"))) == 2
     for method, hist in doc["methods"].items():
         assert len(hist["steps"]) == 2, method
         assert hist["params_changed"] and hist["param_change_norm"] > 0, method
@@ -360,3 +380,41 @@ def test_module_entry_point_dispatches_demo() -> None:
     )  # fmt: skip
     assert proc.returncode == 2
     assert "--steps must be >= 1" in proc.stderr
+
+
+def test_seeds_summary_schema(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    argv = [*TINY, "--steps", "1", "--methods", "disco,grpo", "--seeds", "2"]
+    assert main([*argv, "--out", str(tmp_path / "o"), "--cache-dir", str(tmp_path / "c")]) == 0
+    assert "per seed" in capsys.readouterr().out
+    doc = json.loads((tmp_path / "o" / "results.json").read_text())
+    assert doc["config"]["seeds"] == [3, 4] and len(doc["per_seed"]) == 2
+    assert len(list((tmp_path / "c").glob("warmup-*.pt"))) == 4  # two stages per seed
+    by_method = {row["method"]: row for row in doc["summary"]}
+    assert set(by_method) == {"start", "disco", "grpo"}
+    for row in doc["summary"]:
+        e = row["eval"]["all"]
+        assert {"pass1", "pass1_ci", "greedy", "greedy_ci"} <= set(e)
+        per_seed = [p["pass1"] for p in row["per_seed"]]
+        assert len(per_seed) == 2
+        assert math.isclose(e["pass1"], sum(per_seed) / 2)
+        assert e["pass1_ci"][0] <= e["pass1"] <= e["pass1_ci"][1]
+    for i, _seed in enumerate((3, 4)):
+        final = doc["per_seed"][i]["methods"]["disco"]["final_eval"]
+        n = sum(final["n"].values())
+        assert math.isclose(
+            by_method["disco"]["per_seed"][i]["pass1"], sum(final["sampled_sum"].values()) / n
+        )
+
+
+def test_sweep_lr_uses_the_validation_split(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    argv = [*TINY, "--steps", "1", "--methods", "disco", "--sweep-lr", "1e-4,1e-3"]
+    assert main([*argv, "--out", str(tmp_path / "o"), "--cache-dir", str(tmp_path / "c")]) == 0
+    assert "chosen" in capsys.readouterr().out
+    doc = json.loads((tmp_path / "o" / "sweep.json").read_text())
+    assert doc["split"] == "validation" and doc["lrs"] == [1e-4, 1e-3]
+    assert doc["chosen"]["disco"] in (1e-4, 1e-3)
+    assert set(doc["runs"]["disco"]) == {repr(1e-4), repr(1e-3)}
+    assert (tmp_path / "o" / "sweep.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert not (tmp_path / "o" / "results.json").exists()  # no test-set evaluation
