@@ -313,6 +313,14 @@ def build_parser() -> argparse.ArgumentParser:
         "from more, and several threads slow down badly on a busy machine); "
         "results are deterministic for a given seed and thread count",
     )
+    p.add_argument(
+        "--jobs",
+        type=_positive_int("--jobs"),
+        default=1,
+        help="worker processes (default 1): with --seeds, seeds run in parallel; with "
+        "--sweep-lr, methods do; each worker uses --threads threads; the numbers are the same "
+        "as with one process",
+    )
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     return p
 
@@ -346,6 +354,39 @@ def progress_factory(progress: bool) -> Any:
     from tqdm.auto import tqdm
 
     return partial(tqdm, file=sys.stderr, dynamic_ncols=True, leave=True)
+
+
+def cpu_seconds() -> float:
+    """CPU time of this process and of its finished worker processes."""
+    import resource
+
+    children = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return time.process_time() + children.ru_utime + children.ru_stime
+
+
+def _init_worker(threads: int) -> None:
+    import torch
+
+    torch.set_num_threads(threads)
+
+
+def parallel_map(fn: Any, calls: Sequence[dict[str, Any]], *, jobs: int, threads: int) -> list[Any]:
+    """``[fn(**kw) for kw in calls]``, in up to ``jobs`` spawned worker processes (each with
+    ``threads`` torch threads) when ``jobs > 1``; results in the order of ``calls``. Every call
+    is seeded, so the results do not depend on ``jobs``."""
+    if jobs <= 1 or len(calls) <= 1:
+        return [fn(**kw) for kw in calls]
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    with ProcessPoolExecutor(
+        max_workers=min(jobs, len(calls)),
+        mp_context=multiprocessing.get_context("spawn"),
+        initializer=_init_worker,
+        initargs=(threads,),
+    ) as pool:
+        futures = [pool.submit(fn, **kw) for kw in calls]
+        return [f.result() for f in futures]
 
 
 def _run_seed(
@@ -457,6 +498,7 @@ def run(
     progress: bool = True,
     command: str = "",
     seeds: int = 1,
+    jobs: int = 1,
 ) -> dict[str, Any]:
     """For each of ``seeds`` seeds (``seed``, ``seed + 1``, ...): warm-up (or load it), then RL
     with each method from the same checkpoint; write results.
@@ -472,16 +514,28 @@ def run(
     bar = progress_factory(progress)
 
     t_start = time.perf_counter()
-    cpu_start = time.process_time()
+    cpu_start = cpu_seconds()
     load_start = os.getloadavg() if hasattr(os, "getloadavg") else None
     old_threads = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
         out.mkdir(parents=True, exist_ok=True)
-        runs = [
-            _run_seed(preset, methods=methods, seed=s, cache_dir=cache_dir, bar=bar)
-            for s in range(seed, seed + seeds)
-        ]
+        parallel = jobs > 1 and seeds > 1
+        runs = parallel_map(
+            _run_seed,
+            [
+                dict(
+                    preset=preset,
+                    methods=methods,
+                    seed=s,
+                    cache_dir=cache_dir,
+                    bar=None if parallel else bar,
+                )
+                for s in range(seed, seed + seeds)
+            ],
+            jobs=jobs,
+            threads=threads,
+        )
     finally:
         torch.set_num_threads(old_threads)
 
@@ -497,6 +551,7 @@ def run(
             "seeds": [r["seed"] for r in runs],
             "methods": list(methods),
             "threads": threads,
+            "jobs": jobs,
             "task": asdict(preset.task),
             "model": asdict(preset.model),
             "model_parameters": first["model_parameters"],
@@ -527,7 +582,7 @@ def run(
             "initial_eval_seconds": first["initial_eval_seconds"],
             "methods_seconds": {m: h["seconds"] for m, h in histories.items()},
             "total_seconds": time.perf_counter() - t_start,
-            "total_cpu_seconds": time.process_time() - cpu_start,
+            "total_cpu_seconds": cpu_seconds() - cpu_start,
         },
     }
     table = report.table_markdown(results)
@@ -537,7 +592,7 @@ def run(
         plot_results = {**results, "methods": _pooled(results["per_seed"], histories)}
     report.write_plots(plot_results, out)
     results["timing"]["total_seconds"] = time.perf_counter() - t_start
-    results["timing"]["total_cpu_seconds"] = time.process_time() - cpu_start
+    results["timing"]["total_cpu_seconds"] = cpu_seconds() - cpu_start
     report.write_json(results, out / "results.json")
     return results
 
@@ -601,6 +656,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             out=args.out,
             cache_dir=cache_dir,
             threads=threads,
+            jobs=args.jobs,
             progress=not args.no_progress,
             command=command.strip(),
         )
@@ -611,6 +667,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         methods=args.methods,
         seed=args.seed,
         seeds=args.seeds,
+        jobs=args.jobs,
         out=args.out,
         cache_dir=cache_dir,
         threads=threads,

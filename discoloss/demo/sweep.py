@@ -30,20 +30,22 @@ def sweep(
     out: Path,
     cache_dir: Path | None,
     threads: int,
+    jobs: int = 1,
     progress: bool = True,
     command: str = "",
 ) -> dict[str, Any]:
-    """Run the sweep; returns what ``sweep.json`` holds."""
+    """Run the sweep (methods in up to ``jobs`` worker processes); returns what
+    ``sweep.json`` holds."""
     import torch
 
     from discoloss.demo import report
-    from discoloss.demo.cli import progress_factory
+    from discoloss.demo.cli import cpu_seconds, parallel_map, progress_factory
     from discoloss.demo.task import validation_questions
-    from discoloss.demo.train import LABELS, evaluate, rl_train, warmup
+    from discoloss.demo.train import LABELS, evaluate, warmup
 
     bar = progress_factory(progress)
     t0 = time.perf_counter()
-    c0 = time.process_time()
+    c0 = cpu_seconds()
     old_threads = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
@@ -51,34 +53,29 @@ def sweep(
         model, winfo = warmup(
             preset.task, preset.model, preset.warmup, seed=seed, cache_dir=cache_dir, progress=bar
         )
-        state0 = copy.deepcopy(model.state_dict())
         val = validation_questions(preset.task)
-        samples = preset.rl.eval_samples
-        start = evaluate(model, val, preset.task, samples=samples, seed=seed)
-        rl = replace(preset.rl, eval_every=preset.rl.steps)  # evaluate at the end only
-        runs: dict[str, dict[str, Any]] = {}
-        for method in methods:
-            runs[method] = {}
-            for lr in lrs:
-                model.load_state_dict(state0)
-                hist = rl_train(
-                    method,
-                    model,
-                    preset.task,
-                    replace(rl, lr=lr),
+        start = evaluate(model, val, preset.task, samples=preset.rl.eval_samples, seed=seed)
+        # workers load the warm-up from the cache; without a cache, one process
+        workers = jobs if cache_dir is not None else 1
+        parallel = workers > 1 and len(methods) > 1
+        results = parallel_map(
+            _sweep_method,
+            [
+                dict(
+                    preset=preset,
+                    method=method,
+                    lrs=lrs,
                     seed=seed,
-                    test_set=val,
-                    progress=bar,
+                    cache_dir=cache_dir,
+                    model=None if parallel else model,
+                    bar=None if parallel else bar,
                 )
-                steps = hist["steps"]
-                tail = max(1, len(steps) // 10)
-                runs[method][repr(lr)] = {
-                    "lr": lr,
-                    "val": report._eval_numbers(hist["evals"][-1][1], preset.task.buckets)["all"],
-                    "reward_first": sum(s["reward"] for s in steps[:tail]) / tail,
-                    "reward_last": sum(s["reward"] for s in steps[-tail:]) / tail,
-                    "entropy_last": sum(s["entropy"] for s in steps[-tail:]) / tail,
-                }
+                for method in methods
+            ],
+            jobs=workers,
+            threads=threads,
+        )
+        runs = dict(zip(methods, results))
     finally:
         torch.set_num_threads(old_threads)
     chosen = {
@@ -96,7 +93,7 @@ def sweep(
         "chosen": chosen,
         "warmup": winfo,
         "seconds": time.perf_counter() - t0,
-        "cpu_seconds": time.process_time() - c0,
+        "cpu_seconds": cpu_seconds() - c0,
     }
     report.write_json_plain(doc, out / "sweep.json")
     lines = [
@@ -126,6 +123,46 @@ def sweep(
     (out / "sweep.md").write_text("\n".join(lines) + "\n")
     _plot(doc, out / "sweep.png")
     return doc
+
+
+def _sweep_method(
+    preset: Any,
+    *,
+    method: str,
+    lrs: Sequence[float],
+    seed: int,
+    cache_dir: Path | None,
+    model: Any = None,
+    bar: Any = None,
+) -> dict[str, Any]:
+    """One method at every learning rate, from the warm-up checkpoint (``model``, or the
+    cached one), evaluated on the validation split at the end."""
+    from discoloss.demo import report
+    from discoloss.demo.task import validation_questions
+    from discoloss.demo.train import rl_train, warmup
+
+    if model is None:
+        model, _ = warmup(preset.task, preset.model, preset.warmup, seed=seed, cache_dir=cache_dir)
+    state0 = copy.deepcopy(model.state_dict())
+    val = validation_questions(preset.task)
+    rl = replace(preset.rl, eval_every=preset.rl.steps)  # evaluate at the end only
+    out: dict[str, Any] = {}
+    for lr in lrs:
+        model.load_state_dict(state0)
+        hist = rl_train(
+            method, model, preset.task, replace(rl, lr=lr), seed=seed, test_set=val, progress=bar
+        )
+        steps = hist["steps"]
+        tail = max(1, len(steps) // 10)
+        out[repr(lr)] = {
+            "lr": lr,
+            "val": report._eval_numbers(hist["evals"][-1][1], preset.task.buckets)["all"],
+            "reward_first": sum(s["reward"] for s in steps[:tail]) / tail,
+            "reward_last": sum(s["reward"] for s in steps[-tail:]) / tail,
+            "entropy_last": sum(s["entropy"] for s in steps[-tail:]) / tail,
+        }
+    model.load_state_dict(state0)
+    return out
 
 
 def _plot(doc: dict[str, Any], path: Path) -> None:

@@ -406,6 +406,28 @@ def test_seeds_summary_schema(tmp_path: Path, capsys: pytest.CaptureFixture[str]
         )
 
 
+def test_jobs_give_the_numbers_of_one_process(tmp_path: Path) -> None:
+    """--jobs 2 runs seeds (and sweep methods) in worker processes: same numbers as one."""
+    cache = str(tmp_path / "c")
+    seeds = [*TINY, "--steps", "1", "--methods", "disco,grpo", "--seeds", "2"]
+    sweep = [*TINY, "--steps", "1", "--methods", "disco,grpo", "--sweep-lr", "1e-4,1e-3"]
+    docs = {}
+    for jobs in ("1", "2"):
+        for name, argv in (("seeds", seeds), ("sweep", sweep)):
+            out = tmp_path / f"{name}{jobs}"
+            assert main([*argv, "--jobs", jobs, "--out", str(out), "--cache-dir", cache]) == 0
+            docs[name, jobs] = json.loads(
+                (out / ("results.json" if name == "seeds" else "sweep.json")).read_text()
+            )
+    one, two = (_strip_timing(docs["seeds", j]) for j in ("1", "2"))
+    assert two["config"].pop("jobs") == 2 and one["config"].pop("jobs") == 1
+    assert one == two
+    for doc in (docs["sweep", "1"], docs["sweep", "2"]):
+        for k in ("seconds", "cpu_seconds", "command", "warmup"):
+            doc.pop(k)
+    assert docs["sweep", "1"] == docs["sweep", "2"]
+
+
 def test_sweep_lr_uses_the_validation_split(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
