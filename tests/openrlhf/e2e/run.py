@@ -23,7 +23,7 @@ TESTS = HERE.parent
 STANDINS = TESTS / "standins"
 
 N = 4  # responses per question
-PROMPTS_PER_STEP = 4
+PROMPTS_PER_STEP = 8
 WORDS = [f"w{i}" for i in range(4, 32)]
 
 
@@ -38,8 +38,9 @@ def write_prompts(path: Path, num_prompts: int) -> str:
 
 
 def launcher_flags(model: str, prompts: str, out: Path, ranks: int) -> list[str]:
-    """The launcher's flags: DisCO, whole questions per micro-batch, 2 micro-batches per optimizer
-    step and rank, ZeRO-0 on CPU, one rollout engine (the stand-in)."""
+    """The launcher's flags: DisCO; per PPO step 8 questions, 2 optimizer steps, each of 2
+    micro-batches per rank with 2 ranks (1 question per micro-batch), 4 with 1; ZeRO-0 on CPU;
+    one rollout engine (the stand-in)."""
     samples = PROMPTS_PER_STEP * N
     return [
         "--actor.model_name_or_path", model,
@@ -48,7 +49,7 @@ def launcher_flags(model: str, prompts: str, out: Path, ranks: int) -> list[str]
         "--data.label_key", "label", "--data.max_len", "16",
         "--rollout.n_samples_per_prompt", str(N), "--rollout.batch_size", str(PROMPTS_PER_STEP),
         "--rollout.micro_batch_size", str(N), "--rollout.max_new_tokens", "6",
-        "--train.batch_size", str(samples), "--train.micro_batch_size", str(samples // ranks // 2),
+        "--train.batch_size", str(samples // 2), "--train.micro_batch_size", str(N),
         "--train.seed", "1",
         "--actor.num_nodes", "1", "--actor.num_gpus_per_node", str(ranks),
         "--actor.adam.lr", "1e-2", "--actor.lr_scheduler", "constant",
