@@ -19,6 +19,7 @@ process by its ``sitecustomize.py``; each says what it replaces):
 4. ``init_device_mesh("cuda")`` in OpenRLHF's DeepSpeed strategy: the mesh on "cpu";
 5. the replay buffer's ``cuda:<device>`` target device: cpu;
 6. DeepSpeed's ``FusedAdam`` (compiled at first use on CPU, minutes): ``torch_adam`` AdamW;
+   its shared-memory CPU all-reduce op (compiled at start-up, inference only): not built;
 7. ``ray.init`` in the driver: logical GPUs (for OpenRLHF's ``num_gpus=1`` actors) and a private
    temp dir (to find and kill every Ray process of a run).
 
@@ -45,7 +46,14 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE / "e2e"))
 
 from orlhf_testkit import save_tiny_model_with_tokenizer  # noqa: E402
-from run import N, PROMPTS_PER_STEP, launcher_flags, read_jsonl, run_launcher, write_prompts  # noqa: E402
+from run import (  # noqa: E402
+    PROMPTS_PER_STEP,
+    N,
+    launcher_flags,
+    read_jsonl,
+    run_launcher,
+    write_prompts,
+)
 
 RANKS = 2
 STEPS = 3

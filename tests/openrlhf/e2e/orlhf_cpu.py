@@ -9,7 +9,9 @@ What each stand-in replaces (and nothing else is changed):
 * ``openrlhf.utils.deepspeed.deepspeed.init_device_mesh("cuda", ...)``: the same mesh on ``"cpu"``.
 * DeepSpeed's ``FusedAdam`` (a CUDA kernel; with ``DS_ACCELERATOR=cpu`` a C++ op compiled at first
   use, many minutes on a small machine): ``"torch_adam": true`` in the AdamW config that
-  ``DeepspeedStrategy.get_ds_train_config`` returns, so DeepSpeed uses ``torch.optim.AdamW``.
+  ``DeepspeedStrategy.get_ds_train_config`` returns, so DeepSpeed uses ``torch.optim.AdamW``;
+  likewise its shared-memory CPU all-reduce op (``deepspeed.comm.torch.build_shm_op``, compiled
+  at start-up, used only by inference kernels) is not built: torch.distributed's gloo remains.
 * ``NaiveReplayBuffer.__init__``'s ``torch.device(f"cuda:{current_device()}")``: ``cpu``.
 * ``openrlhf.trainer.ray.vllm_engine.create_vllm_engines`` (vLLM): Ray actors generating with
   transformers (:mod:`rollout_standin`).
@@ -22,7 +24,8 @@ What each stand-in replaces (and nothing else is changed):
 Probes (observation only; they return what the wrapped method returns): ``ActorPPOTrainer.
 training_step`` records each micro-batch's question ids, ``ActorPPOTrainer.ppo_train`` the
 status it returns and the Lagrange multiplier around it, as JSON lines in
-``$DISCOLOSS_E2E_OUT``.
+``$DISCOLOSS_E2E_OUT``. With ``DISCOLOSS_E2E_FAULT=old_log_probs`` the ``training_step`` probe of
+the last rank puts a NaN into its first micro-batch's old log-probs (a fault on one rank).
 """
 
 from __future__ import annotations
@@ -37,6 +40,7 @@ from types import ModuleType
 from typing import Any
 
 OUT = os.environ.get("DISCOLOSS_E2E_OUT")
+FAULT = os.environ.get("DISCOLOSS_E2E_FAULT")  # "old_log_probs": see probe_training_step
 
 
 # --------------------------------------------------------------------------------------------
@@ -114,6 +118,10 @@ def _deepspeed_strategy(module: ModuleType) -> None:
         return config
 
     cls.get_ds_train_config = get_ds_train_config
+
+
+def _deepspeed_comm(module: ModuleType) -> None:
+    module.build_shm_op = lambda: None
 
 
 def _replay_buffer(module: ModuleType) -> None:
@@ -211,6 +219,12 @@ def _probes(cls: Any) -> None:
     def probe_training_step(self: Any, experience: Any, *args: Any, **kwargs: Any) -> Any:
         batch = getattr(experience, "disco", None) or {}
         ids = batch.get("group_ids")
+        if FAULT == "old_log_probs" and _rank() == int(os.environ["WORLD_SIZE"]) - 1:
+            # the one-rank fault: a NaN old log-prob at the first response token of the
+            # first response of the last rank's first micro-batch
+            token = int(experience.action_mask[0].nonzero()[0])
+            experience.action_log_probs[0, token] = float("nan")
+            record("fault", token=token)
         record("micro", group_ids=None if ids is None else ids.tolist(),
                rewards=experience.rewards.reshape(-1).tolist())
         return training_step(self, experience, *args, **kwargs)
@@ -229,6 +243,7 @@ def _probes(cls: Any) -> None:
 PATCHES: dict[str, Callable[[ModuleType], None]] = {
     "openrlhf": _torch_cuda,
     "openrlhf.utils.deepspeed.deepspeed": _deepspeed_strategy,
+    "deepspeed.comm.torch": _deepspeed_comm,
     "openrlhf.trainer.ppo_utils.replay_buffer": _replay_buffer,
     "openrlhf.trainer.ray.vllm_engine": _vllm_engine,
     "openrlhf.trainer.ray.ppo_actor": _ppo_actor,

@@ -153,13 +153,15 @@ def main() -> None:
     parser.add_argument("--ranks", type=int, default=2)
     parser.add_argument("--prompts", type=int, default=3 * PROMPTS_PER_STEP)
     parser.add_argument("--timeout", type=float, default=600)
+    parser.add_argument("--fault", default=None, help="DISCOLOSS_E2E_FAULT (see orlhf_cpu)")
     known, extra = parser.parse_known_args()
     out = known.out.resolve()
     out.mkdir(parents=True, exist_ok=True)
     model = save_tiny_model_with_tokenizer(out / "tiny")
     prompts = write_prompts(out / "prompts.jsonl", known.prompts)
     result = run_launcher([*launcher_flags(model, prompts, out, known.ranks), *extra], out,
-                          ranks=known.ranks, timeout=known.timeout)
+                          ranks=known.ranks, timeout=known.timeout,
+                          env={"DISCOLOSS_E2E_FAULT": known.fault} if known.fault else None)
     print(result.output[-4000:])
     print(f"returncode={result.returncode} wall={result.wall_s:.0f}s leaked={result.leaked}")
 
