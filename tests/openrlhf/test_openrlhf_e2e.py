@@ -82,8 +82,10 @@ def _run(tmp: Path, name: str, steps: int, *extra: str, model: str | None = None
 
 #: ``constraint=lagrangian`` with a checkpoint after every step: the run the other tests read
 #: also gives the checkpoint the last test resumes from (one launcher start less: most of a run's
-#: time is starting Ray, DeepSpeed and the models, not the 3 steps).
+#: time is starting Ray, DeepSpeed and the models, not the 3 steps). With the k3 estimator
+#: (>= 0) and delta = 0 the multiplier grows as soon as the policy has moved.
 LAGRANGIAN = ["--algo.disco.constraint", "lagrangian", "--algo.disco.lagrangian_lr", "1000",
+              "--algo.disco.kl_estimator", "k3", "--algo.disco.delta", "0",
               "--ckpt.save_steps", "1", "--ckpt.max_num", "6"]
 
 
