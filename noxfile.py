@@ -87,7 +87,8 @@ def _openrlhf_suite(session: nox.Session, openrlhf: str, deepspeed: str, *pytest
 
 @nox.session(python=PYTHON)
 def openrlhf(session: nox.Session) -> None:
-    """OpenRLHF adapter against the newest supported OpenRLHF (0.11.2)."""
+    """OpenRLHF adapter against the newest supported OpenRLHF (0.11.2), including the PPO loop
+    end to end on CPU (tests/openrlhf/test_openrlhf_e2e.py: two launcher runs, a few minutes)."""
     _openrlhf_suite(session, *OPENRLHF_NEWEST)
 
 
@@ -95,8 +96,10 @@ def openrlhf(session: nox.Session) -> None:
 def openrlhf_oldest(session: nox.Session) -> None:
     """OpenRLHF adapter against the oldest supported OpenRLHF (0.11.0).
 
-    Every test that touches version-dependent OpenRLHF code runs here in-process; the two
-    multi-process tests (Ray worker hook, two gloo ranks: ~2 minutes) run in ``openrlhf`` only.
+    Every test that touches version-dependent OpenRLHF code runs here in-process; the
+    multi-process tests (Ray worker hook, two gloo ranks, the end-to-end PPO loop: ~10 minutes)
+    run in ``openrlhf`` only.
     """
-    only_in_process = "not test_launcher_installs_the_adapter_in_ray_workers and not test_two_ranks"
+    only_in_process = ("not test_launcher_installs_the_adapter_in_ray_workers"
+                       " and not test_two_ranks and not test_e2e")
     _openrlhf_suite(session, *OPENRLHF_OLDEST, "-k", only_in_process)

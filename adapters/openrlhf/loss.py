@@ -55,7 +55,7 @@ from discoloss import disco_loss
 from discoloss.constraints import LagrangeMultiplier
 from discoloss.adapters.openrlhf.settings import DiscoSettings
 
-__all__ = ["DiscoMicroBatch", "DiscoPolicyLoss", "policy_loss_outputs"]
+__all__ = ["DiscoMicroBatch", "DiscoPolicyLoss", "agree_on_failure", "policy_loss_outputs"]
 
 
 @dataclass(frozen=True)
@@ -69,6 +69,8 @@ class DiscoMicroBatch:
     num_tokens: T_W, response tokens of the optimizer step over all ranks (likewise).
     scale: gas * dp, undoing DeepSpeed's 1/gas loss scaling and its gradient mean over ranks.
     info: the micro-batch's ``experience.info``; DisCO metrics are written into it.
+    dp_group, dp_size: the data-parallel group (None: the default one) and its size; with
+      ``dp_size > 1`` the ranks agree after the loss's checks (:func:`agree_on_failure`).
     """
 
     group_ids: Tensor
@@ -77,6 +79,8 @@ class DiscoMicroBatch:
     num_tokens: int | Tensor
     scale: float
     info: dict[str, Any]
+    dp_group: Any = None
+    dp_size: int = 1
 
 
 def policy_loss_outputs(loss_fn: nn.Module) -> tuple[bool, ...]:
@@ -99,6 +103,31 @@ def policy_loss_outputs(loss_fn: nn.Module) -> tuple[bool, ...]:
             "expected a tuple (loss, clip_ratio, ppo_kl, ...). This OpenRLHF version is not supported."
         )
     return tuple(o is not None for o in out)
+
+
+def agree_on_failure(failure: Exception | None, *, group: Any, device: torch.device) -> None:
+    """Make every data-parallel rank stop at the same micro-batch when one rank's loss failed
+    its checks (a non-finite log-prob, old log-prob or reward, an empty response, ...).
+
+    A rank that raised alone would leave the others waiting in the next collective (OpenRLHF's
+    metric all-reduce or DeepSpeed's gradient all-reduce) until the process group's timeout.
+    Here every rank all-reduces one flag (one 1-element all-reduce and one host read per
+    micro-batch, before the backward); if any rank failed, the ranks exchange the messages and
+    all raise the same ``RuntimeError``, the failing rank chaining its own error.
+    """
+    dist = torch.distributed
+    flag = torch.tensor([0.0 if failure is None else 1.0], device=device)
+    dist.all_reduce(flag, group=group)
+    if not float(flag.item()):
+        return
+    rank = dist.get_rank(group=group)
+    messages: list[Any] = [None] * dist.get_world_size(group=group)
+    dist.all_gather_object(messages, None if failure is None else str(failure), group=group)
+    bad = [f"rank {r}: {m}" for r, m in enumerate(messages) if m is not None]
+    raise RuntimeError(
+        f"discoloss: the DisCO loss failed its checks on data-parallel {'; '.join(bad)}. Every "
+        f"rank stops at this micro-batch, before its backward (this is rank {rank})"
+    ) from failure
 
 
 class DiscoPolicyLoss(nn.Module):
@@ -157,17 +186,25 @@ class DiscoPolicyLoss(nn.Module):
             )
         if action_mask is None:
             raise ValueError("action_mask: required by the DisCO loss")
-        out = disco_loss(
-            log_probs,
-            old_log_probs,
-            action_mask,
-            batch.rewards,
-            batch.group_ids,
-            num_groups=batch.num_groups,
-            num_tokens=batch.num_tokens,
-            multiplier=self.multiplier,
-            **self.settings.loss_kwargs(),
-        )
+        failure: Exception | None = None
+        try:
+            out = disco_loss(
+                log_probs,
+                old_log_probs,
+                action_mask,
+                batch.rewards,
+                batch.group_ids,
+                num_groups=batch.num_groups,
+                num_tokens=batch.num_tokens,
+                multiplier=self.multiplier,
+                **self.settings.loss_kwargs(),
+            )
+        except (ValueError, TypeError) as error:  # the core's checks of this rank's inputs
+            failure = error
+        if batch.dp_size > 1:
+            agree_on_failure(failure, group=batch.dp_group, device=log_probs.device)
+        elif failure is not None:
+            raise failure
         loss = batch.scale * out.loss
         for key, value in out.metrics.items():
             batch.info[f"disco/{key}"] = value

@@ -471,6 +471,7 @@ def _patch_ppo_actor(module: ModuleType) -> None:
             if not isinstance(self.actor_loss_fn, DiscoPolicyLoss):
                 raise RuntimeError("discoloss: actor_loss_fn is not the DisCO loss; the trainer was "
                                    "constructed before the adapter was installed")
+            dp_group, dp_size = _dp_group_and_size(self.strategy)
             self.actor_loss_fn.bind(DiscoMicroBatch(
                 group_ids=batch["group_ids"],
                 rewards=experience.rewards,
@@ -478,6 +479,8 @@ def _patch_ppo_actor(module: ModuleType) -> None:
                 num_tokens=batch["num_tokens"],
                 scale=batch["scale"],
                 info=experience.info,
+                dp_group=dp_group,
+                dp_size=dp_size,
             ))
             try:
                 return original(self, experience, *args, **kwargs)

@@ -1,11 +1,19 @@
 """One data-parallel rank of test_openrlhf_dp.py (run as a script: ``python dp_rank.py RANK
-WORLD INIT_FILE MODEL_PATH OUT_DIR [CONSTRAINT]``).
+WORLD INIT_FILE MODEL_PATH OUT_DIR [CONSTRAINT [FAULT]]``).
 
 Every rank makes the same rollout with OpenRLHF's experience maker, takes the chunk OpenRLHF's
 own ``RayActorGroup.async_run_method_batch`` deals to it, and runs the real
 ``ActorPPOTrainer.ppo_train`` with a DeepSpeed-like strategy that averages gradients over the
 ranks (gloo). It saves its micro-batches and the gradient of the update (with
 ``CONSTRAINT=lagrangian``: the multiplier's value before and after the update too).
+
+``FAULT`` (``old_log_probs``, ``log_probs`` or ``reward``) puts a NaN into that input of one
+response of the last rank only: at the first response token of its first response's old
+log-probs, at the first response token of the first response of the update's log-probs (the
+actor's forward in ``training_step``), or as its first response's reward. A rank whose
+``ppo_train`` raises writes ``rank<r>.error`` and, like a Ray actor whose method failed, stays
+alive without joining any collective until every rank has written one (exit 3) or 60 s have
+passed (exit 4).
 """
 
 from __future__ import annotations
@@ -59,10 +67,48 @@ def dealt_chunk(experiences: list, rank: int, world: int) -> list:
     return calls[rank]
 
 
+def inject(fault: str, trainer, monkeypatch) -> None:
+    """A NaN in one input of this rank's first response, at its first response token."""
+    first = trainer.replay_buffer.items[0]
+    token = int(first.action_mask.reshape(-1).nonzero()[0])  # its first response token
+    if fault == "old_log_probs":
+        first.action_log_probs.view(-1)[token] = float("nan")
+    elif fault == "reward":
+        first.rewards.view(-1)[0] = float("nan")
+    elif fault == "log_probs":
+        forward = type(trainer.actor).forward
+
+        def nan_forward(self, sequences, action_mask=None, *args, **kwargs):
+            out = forward(self, sequences, action_mask, *args, **kwargs)
+            if not self.training:  # the experience maker's forward, not the update's
+                return out
+            log_probs = (out[0] if isinstance(out, tuple) else out).clone()
+            log_probs[0, int(action_mask[0].nonzero()[0])] = float("nan")
+            return (log_probs, *out[1:]) if isinstance(out, tuple) else log_probs
+
+        monkeypatch.setattr(type(trainer.actor), "forward", nan_forward)
+    else:
+        raise ValueError(f"unknown fault {fault!r}")
+
+
+def stay_like_a_failed_ray_actor(error: Exception, rank: int, world: int, out_dir: str) -> None:
+    import time
+    from pathlib import Path
+
+    Path(out_dir, f"rank{rank}.error").write_text(f"{type(error).__name__}: {error}")
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        if all(Path(out_dir, f"rank{r}.error").exists() for r in range(world)):
+            sys.exit(3)
+        time.sleep(0.2)
+    sys.exit(4)
+
+
 def main() -> None:
     rank, world, init_file, model_path, out_dir = sys.argv[1:6]
     rank, world = int(rank), int(world)
-    options = {**SETTINGS, **(LAGRANGIAN if sys.argv[6:] == ["lagrangian"] else {})}
+    constraint, fault = (sys.argv[6:] + [None, None])[:2]
+    options = {**SETTINGS, **(LAGRANGIAN if constraint == "lagrangian" else {})}
     install()
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank,
                             world_size=world)
@@ -88,7 +134,12 @@ def main() -> None:
     if multiplier is not None:
         multiplier.value = torch.tensor(LAMBDA0, dtype=torch.float64)
     seen = record_micro_batches(monkeypatch)
-    trainer.ppo_train(0.0)
+    if fault and rank == world - 1:
+        inject(fault, trainer, monkeypatch)
+    try:
+        trainer.ppo_train(0.0)
+    except Exception as error:  # noqa: BLE001  (reported to the test)
+        stay_like_a_failed_ray_actor(error, rank, world, out_dir)
     torch.save({"seen": seen, "grads": strategy.step_grads,
                 "multiplier": None if multiplier is None else multiplier.state_dict()},
                f"{out_dir}/rank{rank}.pt")

@@ -356,3 +356,20 @@ def shifted(experiences: list[Any], seed: int, shift: float) -> list[Any]:
         noise = shift * (1 + torch.rand(exp.action_log_probs.shape, generator=g))
         exp.action_log_probs = exp.action_log_probs + noise * exp.action_mask
     return experiences
+
+
+def save_tiny_model_with_tokenizer(path: Path) -> str:
+    """:func:`save_tiny_model` plus a word-level tokenizer over its vocabulary (``<pad>``,
+    ``<s>``, ``</s>``, ``<unk>``, then the words ``w4`` ... ``w31``), saved with
+    ``save_pretrained`` (no hub): what OpenRLHF's launcher and a rollout engine load."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    save_tiny_model(path)
+    vocab = {"<pad>": 0, "<s>": 1, "</s>": 2, "<unk>": 3,
+             **{f"w{i}": i for i in range(4, VOCAB)}}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>",
+                            pad_token="<pad>", unk_token="<unk>").save_pretrained(path)
+    return str(path)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -25,21 +26,38 @@ from discoloss.constraints import LagrangeMultiplier
 HERE = Path(__file__).resolve().parent
 
 
+def _run_ranks(tiny_model_path: str, tmp_path: Path, *args: str, timeout: float = 300
+               ) -> tuple[list[int | None], list[str]]:
+    """Run the two ranks; a rank still running at ``timeout`` is killed (return code None)."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(HERE), os.environ["PYTHONPATH"]])}
+    init = tmp_path / "init"
+    procs = [
+        subprocess.Popen([sys.executable, str(HERE / "dp_rank.py"), str(r), "2", str(init),
+                          tiny_model_path, str(tmp_path), *args], env=env,
+                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        for r in range(2)
+    ]
+    deadline = time.monotonic() + timeout
+    codes: list[int | None] = []
+    outputs = []
+    for p in procs:
+        try:
+            outputs.append(p.communicate(timeout=max(deadline - time.monotonic(), 1))[0])
+            codes.append(p.returncode)
+        except subprocess.TimeoutExpired:
+            p.kill()
+            outputs.append(p.communicate()[0])
+            codes.append(None)
+    return codes, outputs
+
+
 @pytest.mark.parametrize("constraint", ["squared_hinge", "lagrangian"])
 def test_two_ranks_equal_disco_on_the_mini_batch(tiny_model_path, tmp_path, constraint):
     sys.path.insert(0, str(HERE))
     from dp_rank import LAGRANGIAN, LAMBDA0, SETTINGS
 
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(HERE), os.environ["PYTHONPATH"]])}
-    init = tmp_path / "init"
-    procs = [
-        subprocess.Popen([sys.executable, str(HERE / "dp_rank.py"), str(r), "2", str(init),
-                          tiny_model_path, str(tmp_path), constraint], env=env,
-                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        for r in range(2)
-    ]
-    outputs = [p.communicate(timeout=300)[0] for p in procs]
-    assert all(p.returncode == 0 for p in procs), "\n".join(o[-3000:] for o in outputs)
+    codes, outputs = _run_ranks(tiny_model_path, tmp_path, constraint)
+    assert codes == [0, 0], "\n".join(o[-3000:] for o in outputs)
 
     results = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(2)]
     seen = [m for res in results for m in res["seen"]]
@@ -79,3 +97,30 @@ def test_two_ranks_equal_disco_on_the_mini_batch(tiny_model_path, tmp_path, cons
         assert float(res["multiplier"]["value"]) == pytest.approx(
             max(0.0, LAMBDA0 + lr * (kl - delta)), rel=1e-6)
         assert res["multiplier"]["steps"] == 1
+
+
+#: The start of what the core's checks say about each injected NaN (the response's index in its
+#: micro-batch follows the question shuffle). A NaN reward goes the same way as these two.
+FAULTS = {
+    "old_log_probs": "old_log_probs: non-finite value at a response token of response ",
+    "log_probs": "log_probs: non-finite value at a response token of response ",
+}
+
+
+@pytest.mark.parametrize("fault", sorted(FAULTS))
+def test_two_ranks_stop_together_when_one_rank_meets_a_bad_value(tiny_model_path, tmp_path,
+                                                                 fault):
+    """A NaN in one input of one response on rank 1 only (its old log-probs, or the log-probs of
+    the update's forward): both ranks raise the same error at the same micro-batch, naming
+    rank 1 and the core's message; neither waits in a collective for the other. (A failed rank
+    stays out of every collective, like a Ray actor whose method raised, until both ranks have
+    failed: exit 3; a rank left alone exits 4, as rank 1 did before the ranks agreed: rank 0
+    waited in OpenRLHF's metric all-reduce until rank 1's process was gone.)"""
+    codes, outputs = _run_ranks(tiny_model_path, tmp_path, "squared_hinge", fault, timeout=240)
+    assert codes == [3, 3], "\n".join(o[-3000:] for o in outputs)
+    want = ("RuntimeError: discoloss: the DisCO loss failed its checks on data-parallel rank 1: "
+            + FAULTS[fault])
+    for rank in range(2):
+        text = (tmp_path / f"rank{rank}.error").read_text()
+        assert text.startswith(want), text
+        assert "rank 0:" not in text and f"(this is rank {rank})" in text, text
