@@ -41,7 +41,6 @@ import types
 from typing import Any
 
 import torch
-
 from verl.plugin.platform import PlatformRegistry, set_platform
 from verl.plugin.platform.platform_base import PlatformBase
 
@@ -102,8 +101,12 @@ class _CPUDevice(types.ModuleType):
     def __getattr__(self, name: str) -> Any:
         if hasattr(torch.cpu, name):
             return getattr(torch.cpu, name)
-        if name in ("memory_allocated", "memory_reserved", "max_memory_allocated",
-                    "max_memory_reserved"):
+        if name in (
+            "memory_allocated",
+            "memory_reserved",
+            "max_memory_allocated",
+            "max_memory_reserved",
+        ):
             return lambda *a, **k: 0
         if name == "mem_get_info":
             return lambda *a, **k: (1 << 34, 1 << 34)
@@ -308,8 +311,9 @@ class HFServer:
         return f"hf-server-{self.replica_rank}"
 
     @torch.no_grad()
-    def generate(self, prompt_ids: list[int], sampling_params: dict, request_id: str = "",
-                 **kwargs: Any) -> Any:
+    def generate(
+        self, prompt_ids: list[int], sampling_params: dict, request_id: str = "", **kwargs: Any
+    ) -> Any:
         from verl.workers.rollout.replica import TokenOutput
 
         temperature = float(sampling_params.get("temperature", 1.0))
@@ -357,8 +361,11 @@ class HFServer:
             if unexpected:
                 raise RuntimeError(f"hf rollout: unexpected weights {unexpected[:5]}")
             self.updates.append(
-                {"global_steps": global_steps, "tensors": len(state),
-                 "fingerprint": fingerprint(dict(self.model.state_dict()))}
+                {
+                    "global_steps": global_steps,
+                    "tensors": len(state),
+                    "fingerprint": fingerprint(dict(self.model.state_dict())),
+                }
             )
             if RECORD_DIR:
                 with open(os.path.join(RECORD_DIR, f"server{self.replica_rank}.json"), "w") as f:
@@ -388,7 +395,6 @@ def server_name(replica_rank: int) -> str:
 
 def _replica_class() -> type:
     import ray
-
     from verl.workers.rollout.replica import RolloutReplica
 
     class HFReplica(RolloutReplica):
@@ -421,8 +427,9 @@ after_import("verl.workers.rollout.replica", lambda m: _register_rollout())
 class HFServerAdapter:
     """The actor worker's side of the hf rollout (stands in for vLLM's ``ServerAdapter``)."""
 
-    def __init__(self, config: Any, model_config: Any, device_mesh: Any, *args: Any,
-                 **kwargs: Any) -> None:
+    def __init__(
+        self, config: Any, model_config: Any, device_mesh: Any, *args: Any, **kwargs: Any
+    ) -> None:
         self.config = config
         self.model_config = model_config
         rank = int(os.environ.get("RANK", 0))
@@ -466,7 +473,7 @@ class HFServerAdapter:
 
 
 _LOCAL = threading.local()
-_STEP = {"optimizer_steps": 0, "train_calls": 0}
+_STEP = {"optimizer_steps": 0, "faulted": 0}
 
 
 def _rank() -> int:
@@ -486,14 +493,18 @@ def _record_policy_loss(fn: Any) -> Any:
         data = getattr(_LOCAL, "data", None)
         if FAULT and train:
             rank, step = (int(x) for x in FAULT.split(":"))
-            if rank == _rank() and _STEP["optimizer_steps"] + 1 == step:
+            if rank == _rank() and _STEP["optimizer_steps"] + 1 == step and not _STEP["faulted"]:
+                _STEP["faulted"] = 1  # one token of one response: the first micro-batch only
                 old_log_prob = old_log_prob.clone()
                 row = int(response_mask.any(-1).nonzero()[-1, 0])
                 col = int(response_mask[row].nonzero()[0, 0])
                 old_log_prob[row, col] = float("nan")
         loss, metrics = fn(
-            old_log_prob=old_log_prob, log_prob=log_prob, advantages=advantages,
-            response_mask=response_mask, **kwargs,
+            old_log_prob=old_log_prob,
+            log_prob=log_prob,
+            advantages=advantages,
+            response_mask=response_mask,
+            **kwargs,
         )
         if RECORD_DIR:
             mask = response_mask.bool()
@@ -508,11 +519,17 @@ def _record_policy_loss(fn: Any) -> Any:
                 if data is not None:
                     row.update(data[i])
                 rows.append(row)
-            _append("loss", {
-                "train": train, "step": _STEP["optimizer_steps"] + 1,
-                "lp_dtype": str(log_prob.dtype), "old_dtype": str(old_log_prob.dtype),
-                "rows": rows,
-            })
+            _append(
+                "loss",
+                {
+                    "train": train,
+                    "opt_step": _STEP["optimizer_steps"] + 1,
+                    "metrics": {k: float(v) for k, v in metrics.items()},
+                    "lp_dtype": str(log_prob.dtype),
+                    "old_dtype": str(old_log_prob.dtype),
+                    "rows": rows,
+                },
+            )
         return loss, metrics
 
     return policy_loss
@@ -575,8 +592,10 @@ def _engine(module: types.ModuleType) -> None:
             for name, p in self.module.named_parameters():
                 t = p.data
                 params[name] = t.full_tensor() if isinstance(t, DTensor) else t
-            _append("params", {"optimizer_step": n, "grad_norm": float(out),
-                               "fingerprint": fingerprint(params)})
+            _append(
+                "params",
+                {"optimizer_step": n, "grad_norm": float(out), "fingerprint": fingerprint(params)},
+            )
         return out
 
     cls.optimizer_step = optimizer_step
@@ -584,8 +603,10 @@ def _engine(module: types.ModuleType) -> None:
 
 if RECORD_DIR or FAULT:
     after_import("verl.workers.utils.losses", _losses)
-    after_import("verl.workers.engine_workers",
-                 lambda m: setattr(m, "ppo_loss", sys.modules["verl.workers.utils.losses"].ppo_loss))
+    after_import(
+        "verl.workers.engine_workers",
+        lambda m: setattr(m, "ppo_loss", sys.modules["verl.workers.utils.losses"].ppo_loss),
+    )
 if RECORD_DIR:
     after_import("verl.workers.engine.fsdp.transformer_impl", _engine)
 

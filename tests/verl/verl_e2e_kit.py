@@ -32,14 +32,14 @@ CHAT_TEMPLATE = (
     "{% if add_generation_prompt %}>{% endif %}"
 )
 
-REWARD_SOURCE = f'''
+REWARD_SOURCE = f"""
 GOOD = {GOOD!r}
 
 
 def compute_score(data_source, solution_str, ground_truth, extra_info=None, **kwargs):
     text = solution_str.strip()
     return 1.0 if text[:1] in GOOD and text[:1] != "" else 0.0
-'''
+"""
 
 
 def reward_of(text: str) -> float:
@@ -161,8 +161,10 @@ def base_overrides(
     gpus: int,
     steps: int,
     questions: int = 4,
+    mini: int | None = None,
     n: int = 4,
     micro: int = 4,
+    log_prob_micro: int = 8,
     lr: float = 1e-2,
 ) -> list[str]:
     reward = work / "reward.py"
@@ -173,9 +175,10 @@ def base_overrides(
         f"{a}actor.policy_loss.loss_mode=disco",
         f"{a}rollout.n={n}",
         f"data.train_batch_size={questions}",
-        f"{a}actor.ppo_mini_batch_size={questions}",
+        f"{a}actor.ppo_mini_batch_size={mini or questions}",
         f"{a}actor.ppo_micro_batch_size_per_gpu={micro}",
-        f"{a}rollout.log_prob_micro_batch_size_per_gpu={micro}",
+        # a different micro-batching of the old log-probs than of the update, as in the README
+        f"{a}rollout.log_prob_micro_batch_size_per_gpu={log_prob_micro}",
         f"{a}actor.entropy_coeff=0",
         f"{a}actor.use_kl_loss=false",
         f"{a}actor.optim.lr={lr}",
@@ -303,8 +306,9 @@ def launch(
             if line.strip():
                 item = json.loads(line)
                 metrics.append({"step": item.get("step"), **item.get("data", {})})
-    return Run(proc.returncode if where == "exited" else None, where, "".join(out), wall, record,
-               metrics)
+    return Run(
+        proc.returncode if where == "exited" else None, where, "".join(out), wall, record, metrics
+    )
 
 
 def stop(proc: subprocess.Popen, ray_tmp: str) -> None:
