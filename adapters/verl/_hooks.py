@@ -8,7 +8,9 @@ unless a run selects ``disco``):
    module is imported, so ``import verl`` stays light) gets a question-aware ``_balance_batch``
    and, with ``use_dynamic_bsz``, passes ``force_group_size=rollout.n`` to the actor update.
 3. ``verl.workers.engine_workers.TrainingWorker`` (the actor's training worker, in every Ray
-   worker; patched when that module is imported): for ``constraint=lagrangian`` runs,
+   worker; patched when that module is imported): for DisCO runs with ``validate=true``,
+   ``train_batch`` and ``infer_batch`` collect the loss's checks and raise on every rank at
+   once after the pass (:mod:`discoloss.adapters.verl.faults`); for ``constraint=lagrangian`` runs,
    ``train_batch`` (one optimizer step) is followed by the multiplier's update with the step's
    global KL, ``infer_batch`` (forward only) leaves the step's KL untouched, and
    ``save_checkpoint`` / ``load_checkpoint`` also write / read its state

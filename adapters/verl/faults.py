@@ -78,6 +78,10 @@ def check_pass(p: _Pass, *, device: Any = None) -> None:
     distributed = dist.is_available() and dist.is_initialized()
     world = dist.get_world_size() if distributed else 1
     rank = dist.get_rank() if distributed else 0
+    if not distributed:
+        device = "cpu"
+    elif p.flags:
+        device = p.flags[0].device  # the device the loss ran on, the backend's
     counts = torch.zeros(world, len(KINDS), dtype=torch.int64, device=device)
     if p.flags:
         bad = (~torch.stack([f.to(counts.device) for f in p.flags])).sum(0)

@@ -370,6 +370,7 @@ class HFServer:
             if RECORD_DIR:
                 with open(os.path.join(RECORD_DIR, f"server{self.replica_rank}.json"), "w") as f:
                     json.dump(self.updates, f)
+                torch.save(state, os.path.join(RECORD_DIR, f"server{self.replica_rank}_last.pt"))
 
     def set_global_steps(self, global_steps: int) -> None:
         self.global_steps = global_steps

@@ -48,6 +48,30 @@ def reward_of(text: str) -> float:
     return 1.0 if text[:1] != "" and text[:1] in GOOD else 0.0
 
 
+def p_good(model: Any, tok: Any, prompts: list[str]) -> float:
+    """The policy's exact probability that the first response token starts with a GOOD
+    letter (no sampling), averaged over ``prompts``: the task's expected reward, up to
+    responses whose first token is blank."""
+    import torch
+
+    good = torch.tensor(
+        [
+            tok.decode([i]).strip()[:1] in GOOD and tok.decode([i]).strip() != ""
+            for i in range(len(tok))
+        ]
+    )
+    total = 0.0
+    with torch.no_grad():
+        for q in prompts:
+            text = tok.apply_chat_template(
+                [{"role": "user", "content": q}], add_generation_prompt=True, tokenize=False
+            )
+            ids = torch.tensor([tok.encode(text)])
+            probs = torch.softmax(model(input_ids=ids).logits[0, -1].float(), -1)
+            total += float(probs[: len(good)][good[: probs.shape[0]]].sum())
+    return total / len(prompts)
+
+
 def make_tokenizer(out: Path) -> Any:
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
@@ -112,7 +136,8 @@ def make_data(out: Path, n_train: int, n_val: int = 4, seed: int = 0) -> tuple[P
     seen: set[str] = set()
     rows = []
     while len(rows) < n_train + n_val:
-        q = "".join(rng.choice(ALPHABET) for _ in range(6))
+        # prompts of different lengths: micro-batches of different sizes pad differently
+        q = "".join(rng.choice(ALPHABET) for _ in range(rng.randint(2, 9)))
         if q in seen:
             continue
         seen.add(q)
