@@ -401,7 +401,8 @@ def test_a_bad_value_on_one_rank_stops_every_rank(base: dict) -> None:
     )
     assert run.log.count(message) >= 2, run.log[-6000:]  # raised on both ranks
     assert "This rank: log_prob/old_log_prob: non-finite value" in run.log
-    assert "grad_norm is not finite" in run.log  # verl skipped the step
+    # verl skipped the step on both ranks (its "grad_norm is not finite" warning is printed
+    # by the workers, but Ray may not forward it before the job ends): see the records
     params = run.jsonl("params")
     assert sorted(params) == [0, 1]
     initial = json.loads((run.record / "server0.json").read_text())[0]
