@@ -210,7 +210,7 @@ def compute_policy_loss_disco(
             # the gradient reduction). A failed check makes this loss NaN, so that verl skips
             # the step on every rank, and the worker wrapper raises on every rank afterwards.
             faults.record(flags, lambda: _fault_message(flags, dec, split_rows, n, rows))
-            loss = loss * (1.0 + torch.where(flags.all(), 0.0, math.nan).to(loss.dtype))
+            loss = _poisoned(loss, log_prob, mask, bad=~flags.all())
         else:
             flags = flags.cpu()  # the one host sync (direct call, one process)
             if not bool(flags.all()):
@@ -218,8 +218,7 @@ def compute_policy_loss_disco(
     else:
         # Sync-free: a split question poisons this micro-batch's gradient with NaN, so verl's
         # non-finite grad-norm check skips the update instead of training on a broken group.
-        poison = torch.where(n_split > 0, math.nan, 0.0).to(loss.dtype)
-        loss = loss * (1.0 + poison)
+        loss = _poisoned(loss, log_prob, mask, bad=n_split > 0)
 
     with torch.no_grad():
         pos = dec.positive & coded
@@ -244,6 +243,15 @@ def compute_policy_loss_disco(
         if multiplier is not None:
             metrics["multiplier"] = multiplier.value.detach().to(device=out.kl.device, dtype=f)
     return loss, {METRIC_PREFIX + k: v.detach() for k, v in metrics.items()}
+
+
+def _poisoned(loss: Tensor, log_prob: Tensor, mask: Tensor, *, bad: Tensor) -> Tensor:
+    """``loss`` unchanged, or NaN with a NaN gradient at every response token when ``bad``
+    (0-d bool tensor, no host sync). Scaling the loss by NaN is not enough: where the loss does
+    not depend on a token (a question without signal, a masked-out penalty) the NaN would be
+    masked away in the backward pass and verl would apply a finite gradient."""
+    coef = torch.where(bad, math.nan, 0.0).to(device=loss.device, dtype=loss.dtype)
+    return loss + coef * torch.where(mask, log_prob, 0.0).sum().to(loss.dtype)
 
 
 def _fault_message(flags: Tensor, dec: Any, split_rows: Tensor, n: int, rows: int) -> str | None:

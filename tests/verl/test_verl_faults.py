@@ -30,6 +30,9 @@ def _worker(rank: int, world: int, port: int, bad_rank: int, out: Any) -> None:
     dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
         batch = make_batch([N] * world, seed=3, shuffle=False)  # same batch on every rank
+        # the bad rank's question has no signal: its loss does not depend on its tokens, so a
+        # NaN must be injected into the gradient, not only into the loss value
+        batch.rewards[bad_rank * N : (bad_rank + 1) * N] = 0.0
         estimate(batch, N)
         rows = slice(rank * N, (rank + 1) * N)  # rank r: question r, whole
         theta = batch.theta[rows].clone().requires_grad_(True)
