@@ -8,7 +8,9 @@ unless a run selects ``disco``):
    module is imported, so ``import verl`` stays light) gets a question-aware ``_balance_batch``
    and, with ``use_dynamic_bsz``, passes ``force_group_size=rollout.n`` to the actor update.
 3. ``verl.workers.engine_workers.TrainingWorker`` (the actor's training worker, in every Ray
-   worker; patched when that module is imported): for ``constraint=lagrangian`` runs,
+   worker; patched when that module is imported): for DisCO runs with ``validate=true``,
+   ``train_batch`` and ``infer_batch`` collect the loss's checks and raise on every rank at
+   once after the pass (:mod:`discoloss.adapters.verl.faults`); for ``constraint=lagrangian`` runs,
    ``train_batch`` (one optimizer step) is followed by the multiplier's update with the step's
    global KL, ``infer_batch`` (forward only) leaves the step's KL untouched, and
    ``save_checkpoint`` / ``load_checkpoint`` also write / read its state
@@ -17,15 +19,16 @@ unless a run selects ``disco``):
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import importlib.abc
 import importlib.machinery
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from types import ModuleType
 from typing import Any
 
-from . import lagrangian
+from . import faults, lagrangian
 from ._options import NAME, POLICY_LOSS_PATH, DiscoLayoutError, VerlDiscoOptions
 from .layout import check_config, group_balanced_order, uses_disco
 
@@ -184,18 +187,41 @@ def install_v1_trainer_hook() -> None:
     _patch_when_imported(V1_TRAINER, patch_v1_trainer)
 
 
-def lagrangian_options(worker: Any) -> VerlDiscoOptions | None:
-    """The DisCO options of a training worker whose loss is DisCO with
-    ``constraint=lagrangian`` (its ``loss_fn`` is ``partial(ppo_loss, config=ActorConfig)``);
-    None for any other worker (critic, other losses)."""
+def disco_options(worker: Any) -> VerlDiscoOptions | None:
+    """The DisCO options of a training worker whose loss is DisCO (its ``loss_fn`` is
+    ``partial(ppo_loss, config=ActorConfig)``); None for any other worker (critic, other
+    losses)."""
     from .loss import options_of
 
     config = getattr(getattr(worker, "loss_fn", None), "keywords", {}).get("config")
     node = getattr(config, "policy_loss", None)
     if node is None or getattr(node, "loss_mode", None) != NAME:
         return None
-    options = options_of(config)
-    return options if options.disco.constraint == "lagrangian" else None
+    return options_of(config)
+
+
+def lagrangian_options(worker: Any) -> VerlDiscoOptions | None:
+    """The DisCO options of a training worker whose loss is DisCO with
+    ``constraint=lagrangian``; None for any other worker."""
+    options = disco_options(worker)
+    if options is None or options.disco.constraint != "lagrangian":
+        return None
+    return options
+
+
+@contextlib.contextmanager
+def checked_on_every_rank(worker: Any) -> Iterator[None]:
+    """Run one pass of ``worker`` with the DisCO loss's checks deferred, then check them on
+    every rank at once (:mod:`.faults`); a no-op for non-DisCO workers and ``validate=false``."""
+    options = disco_options(worker)
+    if options is None or not options.validate:
+        yield
+        return
+    from verl.utils.device import get_device_name
+
+    with faults.deferring() as collected:
+        yield
+    faults.check_pass(collected, device=get_device_name())
 
 
 def finish_lagrangian_step(worker: Any) -> None:
@@ -222,7 +248,8 @@ def patch_engine_workers(module: ModuleType) -> None:
 
     @functools.wraps(train)
     def train_batch(self: Any, data: Any) -> Any:
-        output = train(self, data)
+        with checked_on_every_rank(self):
+            output = train(self, data)
         finish_lagrangian_step(self)
         return output
 
@@ -246,7 +273,8 @@ def patch_engine_workers(module: ModuleType) -> None:
         # the KL shares it records are dropped.
         pending = lagrangian.state().pending
         try:
-            return infer(self, data)
+            with checked_on_every_rank(self):
+                return infer(self, data)
         finally:
             lagrangian.state().pending = pending
 

@@ -43,8 +43,11 @@ class VerlDiscoOptions:
     disco: the core's :class:`discoloss.options.DiscoOptions` (score, objective, tau, delta,
       beta, kl_estimator, threshold, normalize, constraint, cvar_alpha, margin, clip_eps), passed
       to :func:`discoloss.disco_loss` unchanged.
-    validate: value and layout checks with one host sync per micro-batch; False gives a
-      sync-free loss (adapter-only setting).
+    validate: value and layout checks. Inside verl's workers they are deferred to the end of
+      each pass and stop every rank at once (:mod:`discoloss.adapters.verl.faults`: no host
+      sync in the loss, one small all-reduce per pass); called directly, the loss raises at
+      once (one host sync). False: no checks, a split question or a non-finite value makes
+      the step's gradient non-finite so that verl skips it (adapter-only setting).
     lagrangian_lr: dual step size eta of the multiplier of ``constraint=lagrangian``
       (:class:`discoloss.constraints.LagrangeMultiplier`), > 0; unused by the other constraints
       (adapter-only setting).

@@ -59,7 +59,7 @@ from torch import Tensor
 
 from discoloss import disco_loss
 
-from . import lagrangian
+from . import faults, lagrangian
 from ._options import (
     DiscoConfigError,
     DiscoLayoutError,
@@ -204,14 +204,21 @@ def compute_policy_loss_disco(
 
     if opts.validate:
         finite = torch.isfinite(out.loss.detach()) & torch.isfinite(out.kl.detach())
-        flags = torch.stack([dec.consistent, n_split == 0, finite]).cpu()  # the one host sync
-        if not bool(flags.all()):
-            _raise_details(flags, dec, split_rows, n, rows)
+        flags = torch.stack([dec.consistent, n_split == 0, finite])
+        if faults.is_deferring():
+            # Inside a verl worker: no raise on this rank alone (the other ranks would wait in
+            # the gradient reduction). A failed check makes this loss NaN, so that verl skips
+            # the step on every rank, and the worker wrapper raises on every rank afterwards.
+            faults.record(flags, lambda: _fault_message(flags, dec, split_rows, n, rows))
+            loss = _poisoned(loss, log_prob, mask, bad=~flags.all())
+        else:
+            flags = flags.cpu()  # the one host sync (direct call, one process)
+            if not bool(flags.all()):
+                raise DiscoLayoutError(_fault_message(flags, dec, split_rows, n, rows))
     else:
         # Sync-free: a split question poisons this micro-batch's gradient with NaN, so verl's
         # non-finite grad-norm check skips the update instead of training on a broken group.
-        poison = torch.where(n_split > 0, math.nan, 0.0).to(loss.dtype)
-        loss = loss * (1.0 + poison)
+        loss = _poisoned(loss, log_prob, mask, bad=n_split > 0)
 
     with torch.no_grad():
         pos = dec.positive & coded
@@ -238,10 +245,19 @@ def compute_policy_loss_disco(
     return loss, {METRIC_PREFIX + k: v.detach() for k, v in metrics.items()}
 
 
-def _raise_details(flags: Tensor, dec: Any, split_rows: Tensor, n: int, rows: int) -> None:
+def _poisoned(loss: Tensor, log_prob: Tensor, mask: Tensor, *, bad: Tensor) -> Tensor:
+    """``loss`` unchanged, or NaN with a NaN gradient at every response token when ``bad``
+    (0-d bool tensor, no host sync). Scaling the loss by NaN is not enough: where the loss does
+    not depend on a token (a question without signal, a masked-out penalty) the NaN would be
+    masked away in the backward pass and verl would apply a finite gradient."""
+    coef = torch.where(bad, math.nan, 0.0).to(device=loss.device, dtype=loss.dtype)
+    return loss + coef * torch.where(mask, log_prob, 0.0).sum().to(loss.dtype)
+
+
+def _fault_message(flags: Tensor, dec: Any, split_rows: Tensor, n: int, rows: int) -> str | None:
     consistent, whole, finite = (bool(x) for x in flags.tolist())
     if not consistent:
-        raise DiscoLayoutError(
+        return (
             "advantages do not carry DisCO codes (each response's label and question, written "
             "by the disco advantage estimator): set algorithm.adv_estimator=disco together with "
             "actor_rollout_ref.actor.policy_loss.loss_mode=disco, and do not post-process the "
@@ -250,7 +266,7 @@ def _raise_details(flags: Tensor, dec: Any, split_rows: Tensor, n: int, rows: in
     if not whole:
         first = int(split_rows.nonzero()[0, 0])
         count = int((dec.group == dec.group[first]).sum())
-        raise DiscoLayoutError(
+        return (
             f"a question reached the DisCO loss split: micro-batch row {first} belongs to a "
             f"question with {count} of its {n} (rollout.n) responses in this micro-batch of "
             f"{rows} rows. DisCO needs every question whole in one micro-batch. Keep "
@@ -258,6 +274,5 @@ def _raise_details(flags: Tensor, dec: Any, split_rows: Tensor, n: int, rows: in
             "the adapter balance the batch (see the adapter README, layout rules)"
         )
     if not finite:
-        raise DiscoLayoutError(
-            "log_prob/old_log_prob: non-finite value at a response token of this micro-batch"
-        )
+        return "log_prob/old_log_prob: non-finite value at a response token of this micro-batch"
+    return None

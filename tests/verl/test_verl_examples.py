@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import stat
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -83,3 +85,27 @@ def test_all_paper_settings_present() -> None:
         for b in ("", "_b")
     }
     assert expected | {"smoke_gpu.sh"} == set(SCRIPTS)
+
+
+def test_cpu_tryout_command_is_valid(tmp_path: Path) -> None:
+    """The laptop tryout (its run is what test_verl_e2e does): its main_ppo command composes
+    and passes validation."""
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(EXAMPLES / "cpu_tryout.py"),
+            "--out",
+            str(tmp_path),
+            "--print-command",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr
+    args = shlex.split(proc.stdout.strip().splitlines()[-1])
+    assert args[1:3] == ["-m", "verl.trainer.main_ppo"]
+    cfg = verl_config(*args[3:])
+    validate(cfg)
+    assert cfg.algorithm.adv_estimator == "disco"
+    assert isinstance(actor_of(cfg).policy_loss, DiscoPolicyLossConfig)
