@@ -107,7 +107,7 @@ Check = tuple[Tensor, Callable[[], str]]
 
 #: Value checks of the per-response inputs, in the order they are reported: key -> message,
 #: formatted with the index of the first failing response. A check that every rank can name by
-#: its key and index can be decided collectively (:mod:`discoloss.distributed`): any rank can
+#: its key and index can be decided collectively (``discoloss.distributed``): any rank can
 #: write the failing rank's message from two integers.
 VALUE_CHECKS: dict[str, str] = {
     "mask_values": "mask must hold only 0 and 1 (or be a bool tensor); found other values "

@@ -311,7 +311,7 @@ def disco_loss(
         make the same calls (as with any collective). Errors are collective: a check that
         fails on one rank (shapes, dtypes, devices, option values, values with ``validate``)
         or options that differ across ranks raise the same exception on every rank, naming
-        the failing rank, before the payload gather (see :mod:`discoloss.distributed`). Off
+        the failing rank, before the payload gather (see ``discoloss.distributed``). Off
         by default.
 
     Returns:

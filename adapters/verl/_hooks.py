@@ -10,7 +10,7 @@ unless a run selects ``disco``):
 3. ``verl.workers.engine_workers.TrainingWorker`` (the actor's training worker, in every Ray
    worker; patched when that module is imported): for DisCO runs with ``validate=true``,
    ``train_batch`` and ``infer_batch`` collect the loss's checks and raise on every rank at
-   once after the pass (:mod:`discoloss.adapters.verl.faults`); for ``constraint=lagrangian`` runs,
+   once after the pass (``discoloss.adapters.verl.faults``); for ``constraint=lagrangian`` runs,
    ``train_batch`` (one optimizer step) is followed by the multiplier's update with the step's
    global KL, ``infer_batch`` (forward only) leaves the step's KL untouched, and
    ``save_checkpoint`` / ``load_checkpoint`` also write / read its state
@@ -212,7 +212,7 @@ def lagrangian_options(worker: Any) -> VerlDiscoOptions | None:
 @contextlib.contextmanager
 def checked_on_every_rank(worker: Any) -> Iterator[None]:
     """Run one pass of ``worker`` with the DisCO loss's checks deferred, then check them on
-    every rank at once (:mod:`.faults`); a no-op for non-DisCO workers and ``validate=false``."""
+    every rank at once (``discoloss.adapters.verl.faults``); a no-op for non-DisCO workers and ``validate=false``."""
     options = disco_options(worker)
     if options is None or not options.validate:
         yield

@@ -44,7 +44,7 @@ class VerlDiscoOptions:
       beta, kl_estimator, threshold, normalize, constraint, cvar_alpha, margin, clip_eps), passed
       to :func:`discoloss.disco_loss` unchanged.
     validate: value and layout checks. Inside verl's workers they are deferred to the end of
-      each pass and stop every rank at once (:mod:`discoloss.adapters.verl.faults`: no host
+      each pass and stop every rank at once (``discoloss.adapters.verl.faults``: no host
       sync in the loss, one small all-reduce per pass); called directly, the loss raises at
       once (one host sync). False: no checks, a split question or a non-finite value makes
       the step's gradient non-finite so that verl skips it (adapter-only setting).
