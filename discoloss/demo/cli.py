@@ -316,10 +316,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--jobs",
         type=_positive_int("--jobs"),
-        default=1,
-        help="worker processes (default 1): with --seeds, seeds run in parallel; with "
-        "--sweep-lr, methods do; each worker uses --threads threads; the numbers are the same "
-        "as with one process",
+        default=min(2, os.cpu_count() or 1),
+        help="worker processes (default: 2, or 1 on a one-core machine): the methods' RL runs "
+        "(and the seeds' warm-ups) run in parallel, each worker with --threads threads, "
+        "sharing the warm-up through the cache; the numbers are the same as with one process "
+        "(--jobs 1)",
     )
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     return p
@@ -370,14 +371,23 @@ def _init_worker(threads: int) -> None:
     torch.set_num_threads(threads)
 
 
-def parallel_map(fn: Any, calls: Sequence[dict[str, Any]], *, jobs: int, threads: int) -> list[Any]:
+def parallel_map(
+    fn: Any,
+    calls: Sequence[dict[str, Any]],
+    *,
+    jobs: int,
+    threads: int,
+    bar: Any = None,
+    desc: str = "",
+) -> list[Any]:
     """``[fn(**kw) for kw in calls]``, in up to ``jobs`` spawned worker processes (each with
     ``threads`` torch threads) when ``jobs > 1``; results in the order of ``calls``. Every call
-    is seeded, so the results do not depend on ``jobs``."""
+    is seeded, so the results do not depend on ``jobs``. ``bar``: a tqdm-like factory for a
+    progress bar over the finished calls (worker processes show none of their own)."""
     if jobs <= 1 or len(calls) <= 1:
         return [fn(**kw) for kw in calls]
     import multiprocessing
-    from concurrent.futures import ProcessPoolExecutor
+    from concurrent.futures import ProcessPoolExecutor, as_completed
 
     with ProcessPoolExecutor(
         max_workers=min(jobs, len(calls)),
@@ -386,57 +396,139 @@ def parallel_map(fn: Any, calls: Sequence[dict[str, Any]], *, jobs: int, threads
         initargs=(threads,),
     ) as pool:
         futures = [pool.submit(fn, **kw) for kw in calls]
+        if bar is not None:
+            with bar(total=len(futures), desc=desc) as done:
+                for _ in as_completed(futures):
+                    done.update(1)
         return [f.result() for f in futures]
 
 
-def _run_seed(
-    preset: Preset,
-    *,
-    methods: Sequence[str],
-    seed: int,
-    cache_dir: Path | None,
-    bar: Any,
-) -> dict[str, Any]:
-    """Warm-up (or load it) for ``seed``, then RL with each method from that checkpoint."""
+def _start(
+    preset: Preset, *, seed: int, cache_dir: Path | None, bar: Any = None
+) -> tuple[Any, dict[str, Any]]:
+    """Warm-up (or load it) for ``seed`` and its held-out evaluation: where every method's RL
+    starts. Returns (model, info)."""
     from discoloss.demo.task import test_questions
-    from discoloss.demo.train import LABELS, evaluate, rl_train, warmup
+    from discoloss.demo.train import evaluate, warmup
 
     model0, winfo = warmup(
         preset.task, preset.model, preset.warmup, seed=seed, cache_dir=cache_dir, progress=bar
     )
-    state0 = copy.deepcopy(model0.state_dict())
-    test_set = test_questions(preset.task)
     t0 = time.perf_counter()
-    initial = evaluate(model0, test_set, preset.task, samples=preset.rl.eval_samples, seed=seed)
-    eval0_seconds = time.perf_counter() - t0
-    n_params = sum(p.numel() for p in model0.parameters())
-    before = _param_vector(model0)
-    histories: dict[str, Any] = {}
-    for method in methods:
-        model0.load_state_dict(state0)
-        hist = rl_train(
-            method,
-            model0,
-            preset.task,
-            replace(preset.rl, lr=preset.lr(method)),
-            seed=seed,
-            test_set=test_set,
-            initial_eval=initial,
-            progress=bar,
-        )
-        delta = _param_vector(model0) - before
-        hist["label"] = LABELS[method]
-        hist["param_change_norm"] = float(delta.norm())
-        hist["params_changed"] = bool((delta != 0).any())
-        histories[method] = hist
-    return {
+    initial = evaluate(
+        model0, test_questions(preset.task), preset.task, samples=preset.rl.eval_samples, seed=seed
+    )
+    return model0, {
         "seed": seed,
         "warmup": winfo,
-        "initial_eval": initial._asdict(),
-        "initial_eval_seconds": eval0_seconds,
-        "model_parameters": n_params,
+        "initial": initial,
+        "initial_eval_seconds": time.perf_counter() - t0,
+        "model_parameters": sum(p.numel() for p in model0.parameters()),
+    }
+
+
+def _start_info(preset: Preset, *, seed: int, cache_dir: Path | None) -> dict[str, Any]:
+    """:func:`_start` in a worker process: the checkpoint stays in the cache."""
+    return _start(preset, seed=seed, cache_dir=cache_dir)[1]
+
+
+def _rl_method(
+    preset: Preset,
+    *,
+    method: str,
+    seed: int,
+    cache_dir: Path | None,
+    initial: Any,
+    model: Any = None,
+    bar: Any = None,
+) -> dict[str, Any]:
+    """RL with ``method`` from the warm-up checkpoint (``model``, restored afterwards, or the
+    cached one); returns its history."""
+    from discoloss.demo.task import test_questions
+    from discoloss.demo.train import LABELS, rl_train, warmup
+
+    if model is None:
+        model, _ = warmup(preset.task, preset.model, preset.warmup, seed=seed, cache_dir=cache_dir)
+    state0 = copy.deepcopy(model.state_dict())
+    before = _param_vector(model)
+    hist = rl_train(
+        method,
+        model,
+        preset.task,
+        replace(preset.rl, lr=preset.lr(method)),
+        seed=seed,
+        test_set=test_questions(preset.task),
+        initial_eval=initial,
+        progress=bar,
+    )
+    delta = _param_vector(model) - before
+    hist["label"] = LABELS[method]
+    hist["param_change_norm"] = float(delta.norm())
+    hist["params_changed"] = bool((delta != 0).any())
+    model.load_state_dict(state0)
+    return hist
+
+
+def _seed_result(info: dict[str, Any], histories: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "seed": info["seed"],
+        "warmup": info["warmup"],
+        "initial_eval": info["initial"]._asdict(),
+        "initial_eval_seconds": info["initial_eval_seconds"],
+        "model_parameters": info["model_parameters"],
         "methods": histories,
     }
+
+
+def _run_all(
+    preset: Preset,
+    *,
+    methods: Sequence[str],
+    seeds: Sequence[int],
+    cache_dir: Path | None,
+    bar: Any,
+    jobs: int,
+    threads: int,
+) -> list[dict[str, Any]]:
+    """Every seed's warm-up, then every (seed, method) RL run; with ``jobs > 1`` (and a cache
+    through which the workers share the warm-ups) in worker processes, same numbers."""
+    if jobs <= 1 or cache_dir is None:
+        runs = []
+        for s in seeds:
+            model0, info = _start(preset, seed=s, cache_dir=cache_dir, bar=bar)
+            histories = {
+                m: _rl_method(
+                    preset,
+                    method=m,
+                    seed=s,
+                    cache_dir=cache_dir,
+                    initial=info["initial"],
+                    model=model0,
+                    bar=bar,
+                )
+                for m in methods
+            }
+            runs.append(_seed_result(info, histories))
+        return runs
+    calls = [dict(preset=preset, seed=s, cache_dir=cache_dir) for s in seeds]
+    infos = parallel_map(_start_info, calls, jobs=jobs, threads=threads, bar=bar, desc="warm-ups")
+    pairs = [(i, m) for i in range(len(seeds)) for m in methods]
+    calls = [
+        dict(
+            preset=preset,
+            method=m,
+            seed=infos[i]["seed"],
+            cache_dir=cache_dir,
+            initial=infos[i]["initial"],
+        )
+        for i, m in pairs
+    ]
+    desc = f"RL runs ({min(jobs, len(calls))} processes)"
+    hists = parallel_map(_rl_method, calls, jobs=jobs, threads=threads, bar=bar, desc=desc)
+    by_seed: list[dict[str, Any]] = [{} for _ in seeds]
+    for (i, m), h in zip(pairs, hists):
+        by_seed[i][m] = h
+    return [_seed_result(info, h) for info, h in zip(infos, by_seed)]
 
 
 def _seed_digest(r: dict[str, Any]) -> dict[str, Any]:
@@ -520,19 +612,12 @@ def run(
     torch.set_num_threads(threads)
     try:
         out.mkdir(parents=True, exist_ok=True)
-        parallel = jobs > 1 and seeds > 1
-        runs = parallel_map(
-            _run_seed,
-            [
-                dict(
-                    preset=preset,
-                    methods=methods,
-                    seed=s,
-                    cache_dir=cache_dir,
-                    bar=None if parallel else bar,
-                )
-                for s in range(seed, seed + seeds)
-            ],
+        runs = _run_all(
+            preset,
+            methods=methods,
+            seeds=range(seed, seed + seeds),
+            cache_dir=cache_dir,
+            bar=bar,
             jobs=jobs,
             threads=threads,
         )

@@ -74,6 +74,8 @@ def sweep(
             ],
             jobs=workers,
             threads=threads,
+            bar=bar if parallel else None,
+            desc=f"sweep ({workers} processes)",
         )
         runs = dict(zip(methods, results))
     finally:

@@ -292,7 +292,7 @@ def test_help(capsys: pytest.CaptureFixture[str]) -> None:
 
 TINY = [
     "--quick", "--steps", "2", "--warmup-steps", "150", "--buckets", "1,2",
-    "--test-per-bucket", "6", "--eval-every", "1", "--no-progress", "--seed", "3",
+    "--test-per-bucket", "6", "--eval-every", "1", "--no-progress", "--seed", "3", "--jobs", "1",
 ]  # fmt: skip
 PNGS = ("reward.png", "entropy.png", "kl.png", "heldout.png", "weights.png")
 
@@ -407,7 +407,8 @@ def test_seeds_summary_schema(tmp_path: Path, capsys: pytest.CaptureFixture[str]
 
 
 def test_jobs_give_the_numbers_of_one_process(tmp_path: Path) -> None:
-    """--jobs 2 runs seeds (and sweep methods) in worker processes: same numbers as one."""
+    """--jobs 2 runs the RL runs (and the seeds' warm-ups, the sweep's methods) in worker
+    processes: the same numbers as one process."""
     cache = str(tmp_path / "c")
     seeds = [*TINY, "--steps", "1", "--methods", "disco,grpo", "--seeds", "2"]
     sweep = [*TINY, "--steps", "1", "--methods", "disco,grpo", "--sweep-lr", "1e-4,1e-3"]
