@@ -13,7 +13,9 @@ from __future__ import annotations
 try:
     import trl  # noqa: F401
 except ImportError as exc:  # pragma: no cover - exercised only without the extra
-    raise ImportError("discoloss.adapters.trl needs TRL: pip install 'discoloss[trl]'") from exc
+    raise ImportError(
+        "discoloss.adapters.trl needs TRL: pip install -e '.[trl]' in a checkout of discoloss"
+    ) from exc
 
 from .config import GRPO_ONLY_OPTIONS, DisCOConfig
 from .trainer import DisCOTrainer

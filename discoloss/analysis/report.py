@@ -268,7 +268,8 @@ class DifficultyReport:
             from matplotlib.figure import Figure
         except ImportError as exc:  # pragma: no cover - exercised without the extra
             raise ImportError(
-                "plotting needs matplotlib: pip install 'discoloss[analysis]'"
+                "plotting needs matplotlib: pip install matplotlib (or pip install -e "
+                "'.[analysis]' in a checkout of discoloss)"
             ) from exc
         path = Path(path)
         fig = Figure(figsize=(8.0, 6.4), layout="constrained")

@@ -127,7 +127,8 @@ def _pyarrow_parquet() -> Any:
         import pyarrow.parquet as pq
     except ImportError as exc:
         raise RolloutError(
-            "reading Parquet needs pyarrow: pip install 'discoloss[analysis]'"
+            "reading Parquet needs pyarrow: pip install pyarrow (or pip install -e "
+            "'.[analysis]' in a checkout of discoloss)"
         ) from exc
     return pq
 

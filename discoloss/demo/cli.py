@@ -336,7 +336,7 @@ def _check_dependencies() -> None:
     if missing:
         raise _Error(
             f"missing {', '.join(missing)}: the demo needs the 'demo' extra "
-            "(pip install 'discoloss[demo]', or pip install -e '.[demo]' in a checkout)"
+            "(pip install -e '.[demo]' in a checkout of discoloss)"
         )
 
 
