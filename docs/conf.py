@@ -50,7 +50,7 @@ extensions = [
 source_suffix = {".md": "markdown", ".rst": "restructuredtext"}
 root_doc = "index"
 # demo.md is included by demo-page.md (its headings start at level 2); demo/ holds its figures
-exclude_patterns = ["_build", "**/README.md", "demo.md", "demo/*.md"]
+exclude_patterns = ["_build", "**/README.md", "demo.md", "demo/*.md", "demo/*/*.md"]
 nitpicky = True
 
 html_theme = "furo"
