@@ -76,8 +76,9 @@ LABELS: dict[str, str] = {
     "dapo": "DAPO",
 }
 
-#: Version of the checkpoint format and warm-up procedure (part of the cache key).
-WARMUP_FORMAT = 1
+#: Version of the checkpoint format and warm-up procedure (part of the cache key): raise it
+#: whenever the warm-up code changes what it trains, so that no stale checkpoint is reused.
+WARMUP_FORMAT = 2
 
 
 @dataclass(frozen=True)
