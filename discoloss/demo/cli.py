@@ -731,35 +731,23 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
 
     command = "discoloss demo " + " ".join(args_list)
-    if args.sweep_lr is not None:
-        from discoloss.demo.sweep import sweep
-
-        sweep(
-            preset,
-            methods=args.methods,
-            lrs=args.sweep_lr,
-            seed=args.seed,
-            out=args.out,
-            cache_dir=cache_dir,
-            threads=threads,
-            jobs=args.jobs,
-            progress=not args.no_progress,
-            command=command.strip(),
-        )
-        print((args.out / "sweep.md").read_text())
-        return 0
-    results = run(
-        preset,
+    common: dict[str, Any] = dict(
         methods=args.methods,
         seed=args.seed,
-        seeds=args.seeds,
-        jobs=args.jobs,
         out=args.out,
         cache_dir=cache_dir,
         threads=threads,
+        jobs=args.jobs,
         progress=not args.no_progress,
         command=command.strip(),
     )
+    if args.sweep_lr is not None:
+        from discoloss.demo.sweep import sweep
+
+        sweep(preset, lrs=args.sweep_lr, **common)
+        print((args.out / "sweep.md").read_text())
+        return 0
+    results = run(preset, seeds=args.seeds, **common)
     print((args.out / "table.md").read_text())
     t = results["timing"]
     print(
