@@ -99,8 +99,13 @@ class WarmupConfig:
     habit: float = 0.0
     habit_steps: int = 0
     habit_lr: float = 1e-3
+    #: torch CPU threads while training. Part of the cache key: the checkpoint depends on it
+    #: (matrix products split their work by thread count, so their rounding does too).
+    threads: int = 1
 
     def __post_init__(self) -> None:
+        if self.threads < 1:
+            raise ValueError(f"threads must be >= 1, got {self.threads}")
         if not 0.0 <= self.habit < 1.0:
             raise ValueError(f"habit must be in [0, 1), got {self.habit}")
         if self.habit_steps < 0:
@@ -264,8 +269,10 @@ def warmup(
     ``habit_steps``): the habit stage of :class:`WarmupConfig`. Each stage is cached under a
     key hashing the task's buckets, the model config, the stage's settings, the seed and
     :data:`WARMUP_FORMAT` (not the size of the held-out set, so ``--quick`` and the default
-    run share the checkpoint). Returns (model, info) with info = {"key", "cached", "seconds",
-    "cpu_seconds", "final_loss", "path"}; with a habit stage also "stage1".
+    run share the checkpoint; the thread count is part of the settings). Training runs with
+    ``config.threads`` torch threads, restored afterwards. Returns (model, info) with info =
+    {"key", "cached", "seconds", "cpu_seconds", "final_loss", "path"}; with a habit stage
+    also "stage1".
     """
     base = ({"buckets": list(task.buckets)}, model_config)
     tail = {"seed": seed, "format": WARMUP_FORMAT}
@@ -278,7 +285,25 @@ def warmup(
         info2 = _load(path2, model)
         if info2 is not None:
             return model, info2
+    old_threads = torch.get_num_threads()
+    torch.set_num_threads(config.threads)
+    try:
+        return _train_warmup(model, task, config, seed, path1, path2, key1, key2, progress)
+    finally:
+        torch.set_num_threads(old_threads)
 
+
+def _train_warmup(
+    model: Any,
+    task: TaskConfig,
+    config: WarmupConfig,
+    seed: int,
+    path1: Path | None,
+    path2: Path | None,
+    key1: str,
+    key2: str,
+    progress: Callable[..., Any] | None,
+) -> tuple[Any, dict[str, Any]]:
     info1 = _load(path1, model)
     if info1 is None:
         t0 = time.perf_counter()

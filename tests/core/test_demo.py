@@ -250,6 +250,7 @@ def test_mean_interval() -> None:
         (["--buckets", "a"], "--buckets must be comma-separated"),
         (["--warmup-steps", "-5"], "--warmup-steps must be >= 1"),
         (["--threads", "0"], "--threads must be >= 1"),
+        (["--warmup-threads", "0"], "--warmup-threads must be >= 1"),
         (["--frobnicate"], "unrecognized arguments: --frobnicate"),
         (["--no-cache", "--cache-dir", "x"], "--no-cache and --cache-dir"),
         (["--buckets", "1", "--test-per-bucket", "400"], "--test-per-bucket"),
@@ -326,10 +327,25 @@ def _strip_timing(doc: dict[str, object]) -> dict[str, object]:
     return doc
 
 
+def test_quick_compares_disco_with_grpo(tmp_path: Path) -> None:
+    """--quick without --methods: DisCO and GRPO only, on the default run's warm-up (its cache
+    key: same configuration, including the warm-up's thread count)."""
+    from discoloss.demo.cli import _presets, default_warmup_threads
+
+    argv = [*TINY, "--steps", "1", "--out", str(tmp_path / "o"), "--cache-dir", str(tmp_path)]
+    assert main(argv) == 0
+    doc = json.loads((tmp_path / "o" / "results.json").read_text())
+    assert list(doc["methods"]) == ["disco", "grpo"]
+    assert doc["config"]["warmup"]["threads"] == default_warmup_threads()
+    presets = _presets()
+    assert presets["quick"].warmup == presets["default"].warmup == presets["long"].warmup
+
+
 def test_quick_run_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     cache = tmp_path / "cache"
     out = tmp_path / "run1"
-    assert main([*TINY, "--out", str(out), "--cache-dir", str(cache)]) == 0
+    four = ["--methods", "disco,grpo,dr_grpo,dapo"]
+    assert main([*TINY, *four, "--out", str(out), "--cache-dir", str(cache)]) == 0
     printed = capsys.readouterr().out
     assert "| DisCO |" in printed and "| GRPO |" in printed and "| DAPO |" in printed
     for name in ("table.md", "results.json", *PNGS):
@@ -367,7 +383,7 @@ def test_quick_run_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture[str]
 
     # same seed: same numbers (warm-up now from the cache)
     out2 = tmp_path / "run2"
-    assert main([*TINY, "--out", str(out2), "--cache-dir", str(cache)]) == 0
+    assert main([*TINY, *four, "--out", str(out2), "--cache-dir", str(cache)]) == 0
     doc2 = json.loads((out2 / "results.json").read_text())
     assert doc2["warmup"]["cached"]
     assert _strip_timing(doc2) == _strip_timing(doc)

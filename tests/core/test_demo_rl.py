@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import random
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -114,6 +115,40 @@ def test_flawed_demonstrations() -> None:
         WarmupConfig(habit=1.0)
     with pytest.raises(ValueError, match="habit_steps"):
         WarmupConfig(habit_steps=-1)
+    with pytest.raises(ValueError, match="threads must be >= 1"):
+        WarmupConfig(threads=0)
+
+
+def test_warmup_threads_key_the_checkpoint(tmp_path: Path) -> None:
+    """The warm-up trains with its own thread count (restored afterwards), and a checkpoint
+    trained with one count is not reused for another (their rounding differs)."""
+    from discoloss.demo.train import warmup
+
+    task = T.TaskConfig(buckets=(1, 2), test_per_bucket=4)
+    small = ModelConfig(hidden=16, layers=1, heads=2, ffn=32)
+    old = torch.get_num_threads()
+    seen: list[int] = []
+
+    class Bar:
+        def __init__(self, **_: object) -> None:
+            seen.append(torch.get_num_threads())
+
+        def update(self, _: int) -> None: ...
+        def set_postfix(self, **_: object) -> None: ...
+        def close(self) -> None: ...
+
+    torch.set_num_threads(1)
+    try:
+        keys = []
+        for threads in (1, 2):
+            config = WarmupConfig(steps=2, batch_size=8, habit=0.5, habit_steps=1, threads=threads)
+            _, info = warmup(task, small, config, seed=0, cache_dir=tmp_path, progress=Bar)
+            assert not info["cached"] and torch.get_num_threads() == 1
+            keys.append(info["key"])
+        assert seen == [1, 1, 2, 2]  # both stages, with each config's threads
+        assert keys[0] != keys[1] and len(list(tmp_path.glob("warmup-*.pt"))) == 4
+    finally:
+        torch.set_num_threads(old)
 
 
 def test_seed_interval() -> None:
