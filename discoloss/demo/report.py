@@ -287,7 +287,22 @@ def write_json(results: Mapping[str, Any], path: Path) -> None:
 
 
 def write_json_plain(doc: Mapping[str, Any], path: Path) -> None:
-    path.write_text(json.dumps(doc, indent=1, sort_keys=False) + "\n")
+    """``doc`` as JSON, with paths under the home directory written as ``~/...`` (the cache
+    path of the warm-up), so that a shared results file names no user's home."""
+    path.write_text(json.dumps(_home_as_tilde(doc), indent=1, sort_keys=False) + "\n")
+
+
+def _home_as_tilde(x: Any) -> Any:
+    home = str(Path.home())
+    if isinstance(x, str):
+        if home not in ("", "/") and (x == home or x.startswith(home + "/")):
+            return "~" + x[len(home) :]
+        return x
+    if isinstance(x, Mapping):
+        return {k: _home_as_tilde(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_home_as_tilde(v) for v in x]
+    return x
 
 
 def _smooth(xs: Sequence[float], k: int) -> list[float]:

@@ -457,3 +457,19 @@ def test_sweep_lr_uses_the_validation_split(
     assert set(doc["runs"]["disco"]) == {repr(1e-4), repr(1e-3)}
     assert (tmp_path / "o" / "sweep.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert not (tmp_path / "o" / "results.json").exists()  # no test-set evaluation
+
+
+def test_results_files_name_no_home_directory(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from discoloss.demo.report import write_json_plain
+
+    monkeypatch.setenv("HOME", str(tmp_path / "alice"))
+    doc = {
+        "warmup": {"path": str(tmp_path / "alice" / ".cache" / "w.pt")},
+        "runs": [str(tmp_path / "alice"), str(tmp_path / "alicex" / "a"), "relative/b"],
+    }
+    write_json_plain(doc, tmp_path / "o.json")
+    back = json.loads((tmp_path / "o.json").read_text())
+    assert back["warmup"]["path"] == "~/.cache/w.pt"
+    assert back["runs"] == ["~", str(tmp_path / "alicex" / "a"), "relative/b"]
