@@ -1,6 +1,6 @@
 """``discoloss demo``: command line and orchestration.
 
-    discoloss demo                      # default run (~10 min on 2 CPU cores)
+    discoloss demo                      # default run (~7 min on 2 CPU cores, nothing cached)
     discoloss demo --quick              # DisCO vs GRPO, small budget (~3 min; ~30 s once cached)
     discoloss demo --methods disco,grpo --steps 30 --seed 1 --out runs/a
 
