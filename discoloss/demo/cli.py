@@ -268,7 +268,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--long",
         action="store_true",
         help="long RL run (300 steps, evaluations every 50) for the entropy and KL "
-        "trajectories; about 7 minutes of CPU time per method (about 20 minutes for the four "
+        "trajectories; about 10 minutes of CPU time per method (about 20 minutes for the four "
         "on 2 idle cores)",
     )
     p.add_argument(
