@@ -26,8 +26,8 @@ __all__ = ["Preset", "build_parser", "main", "run"]
 DEFAULT_METHODS = ("disco", "grpo", "dr_grpo", "dapo")
 #: ``--quick`` compares DisCO with GRPO only: one RL run per worker process on 2 cores.
 QUICK_METHODS = ("disco", "grpo")
-#: RL learning rate per method (AdamW). Not yet chosen by ``--sweep-lr``: one value, 1e-4, for
-#: every method (see docs/demo.md).
+#: RL learning rate per method (AdamW), chosen by ``--sweep-lr 3e-5,1e-4,3e-4`` on the
+#: validation split: 1e-4 for every method (see docs/demo.md).
 DEFAULT_LRS: tuple[tuple[str, float], ...] = (
     ("dapo", 1e-4),
     ("disco", 1e-4),
