@@ -36,24 +36,35 @@ The accumulated gradient then equals the gradient of ``disco_loss`` on the whole
   of its own token-mean KL), an upper bound of the exact penalty by Jensen's inequality that
   equals it when micro-batches have equal KL.
 
-**Data parallel: a bad value on one rank.** These functions are local: with ``validate=True``
-a bad value (a non-finite log-prob, an empty response) raises on the rank that holds it. In a
-data-parallel loop the other ranks would then wait in their next collective (a gather, the
-gradient all-reduce): a hang under NCCL. Check where every rank sees the same values instead:
-compute the stats with ``validate=False``, gather them (the planning step gathers them anyway)
-and check the gathered tensors, or check the per-response stats that a step gathers for its
-metrics before the optimizer step; every rank then raises the same error (the TRL adapter does
-both). :func:`discoloss.disco_loss` with ``process_group`` does this by itself.
+**Data parallel.** When a mini-batch is spread over data-parallel ranks (a question's
+responses may sit on several ranks), ``plan_minibatch(..., process_group=pg)`` gathers the
+per-response scalars (5 numbers per response, never token tensors), plans the whole
+mini-batch on every rank and returns this rank's weights; every micro-batch of every rank then
+backpropagates its :func:`micro_batch_loss` as above (scaled by the world size where the engine
+averages gradients over ranks). A bad value or a malformed input on one rank raises the same
+error on every rank, in the planning call, before any backward pass.
+
+**A bad value on one rank, without the cross-rank plan.** :func:`response_stats` and
+:func:`micro_batch_loss` are local: with ``validate=True`` a bad value (a non-finite log-prob,
+an empty response) raises on the rank that holds it, and the other ranks would then wait in
+their next collective (a gather, the gradient all-reduce): a hang under NCCL. In a
+data-parallel loop compute the stats with ``validate=False`` and let the cross-rank plan check
+them (it decides collectively), or check values that every rank holds alike (the TRL adapter
+checks the per-response stats it gathers for its metrics before the optimizer step).
+:func:`discoloss.disco_loss` with ``process_group`` is collective by itself.
 """
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
 import torch
+import torch.distributed as dist
 from torch import Tensor
 
 from discoloss._checks import (
+    Check,
+    ValueCheck,
     check_batch,
     check_device,
     check_number,
@@ -63,10 +74,19 @@ from discoloss._checks import (
 from discoloss._types import Constraint, KLEstimator, Normalize, Objective, Score
 from discoloss.constraints import LagrangeMultiplier, constraint_penalty, constraint_slope
 from discoloss.kl import kl_row_sums
-from discoloss.loss import DiscoOutput, as_count, loss_from_stats, response_scores
+from discoloss.loss import (
+    DiscoOutput,
+    as_count,
+    loss_from_stats,
+    resolve_options,
+    response_scores,
+)
 from discoloss.objectives import check_response_inputs, reward_checks
 from discoloss.options import DiscoOptions
 from discoloss.scores import check_token_inputs, token_sums
+
+if TYPE_CHECKING:
+    from torch.distributed import ProcessGroup
 
 __all__ = [
     "MicroBatchLoss",
@@ -185,6 +205,61 @@ def response_stats(
     return _stats(log_probs, old_log_probs, mask, rewards, options, validate)
 
 
+def stats_checks(stats: ResponseStats, rewards: Tensor) -> list[Check | ValueCheck]:
+    """Value checks of a plan's inputs (run only with ``validate``): finite rewards, finite
+    scores and KL sums, whole token counts >= 1."""
+    lengths = stats.lengths
+    return reward_checks(rewards) + [
+        ValueCheck("stats.scores", ~stats.scores.isfinite()),
+        ValueCheck("stats.kl_sums", ~stats.kl_sums.isfinite()),
+        ValueCheck("stats.lengths", ~(lengths >= 1) | (lengths != lengths.round())),
+    ]
+
+
+def _check_plan_inputs(
+    stats: ResponseStats, rewards: Tensor, group_ids: Tensor, *, allow_empty: bool
+) -> None:
+    if not isinstance(stats, ResponseStats):
+        raise TypeError(f"stats must be a ResponseStats, got {type(stats).__name__}")
+    for name in ResponseStats._fields:
+        check_tensor(f"stats.{name}", getattr(stats, name), ndim=1, kind="float")
+    check_response_inputs(
+        rewards, group_ids, ("stats.scores", stats.scores), allow_empty=allow_empty
+    )
+    names = ("stats.scores", "stats.kl_sums", "stats.lengths")
+    check_batch(names, tuple(stats), allow_empty=allow_empty)
+    check_device(names, tuple(stats))
+
+
+def _plan(
+    stats: ResponseStats,
+    rewards: Tensor,
+    group_ids: Tensor,
+    options: DiscoOptions,
+    multiplier: LagrangeMultiplier | None,
+) -> MiniBatchPlan:
+    with torch.no_grad():
+        s = ResponseStats(*(t.detach() for t in stats))
+        output, terms = loss_from_stats(
+            s.scores,
+            s.kl_sums,
+            s.lengths,
+            rewards,
+            group_ids,
+            options=options,
+            multiplier=multiplier,
+        )
+        kl_coef = constraint_slope(
+            output.kl,
+            constraint=options.constraint,
+            delta=options.delta,
+            beta=options.beta,
+            multiplier=multiplier,
+        )
+        num_tokens = s.lengths.sum()
+    return MiniBatchPlan(terms.weights, kl_coef, num_tokens, output)
+
+
 def plan_minibatch(
     stats: ResponseStats,
     rewards: Tensor,
@@ -202,17 +277,37 @@ def plan_minibatch(
     cvar_alpha: float = 0.5,
     margin: float = 1.0,
     validate: bool = True,
+    process_group: ProcessGroup | None = None,
 ) -> MiniBatchPlan:
     """Weights, penalty coefficient and logging values of a whole mini-batch.
 
     Args:
-      stats: :class:`ResponseStats` of every response of the mini-batch (concatenated).
+      stats: :class:`ResponseStats` of every response of the mini-batch (concatenated), or,
+        with ``process_group``, of this rank's responses.
       rewards, group_ids: (B,) in the same order as ``stats``.
       score: only used to pick the default ``tau``.
       objective, tau, delta, beta, threshold, normalize: as in :func:`discoloss.disco_loss`.
       constraint, multiplier, cvar_alpha, margin: as in :func:`discoloss.disco_loss`.
+      validate: check values (non-finite rewards, scores and KL sums; token counts that are
+        not whole numbers >= 1) with one host sync.
+      process_group: a ``torch.distributed`` group whose ranks hold the pieces of one
+        mini-batch (a question's responses may sit on several ranks; a rank may hold none).
+        Every rank gets the plan of the whole mini-batch: ``kl_coef``, ``num_tokens`` and
+        ``output`` are global and identical on every rank, ``weights`` are this rank's rows
+        (same order as ``stats``). Communication as in :func:`discoloss.disco_loss`'s
+        cross-rank mode: two ``all_gather`` calls (a fixed-size header per rank, then 5
+        float64 numbers per response), one host sync, and errors decided collectively: a
+        check that fails on one rank (malformed inputs, options that differ across ranks,
+        and with ``validate`` the value checks) raises the same exception on every rank,
+        naming the failing rank. Every rank must make the same calls. Call it outside the
+        backward pass, once per mini-batch.
+
+    With ``process_group``, the weights of a rank's rows are those of the concatenated
+    mini-batch of all ranks: backpropagating :func:`micro_batch_loss` on every rank and
+    *summing* the gradients over ranks gives the mini-batch gradient; engines that average
+    gradients over ``W`` data-parallel ranks must scale each micro-batch loss by ``W``.
     """
-    options = DiscoOptions(
+    settings = dict(
         score=score,
         objective=objective,
         tau=tau,
@@ -224,36 +319,58 @@ def plan_minibatch(
         cvar_alpha=cvar_alpha,
         margin=margin,
     )
-    if not isinstance(stats, ResponseStats):
-        raise TypeError(f"stats must be a ResponseStats, got {type(stats).__name__}")
-    for name in ResponseStats._fields:
-        check_tensor(f"stats.{name}", getattr(stats, name), ndim=1, kind="float")
-    check_response_inputs(rewards, group_ids, ("stats.scores", stats.scores))
-    names = ("stats.scores", "stats.kl_sums", "stats.lengths")
-    check_batch(names, tuple(stats))
-    check_device(names, tuple(stats))
-    if validate:
-        raise_if_failed(reward_checks(rewards))
+    if process_group is None:
+        options = resolve_options(settings, multiplier)
+        _check_plan_inputs(stats, rewards, group_ids, allow_empty=False)
+        if validate:
+            raise_if_failed(stats_checks(stats, rewards))
+        return _plan(stats, rewards, group_ids, options, multiplier)
+
+    from discoloss import distributed
+
+    distributed.require_initialised()
+    # No check may raise on one rank only: a failure travels in the header gather and every
+    # rank raises the same error (see discoloss.distributed).
+    failure: Exception | None = None
+    options_or_none: DiscoOptions | None = None
+    checks: list[Check | ValueCheck] = []
+    try:
+        options_or_none = resolve_options(settings, multiplier)
+        _check_plan_inputs(stats, rewards, group_ids, allow_empty=True)
+        if validate:
+            checks = stats_checks(stats, rewards)
+    except (ValueError, TypeError) as exc:
+        failure = exc
+    count = stats.scores.shape[0] if failure is None else 0
+    like = stats.scores if isinstance(stats, ResponseStats) else None
+    header = distributed.build_header(
+        count=count,
+        failure=failure,
+        options=options_or_none,
+        validate=validate,
+        multiplier=multiplier,
+        checks=checks,
+        device=distributed.comm_device(process_group, like),
+    )
+    counts = distributed.decide_across_ranks(header, failure, process_group, "plan_minibatch")
+    assert options_or_none is not None  # else raised above, on every rank
     with torch.no_grad():
-        s = ResponseStats(*(t.detach() for t in stats))
-        output, terms = loss_from_stats(
-            s.scores,
-            s.kl_sums,
-            s.lengths,
+        scores, kl_sums, lengths, all_rewards, all_ids = distributed.gather_response_stats(
+            stats.scores.detach(),
+            stats.kl_sums.detach(),
+            stats.lengths.detach(),
             rewards,
             group_ids,
-            options=options,
-            multiplier=multiplier,
+            process_group,
+            counts,
         )
-        kl_coef = constraint_slope(
-            output.kl,
-            constraint=constraint,
-            delta=options.delta,
-            beta=options.beta,
-            multiplier=multiplier,
-        )
-        num_tokens = s.lengths.sum()
-    return MiniBatchPlan(terms.weights, kl_coef, num_tokens, output)
+    full = _plan(
+        ResponseStats(scores, kl_sums, lengths), all_rewards, all_ids, options_or_none, multiplier
+    )
+    rank = dist.get_rank(process_group)
+    offset = sum(counts[:rank])
+    local = full.weights[offset : offset + counts[rank]].to(stats.scores.dtype)
+    return full._replace(weights=local)
 
 
 def micro_batch_loss(

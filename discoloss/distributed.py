@@ -184,11 +184,11 @@ def _ranks_text(ranks: Sequence[int]) -> str:
     return ("rank " if len(ranks) == 1 else "ranks ") + ", ".join(str(r) for r in ranks)
 
 
-def collective_error(table: list[list[int]]) -> Exception | None:
+def collective_error(table: list[list[int]], what: str = "disco_loss") -> Exception | None:
     """The error every rank raises, decided from the gathered headers alone (so it is the same
     on every rank), or None. Order: a failed local check (lowest rank), different options,
     a failed value check (lowest rank, then the check order of VALUE_CHECKS), an empty global
-    batch."""
+    batch. ``what`` names the calling function in the messages."""
     world = len(table)
     where = f"of {world} in process_group"
     failed = [r for r, h in enumerate(table) if h[_ERROR] != 0]
@@ -197,7 +197,7 @@ def collective_error(table: list[list[int]]) -> Exception | None:
         raw = struct.pack(f"<{MESSAGE_BYTES // 8}q", *h[_MESSAGE:_MULTIPLIER])
         text = raw[: h[_MESSAGE_LEN]].decode("utf-8", errors="ignore")
         also = f" ({_ranks_text(failed[1:])} failed a check too)" if len(failed) > 1 else ""
-        return _ERROR_TYPES[h[_ERROR] - 1](f"disco_loss on rank {failed[0]} {where}: {text}{also}")
+        return _ERROR_TYPES[h[_ERROR] - 1](f"{what} on rank {failed[0]} {where}: {text}{also}")
     names = [name for name, _ in OPTION_FIELDS]
     words = [h[_OPTIONS:_MESSAGE] + [h[_MULTIPLIER]] for h in table]
     differ = []
@@ -210,18 +210,19 @@ def collective_error(table: list[list[int]]) -> Exception | None:
             differ.append(f"{name}: " + " vs ".join(parts))
     if differ:
         return ValueError(
-            "disco_loss options differ across the ranks of process_group (every rank must "
+            f"{what} options differ across the ranks of process_group (every rank must "
             "pass the same options): " + "; ".join(differ)
         )
     for r, h in enumerate(table):
         for key, index in zip(VALUE_CHECK_KEYS, h[_VALUES:]):
             if index >= 0:
                 return ValueError(
-                    f"disco_loss on rank {r} {where}: {VALUE_CHECKS[key].format(index=index)}"
+                    f"{what} on rank {r} {where}: {VALUE_CHECKS[key].format(index=index)}"
                 )
     if sum(h[_COUNT] for h in table) == 0:
+        batch = "log_probs" if what == "disco_loss" else f"{what}: stats"
         return ValueError(
-            f"log_probs is an empty batch (0 responses) on every rank of process_group "
+            f"{batch} is an empty batch (0 responses) on every rank of process_group "
             f"({world} ranks); at least one response is required across the ranks"
         )
     return None
@@ -257,12 +258,14 @@ def require_initialised() -> None:
         )
 
 
-def decide_across_ranks(header: Tensor, failure: Exception | None, group: Any) -> list[int]:
+def decide_across_ranks(
+    header: Tensor, failure: Exception | None, group: Any, what: str = "disco_loss"
+) -> list[int]:
     """Collective 1 and the collective decision, from this rank's :func:`build_header`:
     returns every rank's response count, or raises the same exception on every rank (chained
-    to the local error on a failing rank)."""
+    to the local error on a failing rank). ``what`` names the caller in the messages."""
     table = gather_headers(header, group)
-    error = collective_error(table)
+    error = collective_error(table, what)
     if error is not None:
         raise error from failure
     return [h[_COUNT] for h in table]
