@@ -189,3 +189,21 @@ def test_cpu_blocked_token_sums_match_whole_tensor_ops(
         else:
             want = torch.where(mask, w_lp.to(dtype)[:, None], zero)
         assert torch.equal(x.grad, want)
+
+
+def test_layout_memory_on_paper() -> None:
+    """The on-paper activation model against hand-computed values (Qwen2 shapes from the
+    models' public configs): 1.5B = 28 layers x 1536 hidden, 8k-token responses, n = 8."""
+    from benchmarks.layout_memory import MODELS, micro_batch_memory, table
+
+    small, large = MODELS
+    whole = micro_batch_memory(small, 8 * 8192)
+    one = micro_batch_memory(small, 8192)
+    assert whole.checkpoints == 65536 * 28 * 1536 * 2  # 5.25 GiB
+    assert whole.recompute == 65536 * (6 * 1536 + 2 * 256 + 4 * 8960) * 2
+    assert whole.logits == 65536 * 151936 * 2
+    assert whole.total == 8 * one.total  # linear in the tokens of the micro-batch
+    biggest = micro_batch_memory(large, 16 * 32768)
+    assert round(biggest.checkpoints / 1024**3, 1) == 98.0
+    rows = table().splitlines()
+    assert len(rows) == 2 + 2 * 2 * 2 * 2 * 2  # header + models x lengths x n x layouts
