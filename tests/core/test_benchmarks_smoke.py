@@ -206,4 +206,4 @@ def test_layout_memory_on_paper() -> None:
     biggest = micro_batch_memory(large, 16 * 32768)
     assert round(biggest.checkpoints / 1024**3, 1) == 98.0
     rows = table().splitlines()
-    assert len(rows) == 2 + 2 * 2 * 2 * 2 * 2  # header + models x lengths x n x layouts
+    assert len(rows) == 2 + 2 * 2 * 2 * 2  # header + models x lengths x n x layouts
