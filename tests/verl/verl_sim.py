@@ -279,3 +279,99 @@ def reference(batch: Batch, rows: list[int], **options: Any) -> tuple[torch.Tens
     )
     out.loss.backward()
     return theta.grad.clone(), out
+
+
+def current_log_probs(theta: torch.Tensor, batch: Batch, mini: TensorDict) -> torch.Tensor:
+    """(R, T) padded log-probs of a mini-batch's rows at theta (what the adapter's no-grad
+    forward pass gives the plan)."""
+    resp = mini["responses"].offsets().diff().tolist()
+    width = max(resp) if resp else 0
+    out = torch.zeros(len(resp), width, dtype=torch.float32)
+    for k, (i, r) in enumerate(zip(mini["row"].tolist(), resp)):
+        out[k, :r] = torch.nn.functional.logsigmoid(theta[i, :r].detach()).float()
+    return out
+
+
+def run_planned_update(
+    batch: Batch,
+    *,
+    n: int,
+    dp: int,
+    mini_batch_size: int,
+    micro: int | None,
+    rank: int = 0,
+    group: Any = None,
+    dynamic: bool = False,
+    max_token_len: int = 24,
+    order: list[int] | None = None,
+    shuffle: bool = False,
+    dp_factor: int | None = None,
+    **options: Any,
+) -> Step:
+    """One actor update of ``weights=current/sampling`` on data-parallel rank ``rank`` of
+    ``group`` (None: one process, dp=1), as verl and the adapter sequence it: the adapter's
+    balancing (unless ``order``), contiguous dispatch, ``make_iterator`` mini-batches (shuffled
+    per rank with ``shuffle``), per mini-batch the adapter's plan (stats at theta for
+    ``current``, at the old log-probs for ``sampling``) and handoff, verl's
+    ``prepare_micro_batches`` (fixed or dynamic), ``ppo_loss`` and backward, the plan's finish.
+    Gradients are averaged over the ranks (FSDP's reduction); ``dp_factor`` overrides the
+    ``dp_size`` verl reports to the loss (to show that a wrong factor is caught)."""
+    import torch.distributed as dist
+    from discoloss.adapters.verl import planning
+    from discoloss.adapters.verl.layout import mini_batch_balanced_order
+    from discoloss.adapters.verl.loss import options_of
+
+    if order is None:
+        seq = [p + r for p, r in zip(batch.prompt_lens, batch.resp_lens)]
+        order, _ = mini_batch_balanced_order(
+            batch.uids, seq, dp_size=dp, mini_batch_size=mini_batch_size
+        )
+    td = to_tensordict(batch, order)
+    chunk = tu.chunk_tensordict(td, dp)[rank]
+    it = tu.make_iterator(
+        chunk,
+        mini_batch_size=mini_batch_size // dp,
+        epochs=1,
+        seed=42 + rank,
+        dataloader_kwargs={"shuffle": shuffle},
+    )
+    config = actor_config(n, micro=micro, dynamic=dynamic, **options)
+    opts = options_of(config)
+    theta = batch.theta.clone().requires_grad_(True)
+    distributed = group is not None
+    step = Step([], [], [])
+    for mini in it:
+        tokens = mini["loss_mask"].values().sum()
+        if distributed:
+            dist.all_reduce(tokens, group=group)
+        tu.assign_non_tensor(
+            mini,
+            dp_size=dp_factor or dp,
+            batch_num_tokens=int(tokens),
+            global_batch_size=mini_batch_size,
+            use_dynamic_bsz=dynamic,
+            micro_batch_size_per_gpu=micro,
+            max_token_len_per_gpu=max_token_len,
+        )
+        lp = current_log_probs(theta, batch, mini) if opts.weights == "current" else None
+        plan = planning.plan_mini_batch(
+            mini, opts, group_size=n, log_probs=lp, group=group if distributed else None
+        )
+        planning.install(mini, plan)
+        members: list[int] = []
+        with planning.running(plan):
+            micro_batches, _ = prepare_micro_batches(mini)  # (no count sync: no collective)
+            for mb in micro_batches:
+                out = {"log_probs": model_log_probs(theta, batch, mb)}
+                loss, _ = ppo_loss(config, out, mb)
+                loss.backward()
+                members += mb["row"].tolist()
+        metrics = planning.finish(plan, group=group if distributed else None)
+        grad = theta.grad.clone()
+        if distributed:
+            dist.all_reduce(grad, group=group)
+        step.grads.append(grad / dp)
+        theta.grad = None
+        step.metrics.append(metrics)
+        step.members.append(members)
+    return step
