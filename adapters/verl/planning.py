@@ -296,9 +296,15 @@ def install(data: Any, plan: Plan) -> None:
     code = torch.arange(1, plan.weights.shape[0] + 1, dtype=torch.float32)
     if getattr(adv, "is_nested", False):
         offsets = adv.offsets()
-        values = torch.repeat_interleave(code.to(offsets.device), offsets.diff())
+        lengths = offsets.diff()
+        values = torch.repeat_interleave(code.to(offsets.device), lengths)
+        # a new tensor, not an in-place write: the rows' codes are read again by the next
+        # epoch (ppo_epochs > 1) from the same storage
         new = torch.nested.nested_tensor_from_jagged(
-            values.to(device=adv.device, dtype=torch.float32), offsets=offsets
+            values.to(device=adv.device, dtype=torch.float32),
+            offsets=offsets,
+            min_seqlen=int(lengths.min()) if lengths.numel() else 0,
+            max_seqlen=int(lengths.max()) if lengths.numel() else 0,
         )
     else:
         mask = data["response_mask"].bool()

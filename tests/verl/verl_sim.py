@@ -151,7 +151,7 @@ def to_tensordict(batch: Batch, order: list[int]) -> TensorDict:
             "prompts": _nested(prompts),
             "responses": _nested(responses),
             "input_ids": _nested([torch.cat([p, q]) for p, q in zip(prompts, responses)]),
-            "response_mask": _nested([torch.ones(r, dtype=torch.int64) for r in resp]),
+            "response_mask": _nested([batch.mask[i, :r].long() for i, r in zip(order, resp)]),
             "old_log_probs": _nested([batch.old[i, :r] for i, r in zip(order, resp)]),
             "advantages": _nested([batch.advantages[i, :r] for i, r in zip(order, resp)]),
             "row": torch.tensor(order),
@@ -197,9 +197,11 @@ def run_update(
     after_mini_batch: Any = None,
     **options: Any,
 ) -> Step:
-    """One actor update over the batch: balance (the adapter's, unless ``order`` is given),
+    """One actor update over the batch with ``weights=micro_batch`` (every micro-batch its own
+    DisCO loss on whole questions): balance (the adapter's, unless ``order`` is given),
     dispatch, mini-batches, micro-batches, ppo_loss and backward, exactly as verl sequences them.
     """
+    options.setdefault("weights", "micro_batch")
     if order is None:
         seq = [p + r for p, r in zip(batch.prompt_lens, batch.resp_lens)]
         order, _ = group_balanced_order(
@@ -265,11 +267,26 @@ def run_update(
     return step
 
 
+def add_padding(batch: Batch, count: int) -> None:
+    """Append ``count`` rows like verl's synthetic padding samples: one response token that
+    the response mask leaves out, reward 0, one shared uid."""
+    t = batch.mask.shape[1]
+    batch.uids += ["pad"] * count
+    batch.rewards = torch.cat([batch.rewards, torch.zeros(count)])
+    batch.prompt_lens += [4] * count
+    batch.resp_lens += [1] * count
+    batch.theta = torch.cat([batch.theta, torch.zeros(count, t, dtype=batch.theta.dtype)])
+    batch.old = torch.cat([batch.old, torch.zeros(count, t, dtype=batch.old.dtype)])
+    batch.mask = torch.cat([batch.mask, torch.zeros(count, t, dtype=torch.bool)])
+
+
 def reference(batch: Batch, rows: list[int], **options: Any) -> tuple[torch.Tensor, Any]:
-    """disco_loss on the whole mini-batch (rows), and its gradient wrt theta."""
+    """disco_loss on the whole mini-batch (rows; rows without response tokens left out), and
+    its gradient wrt theta."""
     from discoloss import disco_loss
 
     theta = batch.theta.clone().requires_grad_(True)
+    rows = [i for i in rows if bool(batch.mask[i].any())]
     idx = torch.tensor(sorted(rows))
     lp = torch.nn.functional.logsigmoid(theta[idx])
     dense = {u: i for i, u in enumerate(dict.fromkeys(batch.uids))}
@@ -306,6 +323,7 @@ def run_planned_update(
     order: list[int] | None = None,
     shuffle: bool = False,
     dp_factor: int | None = None,
+    multiplier: Any = None,
     **options: Any,
 ) -> Step:
     """One actor update of ``weights=current/sampling`` on data-parallel rank ``rank`` of
@@ -355,7 +373,12 @@ def run_planned_update(
         )
         lp = current_log_probs(theta, batch, mini) if opts.weights == "current" else None
         plan = planning.plan_mini_batch(
-            mini, opts, group_size=n, log_probs=lp, group=group if distributed else None
+            mini,
+            opts,
+            group_size=n,
+            log_probs=lp,
+            group=group if distributed else None,
+            multiplier=multiplier,
         )
         planning.install(mini, plan)
         members: list[int] = []
