@@ -117,7 +117,7 @@ def _actor_dp_size(trainer: Any) -> int:
     return int(max(wg._dispatch_info["actor"]) + 1)
 
 
-def balance_mini_batches(trainer: Any, batch: Any, metrics: dict, logging_prefix: str) -> Any:
+def balance_mini_batches(trainer: Any, batch: Any, metrics: dict[str, Any], logging_prefix: str) -> Any:
     """DisCO replacement of ``PPOTrainer._balance_batch`` (v1) for ``weights=current/sampling``:
     verl's own padding to the required batch multiple (synthetic samples, which the plan gives
     weight 0), then each mini-batch made of whole questions, its responses spread over the DP
@@ -144,7 +144,7 @@ def balance_mini_batches(trainer: Any, batch: Any, metrics: dict, logging_prefix
     return batch
 
 
-def balance_whole_questions(trainer: Any, batch: Any, metrics: dict, logging_prefix: str) -> Any:
+def balance_whole_questions(trainer: Any, batch: Any, metrics: dict[str, Any], logging_prefix: str) -> Any:
     """DisCO replacement of ``PPOTrainer._balance_batch`` (v1) for ``weights=micro_batch``:
     whole questions per rank and mini-batch, balanced by workload
     (:func:`group_balanced_order`)."""
@@ -187,7 +187,7 @@ def patch_v1_trainer(module: ModuleType) -> None:
     def _balance_batch(
         self: Any,
         batch: Any,
-        metrics: dict,
+        metrics: dict[str, Any],
         logging_prefix: str = "global_seqlen",
         keep_minibatch: bool = False,
     ) -> Any:
@@ -200,7 +200,7 @@ def patch_v1_trainer(module: ModuleType) -> None:
         return balance_whole_questions(self, batch, metrics, logging_prefix)
 
     @functools.wraps(update)
-    def _update_actor(self: Any, batch: Any, metrics: dict) -> Any:
+    def _update_actor(self: Any, batch: Any, metrics: dict[str, Any]) -> Any:
         if not uses_disco(self.config):
             return update(self, batch, metrics)
         cfg = self.config.actor_rollout_ref
@@ -286,7 +286,8 @@ def lagrangian_options(worker: Any) -> VerlDiscoOptions | None:
 @contextlib.contextmanager
 def checked_on_every_rank(worker: Any) -> Iterator[None]:
     """Run one pass of ``worker`` with the DisCO loss's checks deferred, then check them on
-    every rank at once (``discoloss.adapters.verl.faults``); a no-op for non-DisCO workers and ``validate=false``."""
+    every rank at once (``discoloss.adapters.verl.faults``); a no-op for non-DisCO workers
+    and ``validate=false``."""
     options = disco_options(worker)
     if options is None or not options.validate:
         yield

@@ -27,8 +27,8 @@ class DiscoPolicyLossConfig(PolicyLossConfig):
     Same names and defaults as ``disco_loss`` (validated by the core's
     :class:`discoloss.options.DiscoOptions`): score, objective, tau, delta, beta, kl_estimator,
     threshold, normalize, constraint, cvar_alpha, margin, clip_eps; plus the adapter's
-    ``weights``, ``validate`` and ``lagrangian_lr``. A test checks that these fields are exactly the core's
-    option names plus the adapter's.
+    ``weights``, ``validate`` and ``lagrangian_lr``. A test checks that these fields are
+    exactly the core's option names plus the adapter's.
     """
 
     loss_mode: str = NAME

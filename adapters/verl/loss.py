@@ -10,7 +10,8 @@ once by the wrapper; the loss returns only ``multiplier`` (``constraint=lagrangi
 Without a plan (the loss called outside a training pass, e.g. directly) the loss works as
 with ``weights=micro_batch``, below.
 
-**weights=micro_batch** (whole questions per micro-batch). How verl 0.9 combines micro-batch losses (``verl/workers/utils/losses.py::ppo_loss`` and the
+**weights=micro_batch** (whole questions per micro-batch). How verl 0.9 combines micro-batch
+losses (``verl/workers/utils/losses.py::ppo_loss`` and the
 engines' ``forward_backward_batch``): every micro-batch loss is back-propagated at once, the
 gradients accumulate over a rank's micro-batches and are *averaged* over the ``dp_size``
 data-parallel ranks (FSDP/DDP), and ``ppo_loss`` never rescales what the policy loss returns.

@@ -50,7 +50,7 @@ import contextlib
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.distributed as dist
@@ -62,6 +62,7 @@ from discoloss.accumulation import (
     response_stats,
 )
 from discoloss.accumulation import micro_batch_loss as core_micro_batch_loss
+from discoloss._types import Constraint, KLEstimator, Normalize, Objective, Score
 from discoloss.constraints import LagrangeMultiplier, constraint_penalty
 from discoloss.loss import DiscoOutput
 
@@ -146,7 +147,7 @@ def _padded(data: Any, name: str, device: Any) -> Tensor:
     value = data[name]
     if getattr(value, "is_nested", False):
         value = value.to_padded_tensor(0.0)
-    return value.to(device)
+    return cast(Tensor, value.to(device))
 
 
 def plan_mini_batch(
@@ -224,8 +225,8 @@ def plan_mini_batch(
             current[keep],
             old[keep],
             mask[keep],
-            score=o.score,
-            kl_estimator=o.kl_estimator,
+            score=cast(Score, o.score),
+            kl_estimator=cast(KLEstimator, o.kl_estimator),
             rewards=rewards,
             threshold=0.5,
             clip_eps=o.clip_eps,
@@ -238,14 +239,14 @@ def plan_mini_batch(
             stats,
             rewards,
             dec.group[keep],
-            score=o.score,
-            objective=o.objective,
+            score=cast(Score, o.score),
+            objective=cast(Objective, o.objective),
             tau=o.tau,
             delta=o.delta,
             beta=o.beta,
             threshold=0.5,
-            normalize=o.normalize,
-            constraint=o.constraint,
+            normalize=cast(Normalize, o.normalize),
+            constraint=cast(Constraint, o.constraint),
             multiplier=multiplier,
             cvar_alpha=o.cvar_alpha,
             margin=o.margin,
@@ -363,11 +364,11 @@ def micro_batch_loss(
         weights.to(device=device, dtype=torch.float32),
         num_tokens=plan.num_tokens.to(device),
         kl_coef=None if plan.kl_coef is None else plan.kl_coef.to(device),
-        score=o.score,
-        kl_estimator=o.kl_estimator,
+        score=cast(Score, o.score),
+        kl_estimator=cast(KLEstimator, o.kl_estimator),
         delta=o.delta,
         beta=o.beta,
-        constraint=o.constraint,
+        constraint=cast(Constraint, o.constraint),
         multiplier=plan.multiplier,
         rewards=positive.to(device=device, dtype=torch.float32),
         threshold=0.5,

@@ -225,9 +225,7 @@ def test_v1_balance_hook_planned_modes() -> None:
     assert sorted(out.keys) == sorted(kv_batch([4] * 8)[0].keys)
     per_rank, mini_per_rank = 16, 4
     for m in range(4):  # mini-batch m = the m-th slice of each rank's chunk
-        rows = [
-            uids[r * per_rank + m * mini_per_rank + i] for r in range(2) for i in range(4)
-        ]
+        rows = [uids[r * per_rank + m * mini_per_rank + i] for r in range(2) for i in range(4)]
         assert sorted(set(rows)) == sorted(first[2 * m : 2 * m + 2])  # its 2 questions, whole
         assert sorted(rows.count(u) for u in set(rows)) == [4, 4]
     assert "global_seqlen/min" in metrics
@@ -247,9 +245,11 @@ def test_mini_batch_balancer_with_padding_and_odd_questions() -> None:
     seq = torch.randint(3, 40, (len(uids),), generator=rng).tolist()
     order, parts = mini_batch_balanced_order(uids, seq, dp_size=2, mini_batch_size=8)
     assert sorted(order) == list(range(16)) and [len(p) for p in parts] == [8, 8]
-    flat = [i for i in range(16) if uids[i] == "a"] + [
-        i for u in "bcd" for i in range(16) if uids[i] == u
-    ] + [14, 15]
+    flat = (
+        [i for i in range(16) if uids[i] == "a"]
+        + [i for u in "bcd" for i in range(16) if uids[i] == u]
+        + [14, 15]
+    )
     for m in range(2):
         got = set(parts[0][4 * m : 4 * m + 4]) | set(parts[1][4 * m : 4 * m + 4])
         assert got == set(flat[8 * m : 8 * m + 8])

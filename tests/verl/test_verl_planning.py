@@ -69,7 +69,9 @@ def test_current_is_exact_at_every_mini_batch_and_layout(layout: str) -> None:
         assert metrics["objective"] == pytest.approx(float(out.objective), rel=1e-5)
         assert metrics["penalty"] == pytest.approx(float(out.penalty), rel=1e-4)
         assert float(out.penalty) > 0  # the squared hinge is active
-        assert metrics["whole_questions"] == (1.0 if layout != "shuffled" else metrics["whole_questions"])
+        assert metrics["whole_questions"] == (
+            1.0 if layout != "shuffled" else metrics["whole_questions"]
+        )
     if layout == "shuffled":  # stock shuffling scatters questions over mini-batches: reported
         assert min(m["whole_questions"] for m in step.metrics) < 1.0
 
@@ -87,7 +89,9 @@ VARIANTS = [
 ]
 
 
-@pytest.mark.parametrize("variant", VARIANTS, ids=lambda v: ",".join(f"{k}={x}" for k, x in v.items()))
+@pytest.mark.parametrize(
+    "variant", VARIANTS, ids=lambda v: ",".join(f"{k}={x}" for k, x in v.items())
+)
 def test_current_is_exact_for_every_variant(variant: dict) -> None:
     batch = _batch(seed=5)
     opts = dict(delta=1e-4, **variant)
@@ -153,7 +157,9 @@ def test_rows_that_do_not_match_the_plan_are_caught() -> None:
     mask = td["response_mask"].to_padded_tensor(0).bool()
     lp = torch.nn.functional.logsigmoid(batch.theta[:16, : mask.shape[1]]).float()
     old = batch.old[:16, : mask.shape[1]]
-    config.global_batch_info.update(dp_size=1, batch_num_tokens=int(mask.sum()), global_batch_size=16)
+    config.global_batch_info.update(
+        dp_size=1, batch_num_tokens=int(mask.sum()), global_batch_size=16
+    )
     kw = dict(old_log_prob=old, log_prob=lp, response_mask=mask, config=config)
     with planning.running(plan):
         compute_policy_loss_disco(advantages=adv, **kw)  # the plan's own rows: fine
@@ -253,8 +259,12 @@ def _ranks_worker(rank: int, world: int, port: int, out: Any) -> None:
             members: list[Any] = [None] * world
             dist.all_gather_object(members, step.members)
             rows = [sum((m[k] for m in members), []) for k in range(len(step.grads))]
-            split = [len({i for m in members for i in m[k]}) == len(rows[k]) for k in range(len(rows))]
-            on_ranks = [[set(batch.uids[i] for i in m[k]) for m in members] for k in range(len(rows))]
+            split = [
+                len({i for m in members for i in m[k]}) == len(rows[k]) for k in range(len(rows))
+            ]
+            on_ranks = [
+                [set(batch.uids[i] for i in m[k]) for m in members] for k in range(len(rows))
+            ]
             grads = [g.numpy() for g in step.grads]  # plain pickles through the queue
             results[name] = (grads, rows, step.metrics, split, on_ranks)
         out.put((rank, results))
