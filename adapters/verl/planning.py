@@ -389,13 +389,18 @@ def finish(plan: Plan, *, group: Any = None) -> dict[str, float]:
     """After the mini-batch's pass, on every rank of ``group``: one all-reduce of the KL and
     penalty shares and of the rows not used exactly once; the mini-batch's metrics (global,
     the same on every rank). Raises :class:`DiscoLayoutError` on every rank when a row was
-    lost or repeated (``validate``)."""
+    lost or repeated (``validate``).
+
+    ``kl`` is the mini-batch's token-mean KL that the constraint used: the plan's (at the
+    current parameters) with ``weights=current``, the training pass's with ``sampling``;
+    ``penalty`` the constraint's penalty at it; ``penalty_applied`` (``sampling`` with a
+    constraint that is not linear in the KL) the sum of the per-micro-batch penalties."""
     rows_with_tokens = plan.lengths > 0
     misused = (rows_with_tokens & (plan.used != 1)).sum().to(torch.float64)
     vector = torch.stack([plan.kl_share, plan.penalty_share, misused])
     if _distributed(group):
         dist.all_reduce(vector, op=dist.ReduceOp.SUM, group=group)
-    kl, applied_penalty, lost = vector.cpu().tolist()
+    measured_kl, applied_penalty, lost = vector.cpu().tolist()
     if plan.options.validate and lost:
         raise DiscoLayoutError(
             f"DisCO mini-batch plan: {int(lost)} response(s) of the mini-batch did not reach the "
@@ -403,6 +408,9 @@ def finish(plan: Plan, *, group: Any = None) -> dict[str, float]:
             "is not the mini-batch's"
         )
     o = plan.options.disco
+    # The KL the constraint used: the plan's (current parameters) with weights=current; with
+    # sampling the plan's is 0 (stats at the sampling policy): the training pass's instead.
+    kl = float(plan.output.kl) if plan.options.weights == "current" else measured_kl
     penalty = constraint_penalty(
         torch.tensor(kl, dtype=torch.float64),
         constraint=o.constraint,

@@ -588,13 +588,18 @@ def test_discoloss_analyze_reads_the_rollout_dump(dp2: kit.Run, base: dict) -> N
 
 
 def kl_at_theta_old(run: kit.Run, per_step: int) -> list[float]:
-    """actor/disco/kl of every first mini-batch of a step (theta = theta_old there), measured
-    by the training forward pass: weights=micro_batch, the mean over the mini-batch's (rank,
-    micro-batch) pairs of the loss's metric, as verl averages it; weights=current, the plan's
-    global KL of the mini-batch."""
-    plans = plan_records(run)
-    if plans:
-        return [plans[k]["kl"] for k in sorted(plans) if (k - 1) % per_step == 0]
+    """The token-mean KL of every first mini-batch of a step (theta = theta_old there) between
+    the training forward pass's log-probs and the old ones: weights=micro_batch, the mean over
+    the mini-batch's (rank, micro-batch) pairs of the loss's metric, as verl averages it;
+    weights=current, from the recorded log-probs of every row (the plan's own KL there is 0 by
+    construction: its stats are the old log-probs)."""
+    if plan_records(run):
+        out = []
+        for k in optimizer_steps(run)[::per_step]:
+            rows = mini_batch_rows(run, k)
+            diff = sum(o - lp for r in rows for o, lp in zip(r["old"], r["lp"]))
+            out.append(diff / sum(len(r["lp"]) for r in rows))
+        return out
     out = []
     records = run.jsonl("loss")
     steps = max(r["opt_step"] for recs in records.values() for r in recs if r["train"])
