@@ -35,6 +35,7 @@ import functools
 import importlib.abc
 import importlib.machinery
 import sys
+import time
 from collections.abc import Callable, Iterator
 from types import ModuleType
 from typing import Any
@@ -117,7 +118,9 @@ def _actor_dp_size(trainer: Any) -> int:
     return int(max(wg._dispatch_info["actor"]) + 1)
 
 
-def balance_mini_batches(trainer: Any, batch: Any, metrics: dict[str, Any], logging_prefix: str) -> Any:
+def balance_mini_batches(
+    trainer: Any, batch: Any, metrics: dict[str, Any], logging_prefix: str
+) -> Any:
     """DisCO replacement of ``PPOTrainer._balance_batch`` (v1) for ``weights=current/sampling``:
     verl's own padding to the required batch multiple (synthetic samples, which the plan gives
     weight 0), then each mini-batch made of whole questions, its responses spread over the DP
@@ -144,7 +147,9 @@ def balance_mini_batches(trainer: Any, batch: Any, metrics: dict[str, Any], logg
     return batch
 
 
-def balance_whole_questions(trainer: Any, batch: Any, metrics: dict[str, Any], logging_prefix: str) -> Any:
+def balance_whole_questions(
+    trainer: Any, batch: Any, metrics: dict[str, Any], logging_prefix: str
+) -> Any:
     """DisCO replacement of ``PPOTrainer._balance_batch`` (v1) for ``weights=micro_batch``:
     whole questions per rank and mini-batch, balanced by workload
     (:func:`group_balanced_order`)."""
@@ -361,6 +366,7 @@ def plan_for_worker(worker: Any, data: Any, options: VerlDiscoOptions) -> planni
     """Plan one mini-batch of a training worker (every rank of its DP group)."""
     from verl.utils.device import get_device_id
 
+    start = time.perf_counter()
     first, _STEP.first_at_theta_old = _STEP.first_at_theta_old, False
     config = worker.loss_fn.keywords["config"]
     log_probs = None
@@ -369,7 +375,7 @@ def plan_for_worker(worker: Any, data: Any, options: VerlDiscoOptions) -> planni
     multiplier = None
     if options.disco.constraint == "lagrangian":
         multiplier = lagrangian.multiplier(lr=options.lagrangian_lr)
-    return planning.plan_mini_batch(
+    plan = planning.plan_mini_batch(
         data,
         options,
         group_size=int(config.rollout_n),
@@ -378,6 +384,8 @@ def plan_for_worker(worker: Any, data: Any, options: VerlDiscoOptions) -> planni
         multiplier=multiplier,
         device=get_device_id(),
     )
+    plan.seconds = time.perf_counter() - start  # the stats forward included
+    return plan
 
 
 def _add_metrics(output: Any, metrics: dict[str, float]) -> None:

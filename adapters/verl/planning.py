@@ -56,13 +56,13 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from discoloss._types import Constraint, KLEstimator, Normalize, Objective, Score
 from discoloss.accumulation import (
     MicroBatchLoss,
     plan_minibatch,
     response_stats,
 )
 from discoloss.accumulation import micro_batch_loss as core_micro_batch_loss
-from discoloss._types import Constraint, KLEstimator, Normalize, Objective, Score
 from discoloss.constraints import LagrangeMultiplier, constraint_penalty
 from discoloss.loss import DiscoOutput
 

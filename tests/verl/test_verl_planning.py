@@ -103,6 +103,16 @@ def test_current_is_exact_for_every_variant(variant: dict) -> None:
         assert _rel(grad, ref) < 1e-5
 
 
+def test_a_second_epoch_reads_the_codes_again() -> None:
+    """ppo_epochs=2: the handoff replaced each mini-batch's advantages by a new tensor, so the
+    second epoch's mini-batches (cut again from the same rows) still carry the codes."""
+    batch = _batch(seed=12)
+    step = run_planned_update(batch, n=N, dp=1, mini_batch_size=16, micro=2, epochs=2)
+    assert len(step.grads) == 4
+    for grad, rows in zip(step.grads, step.members):
+        assert _rel(grad, reference(batch, rows)[0]) < 1e-5
+
+
 def test_padding_samples_carry_no_weight() -> None:
     """verl's synthetic padding samples (no response token): weight 0, left out of the plan;
     the gradient is disco_loss's on the real responses."""

@@ -324,6 +324,7 @@ def run_planned_update(
     shuffle: bool = False,
     dp_factor: int | None = None,
     multiplier: Any = None,
+    epochs: int = 1,
     **options: Any,
 ) -> Step:
     """One actor update of ``weights=current/sampling`` on data-parallel rank ``rank`` of
@@ -349,7 +350,7 @@ def run_planned_update(
     it = tu.make_iterator(
         chunk,
         mini_batch_size=mini_batch_size // dp,
-        epochs=1,
+        epochs=epochs,
         seed=42 + rank,
         dataloader_kwargs={"shuffle": shuffle},
     )
