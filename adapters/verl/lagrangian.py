@@ -8,12 +8,15 @@ mini-batch, ``TrainingWorker.train_batch``):
    ``dp * (N_m/N) * lambda * (KL_m - delta)``, which adds up over micro-batches and ranks to
    lambda * (KL - delta) of the mini-batch, value and gradient (linear in KL; the factor dp
    undoes verl's averaging of the gradients over the data-parallel ranks);
-2. each loss adds its detached KL share (N_m/N) KL_m to a per-process accumulator (a tensor
-   add: no host sync, no collective in the loss path);
-3. after the optimizer step the adapter's wrapper of ``train_batch`` (:mod:`._hooks`) sums the
+2. ``weights=micro_batch``: each loss adds its detached KL share (N_m/N) KL_m to a per-process
+   accumulator (a tensor add: no host sync, no collective in the loss path); after the
+   optimizer step the adapter's wrapper of ``train_batch`` (:mod:`._hooks`) sums the
    accumulators over the data-parallel group (one all-reduce, outside the loss): that is the
    mini-batch's global KL = sum over ranks and micro-batches of the shares, identical on every
-   rank; the multiplier takes ONE dual-ascent step
+   rank. ``weights=current/sampling``: the mini-batch's KL comes from its plan
+   (:func:`discoloss.adapters.verl.planning.finish`: the plan's KL at the current parameters,
+   or the training pass's shares, already summed over the group), passed as ``kl``;
+3. the multiplier takes ONE dual-ascent step
    lambda <- max(0, lambda + lagrangian_lr * (KL - delta)).
    A non-finite KL (verl then skips the optimizer step) leaves lambda unchanged.
 

@@ -141,6 +141,7 @@ def test_bad_option_values(override: str, message: str) -> None:
 
 
 MB = "+actor_rollout_ref.actor.policy_loss.weights=micro_batch"
+MICRO8 = "actor_rollout_ref.actor.ppo_micro_batch_size_per_gpu=8"  # a multiple of n = 8
 BAD_LAYOUT = [
     (["algorithm.adv_estimator=grpo"], "loss_mode=disco needs algorithm.adv_estimator=disco"),
     (
@@ -171,12 +172,12 @@ BAD_LAYOUT = [
         "ppo_micro_batch_size_per_gpu=6 is not a multiple",
     ),
     (
-        [MB, "trainer.n_gpus_per_node=3"],
+        [MB, MICRO8, "trainer.n_gpus_per_node=3"],
         "ppo_mini_batch_size=32 \\(questions\\) is not a multiple of the actor's "
         "data-parallel size 3",
     ),
-    ([MB, "data.train_batch_size=100"], "data.train_batch_size=100 is not a multiple"),
-    ([MB, "trainer.use_v1=false"], "trainer.balance_batch=true"),
+    ([MB, MICRO8, "data.train_batch_size=100"], "data.train_batch_size=100 is not a multiple"),
+    ([MB, MICRO8, "trainer.use_v1=false"], "trainer.balance_batch=true"),
     (
         [
             MB,
@@ -187,7 +188,10 @@ BAD_LAYOUT = [
         ],
         "use_dynamic_bsz=true splits questions in the legacy",
     ),
-    ([MB, "+actor_rollout_ref.actor.policy_loss.normalize=valid"], "normalize='valid' is not"),
+    (
+        [MB, MICRO8, "+actor_rollout_ref.actor.policy_loss.normalize=valid"],
+        "normalize='valid' is not",
+    ),
 ]
 
 
@@ -286,12 +290,13 @@ def test_weights_option_reaches_the_loss() -> None:
     validate(cfg)
     assert options_of(actor_of(cfg)).weights == "current"
     for weights in ("sampling", "micro_batch"):
-        cfg = verl_config(*readme_overrides(), f"+{P}weights={weights}")
+        cfg = verl_config(*readme_overrides(), f"+{P}weights={weights}", MICRO8)
         validate(cfg)
         assert options_of(actor_of(cfg)).weights == weights
         cfg = shipped_config(
             *[o for o in readme_overrides() if "loss_mode" not in o and "adv_estimator" not in o],
             f"{P}weights={weights}",
+            MICRO8,
         )
         validate(cfg)
         assert options_of(actor_of(cfg)).weights == weights
