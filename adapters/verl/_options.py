@@ -57,7 +57,7 @@ class VerlDiscoOptions:
       sampling policy (the old log-probs, no extra pass); exact for ``disco_b`` and on the first
       mini-batch of a step, an approximation afterwards; penalties that are not linear in the
       KL are applied per micro-batch. ``micro_batch``: every micro-batch holds whole questions
-      and computes its own DisCO loss (the layout rules of :mod:`.layout`).
+      and computes its own DisCO loss (the layout rules of ``discoloss.adapters.verl.layout``).
     disco: the core's :class:`discoloss.options.DiscoOptions` (score, objective, tau, delta,
       beta, kl_estimator, threshold, normalize, constraint, cvar_alpha, margin, clip_eps), passed
       to :func:`discoloss.disco_loss` unchanged.
