@@ -68,7 +68,9 @@ class DiscoSettings(DiscoOptions):
     ``tau=None`` resolves to 10 for ``log_likelihood`` and 1 otherwise. ``lagrangian_lr`` (> 0)
     is the dual step size eta of :class:`discoloss.constraints.LagrangeMultiplier`, used with
     ``constraint="lagrangian"``: lambda <- max(0, lambda + eta * (KL_W - delta)) once per
-    optimizer step, KL_W the step's global KL. ``weights`` is one of :data:`WEIGHTS`.
+    optimizer step, KL_W the step's global KL. ``weights`` (``--algo.disco.weights``) is
+    ``current``, ``sampling`` or ``micro_batch``: where the per-response weights of each
+    mini-batch come from (see the OpenRLHF guide).
     """
 
     lagrangian_lr: float = 1e3
