@@ -44,7 +44,7 @@ and of a step are whole questions, and otherwise splits only the questions at it
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
@@ -202,22 +202,21 @@ class PlannedReplay(torch.utils.data.Dataset):  # type: ignore[type-arg]
     def collate_fn(self, batch: list[int]) -> int:
         return batch[0]
 
-    def epoch_windows(self) -> list[Window]:
+    def epoch_windows(self) -> Iterator[Window]:
         """The next epoch's optimizer steps: this rank's samples in :func:`question_order`, cut
         into micro-batches of ``micro_batch_size`` (a trailing remainder is dropped, as
-        OpenRLHF's DataLoader does) and windows of ``accumulated_gradient`` micro-batches."""
+        OpenRLHF's DataLoader does) and windows of ``accumulated_gradient`` micro-batches. Each
+        window is collated when it is reached."""
         order = question_order(self.groups, mix_seed(self.seed, self.epoch))
         first = self.epoch == 0
         self.epoch += 1
         micro, gas = self.micro_batch_size, self.accumulated_gradient
         chunks = [order[j:j + micro] for j in range(0, len(order) - micro + 1, micro)]
         items = self.buffer.items
-        windows = []
         for w in range(0, len(chunks), gas):
             batches = [collate_micro_batch(self.buffer, [items[i] for i in chunk])
                        for chunk in chunks[w:w + gas]]
-            windows.append(Window(batches, theta_old=first and w == 0))
-        return windows
+            yield Window(batches, theta_old=first and w == 0)
 
     def __getattr__(self, name: str) -> Any:
         if name == "buffer":

@@ -328,9 +328,8 @@ def disco_windows(original: Callable[..., Iterator[Any]], data_iter: Iterable[An
     run = _ACTIVE.get()
     gas = max(int(accumulated_gradient), 1)
     if run is not None and isinstance(run.view, PlannedReplay):
-        windows = run.view.epoch_windows()
-        for k, _slot in enumerate(data_iter):
-            yield from original(iter(windows[k].micro_batches), strategy, gas, mask_fn)
+        for _slot, window in zip(data_iter, run.view.epoch_windows()):
+            yield from original(iter(window.micro_batches), strategy, gas, mask_fn)
         return
 
     settings = settings_from_args(strategy.args)

@@ -92,7 +92,7 @@ def test_planned_replay_cuts_the_question_order_into_optimizer_steps():
     assert len(view) == 3 and view.sample_batch_size == 1
     epochs = []
     for epoch in range(2):
-        windows = view.epoch_windows()
+        windows = list(view.epoch_windows())
         assert len(windows) == 3
         assert [w.theta_old for w in windows] == [epoch == 0, False, False]
         ids = []
@@ -115,7 +115,7 @@ def test_planned_replay_cuts_the_question_order_into_optimizer_steps():
 
 def test_planned_replay_drops_a_trailing_remainder_like_openrlhf():
     view = PlannedReplay(_Buffer(_items(5)), micro_batch_size=3, accumulated_gradient=2, seed=0)
-    windows = view.epoch_windows()
+    windows = list(view.epoch_windows())
     sizes = [[len(getattr(m, BATCH_ATTR)["group_ids"]) for m in w.micro_batches]
              for w in windows]
     assert sizes == [[3, 3], [3, 3], [3, 3]] and len(view) == 3  # 20 samples: 18 trained
@@ -124,7 +124,7 @@ def test_planned_replay_drops_a_trailing_remainder_like_openrlhf():
 def test_responses_without_a_response_token_are_marked():
     view = PlannedReplay(_Buffer(_items(2, empty=(1, 6))), micro_batch_size=8,
                          accumulated_gradient=1, seed=0)
-    (window,) = view.epoch_windows()
+    (window,) = list(view.epoch_windows())
     (micro,) = window.micro_batches
     batch = getattr(micro, BATCH_ATTR)
     empty = (~micro.action_mask.any(-1)).nonzero().squeeze(1).tolist()
