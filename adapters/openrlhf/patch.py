@@ -54,7 +54,6 @@ import sys
 import threading
 import warnings
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass
 from types import ModuleType
 from typing import Any
 
@@ -96,17 +95,10 @@ _MARK = "__discoloss_original__"
 #: File of the Lagrange multiplier's state in a checkpoint tag's folder (one per rank).
 MULTIPLIER_FILE = "discoloss_lagrange_rank{rank}.pt"
 
-
-@dataclass(frozen=True)
-class _Run:
-    """The patched ``ppo_train`` running in this context (read by the window wrapper)."""
-
-    loss_fn: DiscoPolicyLoss | None
-    view: Any
-
-
-_ACTIVE: contextvars.ContextVar[_Run | None] = contextvars.ContextVar(
-    "discoloss_active_run", default=None)
+#: The replay-buffer view of the patched ``ppo_train`` running in this context (read by the
+#: window wrapper).
+_ACTIVE_VIEW: contextvars.ContextVar[Any] = contextvars.ContextVar(
+    "discoloss_active_view", default=None)
 _lock = threading.RLock()
 _patched: set[str] = set()
 
@@ -325,11 +317,11 @@ def disco_windows(original: Callable[..., Iterator[Any]], data_iter: Iterable[An
     every micro-batch the window's normalisers G_W, T_W and the scale gas * dp (see
     :mod:`discoloss.adapters.openrlhf.loss`); then yields what OpenRLHF's function yields.
     """
-    run = _ACTIVE.get()
+    view = _ACTIVE_VIEW.get()
     gas = max(int(accumulated_gradient), 1)
-    if run is not None and isinstance(run.view, PlannedReplay):
-        for _slot, window in zip(data_iter, run.view.epoch_windows()):
-            yield from original(iter(window.micro_batches), strategy, gas, mask_fn)
+    if isinstance(view, PlannedReplay):
+        for _slot, step in zip(data_iter, view.epoch_windows()):
+            yield from original(iter(step.micro_batches), strategy, gas, mask_fn)
         return
 
     settings = settings_from_args(strategy.args)
@@ -543,15 +535,13 @@ def _patch_ppo_actor(module: ModuleType) -> None:
             buffer = self.replay_buffer
             view = replay_view(self, buffer)
             self.replay_buffer = view
-            loss_fn = (self.actor_loss_fn if isinstance(self.actor_loss_fn, DiscoPolicyLoss)
-                       else None)
-            if loss_fn is not None:
-                loss_fn.take_step_kl()  # nothing left over from an interrupted step
-            token = _ACTIVE.set(_Run(loss_fn, view))
+            if isinstance(self.actor_loss_fn, DiscoPolicyLoss):
+                self.actor_loss_fn.take_step_kl()  # nothing left over from an interrupted step
+            token = _ACTIVE_VIEW.set(view)
             try:
                 return original(self, *args, **kwargs)
             finally:
-                _ACTIVE.reset(token)
+                _ACTIVE_VIEW.reset(token)
                 self.replay_buffer = buffer
                 if isinstance(view, PlannedDynamicReplay):
                     view.close()
