@@ -322,7 +322,7 @@ def disco_loss(
         weights are ``softmax(pref / lam)`` over each question's positives: lam -> inf gives
         DisCO, lam -> 0 all weight on the preferred positive(s).
       max_length: DRPO's length scale in tokens (the engine's maximum response length), for
-        the default preference ``1 - |o_i| / max_length`` (|o_i| = the response's token count
+        the default preference ``1 - |o_i| / max_length`` (``|o_i|`` = the response's token count
         in ``mask``). Only ``max_length * lam`` matters: a response that is that many tokens
         shorter gets e times the weight. Required by ``"drpo"`` unless ``preferences`` is given.
       preferences: (B,) real tensor, DRPO's per-response preference in place of the length
