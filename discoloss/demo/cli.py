@@ -21,6 +21,8 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
+from discoloss.demo.workers import cpu_seconds, parallel_map, progress_factory
+
 __all__ = ["Preset", "build_parser", "main", "run"]
 
 DEFAULT_METHODS = ("disco", "grpo", "dr_grpo", "dapo")
@@ -57,7 +59,7 @@ class Preset:
     lrs: tuple[tuple[str, float], ...] = ()
 
     def lr(self, method: str) -> float:
-        return dict(self.lrs).get(method, self.rl.lr)
+        return float(dict(self.lrs).get(method, self.rl.lr))
 
 
 def default_warmup_threads() -> int:
@@ -370,63 +372,6 @@ def _param_vector(model: Any) -> Any:
     import torch
 
     return torch.cat([p.detach().reshape(-1).clone() for p in model.parameters()])
-
-
-def progress_factory(progress: bool) -> Any:
-    """A tqdm constructor writing to stderr, or None without progress bars."""
-    if not progress:
-        return None
-    from functools import partial
-
-    from tqdm.auto import tqdm
-
-    return partial(tqdm, file=sys.stderr, dynamic_ncols=True, leave=True)
-
-
-def cpu_seconds() -> float:
-    """CPU time of this process and of its finished worker processes."""
-    import resource
-
-    children = resource.getrusage(resource.RUSAGE_CHILDREN)
-    return time.process_time() + children.ru_utime + children.ru_stime
-
-
-def _init_worker(threads: int) -> None:
-    import torch
-
-    torch.set_num_threads(threads)
-
-
-def parallel_map(
-    fn: Any,
-    calls: Sequence[dict[str, Any]],
-    *,
-    jobs: int,
-    threads: int,
-    bar: Any = None,
-    desc: str = "",
-) -> list[Any]:
-    """``[fn(**kw) for kw in calls]``, in up to ``jobs`` spawned worker processes (each with
-    ``threads`` torch threads) when ``jobs > 1``; results in the order of ``calls``. Every call
-    is seeded, so the results do not depend on ``jobs``. ``bar``: a tqdm-like factory for a
-    progress bar over the finished calls (worker processes show none of their own)."""
-    if jobs <= 1 or len(calls) <= 1:
-        return [fn(**kw) for kw in calls]
-    import multiprocessing
-    from concurrent.futures import ProcessPoolExecutor, as_completed
-
-    with ProcessPoolExecutor(
-        max_workers=min(jobs, len(calls)),
-        mp_context=multiprocessing.get_context("spawn"),
-        initializer=_init_worker,
-        initargs=(threads,),
-    ) as pool:
-        futures = [pool.submit(fn, **kw) for kw in calls]
-        if bar is not None:
-            with bar(total=len(futures), desc=desc) as done:
-                for _ in as_completed(futures):
-                    done.update(1)
-        return [f.result() for f in futures]
 
 
 def _start(

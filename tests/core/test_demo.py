@@ -389,6 +389,26 @@ def test_quick_run_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture[str]
     assert _strip_timing(doc2) == _strip_timing(doc)
 
 
+def test_the_command_and_the_sweep_do_not_import_each_other() -> None:
+    """The run helpers both use live in discoloss.demo.workers, which imports no demo module;
+    the sweep does not import the command (the command imports the sweep)."""
+    import ast
+
+    import discoloss.demo as demo
+
+    root = Path(demo.__file__).parent
+
+    def imported(name: str) -> set[str]:
+        tree = ast.parse((root / f"{name}.py").read_text())
+        mods = {n.module or "" for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
+        mods |= {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+        return {m for m in mods if m.startswith("discoloss.demo")}
+
+    assert "discoloss.demo.cli" not in imported("sweep")
+    assert imported("workers") == set()
+    assert "discoloss.demo.workers" in imported("sweep") & imported("cli")
+
+
 def test_module_entry_point_dispatches_demo() -> None:
     proc = subprocess.run(
         [sys.executable, "-m", "discoloss", "demo", "--steps", "0"],
