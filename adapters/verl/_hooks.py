@@ -3,7 +3,9 @@ unless a run selects ``disco``):
 
 1. ``verl.utils.config.validate_config`` (called by ``main_ppo`` in the driver before Ray
    starts) is wrapped: for DisCO runs it selects :class:`DiscoPolicyLossConfig` as the
-   ``policy_loss`` target and runs :func:`~discoloss.adapters.verl.layout.check_config`.
+   ``policy_loss`` target, fills DRPO's ``max_length`` from the rollout's response length
+   (:func:`~discoloss.adapters.verl.layout.fill_drpo_max_length`: the workers receive the
+   config the driver validated) and runs :func:`~discoloss.adapters.verl.layout.check_config`.
 2. ``verl.trainer.ppo.v1.trainer_base.PPOTrainer`` (the default v1 trainer; patched when that
    module is imported, so ``import verl`` stays light) gets a DisCO ``_balance_batch``
    (``weights=current/sampling``: each mini-batch made of whole questions, its responses
@@ -50,6 +52,7 @@ from ._options import (
 )
 from .layout import (
     check_config,
+    fill_drpo_max_length,
     group_balanced_order,
     mini_batch_balanced_order,
     uses_disco,
@@ -94,6 +97,7 @@ def install_validate_config_hook() -> None:
     def validate_config(config: Any, *args: Any, **kwargs: Any) -> Any:
         if uses_disco(config):
             select_disco_target(config)
+            fill_drpo_max_length(config)
             check_config(config)
         return original(config, *args, **kwargs)
 

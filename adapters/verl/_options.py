@@ -59,8 +59,10 @@ class VerlDiscoOptions:
       KL are applied per micro-batch. ``micro_batch``: every micro-batch holds whole questions
       and computes its own DisCO loss (the layout rules of ``discoloss.adapters.verl.layout``).
     disco: the core's :class:`discoloss.options.DiscoOptions` (score, objective, tau, delta,
-      beta, kl_estimator, threshold, normalize, constraint, cvar_alpha, margin, clip_eps), passed
-      to :func:`discoloss.disco_loss` unchanged.
+      beta, kl_estimator, threshold, normalize, constraint, cvar_alpha, margin, clip_eps, lam,
+      max_length), passed to :func:`discoloss.disco_loss` unchanged. ``objective=drpo`` needs
+      ``max_length``: the driver fills it with the rollout's maximum response length
+      (:func:`discoloss.adapters.verl.layout.fill_drpo_max_length`).
     validate: value and layout checks. Inside verl's workers they are deferred to the end of
       each pass and stop every rank at once (``discoloss.adapters.verl.faults``: no host
       sync in the loss, one small all-reduce per pass); called directly, the loss raises at
@@ -137,6 +139,14 @@ def check_for_verl(options: VerlDiscoOptions) -> VerlDiscoOptions:
     """Options that are valid for :func:`discoloss.disco_loss` but cannot run correctly under
     verl are refused here, in the driver."""
     o = options.disco
+    if o.objective == "drpo" and o.max_length is None:
+        raise DiscoConfigError(
+            f"{POLICY_LOSS_PATH}.max_length: objective=drpo needs the length scale of its "
+            "preference 1 - |o|/max_length, the maximum response length in tokens. The "
+            "adapter's validate_config hook sets it to actor_rollout_ref.rollout.response_length "
+            "in the driver (main_ppo); where that hook does not run, set "
+            f"{POLICY_LOSS_PATH}.max_length"
+        )
     if o.normalize != "all" and not options.planned:
         raise DiscoConfigError(
             f"{POLICY_LOSS_PATH}.normalize={o.normalize!r} is not supported with "

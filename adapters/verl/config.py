@@ -26,9 +26,14 @@ class DiscoPolicyLossConfig(PolicyLossConfig):
 
     Same names and defaults as ``disco_loss`` (validated by the core's
     :class:`discoloss.options.DiscoOptions`): score, objective, tau, delta, beta, kl_estimator,
-    threshold, normalize, constraint, cvar_alpha, margin, clip_eps; plus the adapter's
-    ``weights``, ``validate`` and ``lagrangian_lr``. A test checks that these fields are
-    exactly the core's option names plus the adapter's.
+    threshold, normalize, constraint, cvar_alpha, margin, clip_eps, lam, max_length; plus the
+    adapter's ``weights``, ``validate`` and ``lagrangian_lr``. A test checks that these fields
+    are exactly the core's option names plus the adapter's.
+
+    ``max_length`` (``objective=drpo``) left null is filled in the driver, by the adapter's
+    ``validate_config`` hook, with ``actor_rollout_ref.rollout.response_length`` (see
+    :func:`discoloss.adapters.verl.layout.fill_drpo_max_length`), so that the workers' loss
+    reads it from this node like every other option.
     """
 
     loss_mode: str = NAME
@@ -44,6 +49,8 @@ class DiscoPolicyLossConfig(PolicyLossConfig):
     cvar_alpha: float = 0.5
     margin: float = 1.0
     clip_eps: float = 0.2
+    lam: float = 0.1
+    max_length: int | None = None
     weights: str = DEFAULT_WEIGHTS
     validate: bool = True
     lagrangian_lr: float = 1e3

@@ -53,6 +53,7 @@ from ._options import (
 __all__ = [
     "DiscoLayoutError",
     "check_config",
+    "fill_drpo_max_length",
     "group_balanced_order",
     "mini_batch_balanced_order",
     "uses_disco",
@@ -71,6 +72,63 @@ def uses_disco(config: Any) -> bool:
         _sel(config, "algorithm.adv_estimator") == NAME
         or _sel(config, f"{POLICY_LOSS_PATH}.loss_mode") == NAME
     )
+
+
+#: Where verl's rollout caps the number of response tokens (verl's default config sets it to
+#: ``data.max_response_length``; the agent loop truncates and pads every response to it).
+RESPONSE_LENGTH_PATH = "actor_rollout_ref.rollout.response_length"
+
+
+def _response_length(config: Any) -> int | None:
+    """The longest response the rollout can produce, in tokens (None if not configured)."""
+    value = _sel(config, RESPONSE_LENGTH_PATH)
+    if value is None:
+        value = _sel(config, "data.max_response_length")
+    return None if value is None else int(value)
+
+
+def fill_drpo_max_length(config: Any) -> None:
+    """``objective=drpo`` with ``max_length`` null: write the rollout's maximum response length
+    (``actor_rollout_ref.rollout.response_length``, by default ``data.max_response_length``)
+    into the ``policy_loss`` node. Called in the driver by the adapter's ``validate_config``
+    hook, before verl hands the config to its workers, so that the loss and the plan read
+    ``max_length`` from their own config node like every other option (no loss code reads the
+    trainer's config). Runs that are not DRPO, or that give ``max_length``, are left alone."""
+    from omegaconf import open_dict
+
+    node = _sel(config, POLICY_LOSS_PATH)
+    if node is None or node.get("objective") != "drpo" or node.get("max_length") is not None:
+        return
+    length = _response_length(config)
+    if length is None:
+        return  # check_config names the missing setting
+    with open_dict(node):
+        node["max_length"] = length
+
+
+def _check_drpo_max_length(config: Any, options: VerlDiscoOptions) -> None:
+    """``max_length`` is the length scale of DRPO's preference ``1 - |o|/max_length``, a length
+    reward in [0, 1) for every response the rollout can produce. A value below the rollout's
+    cap is refused: it is no different from a smaller ``lam`` (only ``lam * max_length``
+    matters), so it would only hide a mistake; a larger value is accepted (e.g. to keep the
+    weights of a run with a longer cap)."""
+    o = options.disco
+    if o.objective != "drpo":
+        return
+    cap = _response_length(config)
+    if o.max_length is None:
+        raise DiscoConfigError(
+            f"{POLICY_LOSS_PATH}.max_length: objective=drpo needs the maximum response length, "
+            f"and {RESPONSE_LENGTH_PATH} (data.max_response_length) is not set: set either"
+        )
+    if cap is not None and o.max_length < cap:
+        raise DiscoConfigError(
+            f"{POLICY_LOSS_PATH}.max_length={o.max_length} is smaller than the longest response "
+            f"the rollout can produce ({RESPONSE_LENGTH_PATH}={cap}): DRPO's length preference "
+            "1 - |o|/max_length is meant to lie in [0, 1) for every response. For a stronger "
+            f"preference for short answers lower {POLICY_LOSS_PATH}.lam (only lam * max_length "
+            "matters); leave max_length null to use the response length cap"
+        )
 
 
 def _actor_dp_size(config: Any) -> int | None:
@@ -121,7 +179,10 @@ def check_config(config: Any) -> VerlDiscoOptions | None:
             f"algorithm.adv_estimator=disco writes label/question codes, not advantages: set "
             f"{POLICY_LOSS_PATH}.loss_mode=disco (got {mode!r})"
         )
-    options = check_for_verl(options_from_mapping(_sel(config, POLICY_LOSS_PATH, {})))
+    node = _sel(config, POLICY_LOSS_PATH, {})
+    options = options_from_mapping(node)
+    _check_drpo_max_length(config, options)
+    options = check_for_verl(options)
 
     actor = "actor_rollout_ref.actor."
     n = _sel(config, "actor_rollout_ref.rollout.n", 1)

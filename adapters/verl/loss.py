@@ -47,8 +47,9 @@ state updated once per optimizer step with the global KL outside the loss
 (:mod:`discoloss.adapters.verl.lagrangian`); the loss only reads lambda and records its
 detached KL share.
 
-Objective variants (``objective``: disco, disco_b, cvar, disco_2way, auc_sq_hinge,
-auc_logistic) each need only one question's responses, so they are exact like DisCO's. The
+Objective variants (``objective``: disco, disco_b, drpo, cvar, disco_2way, auc_sq_hinge,
+auc_logistic) each need only one question's responses, so they are exact like DisCO's (DRPO's
+length preference uses ``policy_loss.max_length``, never the micro-batch's padded width). The
 ``clipped_ratio`` score needs each response's label: it is the sign of the response's code.
 
 Metrics: verl averages a policy loss's metrics over all (rank, micro-batch) pairs of a

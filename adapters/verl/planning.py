@@ -38,7 +38,8 @@ Exactness: with ``current`` the gradient equals :func:`discoloss.disco_loss`'s o
 at the current parameters, squared hinge included (kappa from the mini-batch's KL). With
 ``sampling`` the weights come from the sampling policy's scores: exact for ``disco_b`` (whose
 weights do not depend on the scores) and on the first mini-batch of a step, an approximation
-afterwards; the KL at the sampling policy is 0, so constraints that are not linear in the KL
+afterwards (``drpo``: its positives' weights depend on the lengths only and stay exact, its
+negatives' are DisCO's); the KL at the sampling policy is 0, so constraints that are not linear in the KL
 (``squared_hinge``, ``hinge``) are applied per micro-batch to its own KL (the local
 approximation of :func:`discoloss.accumulation.micro_batch_loss`), the linear ones
 (``kl_penalty``, ``lagrangian``, ``none``) exactly.
@@ -250,6 +251,8 @@ def plan_mini_batch(
             multiplier=multiplier,
             cvar_alpha=o.cvar_alpha,
             margin=o.margin,
+            lam=o.lam,
+            max_length=o.max_length,  # DRPO's default preference, from the stats' lengths
             validate=options.validate,
             process_group=group if distributed else None,
         )
@@ -431,6 +434,8 @@ def finish(plan: Plan, *, group: Any = None) -> dict[str, float]:
         "whole_questions": plan.whole,
         "plan_seconds": plan.seconds,
     }
+    if o.objective == "drpo":  # how concentrated DRPO's positive weights are
+        metrics["effective_positives"] = float(m["effective_positives"])
     if plan.kl_coef is None:  # the penalty applied: the local approximation's sum
         metrics["penalty_applied"] = applied_penalty
     return metrics

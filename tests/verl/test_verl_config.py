@@ -128,6 +128,12 @@ BAD_OPTIONS = [
     ("lagrangian_lr=0", P + "lagrangian_lr: expected a finite number > 0, got 0"),
     ("lagrangian_lr=-1.0", P + "lagrangian_lr: expected a finite number > 0, got -1.0"),
     ("lagrangian_lr=abc", P + "lagrangian_lr: expected a number > 0, got 'abc'"),
+    # DRPO's (validated whatever the objective, like cvar_alpha)
+    ("lam=0", P + "lam must be > 0"),
+    ("lam=-0.1", P + "lam must be > 0"),
+    ("lam=abc", P + "lam must be a real number, got str"),
+    ("max_length=0", P + "max_length must be >= 1"),
+    ("max_length=1.5", P + "max_length must be an int"),
 ]
 
 
@@ -335,6 +341,9 @@ VARIANT_OVERRIDES = [
     ("cvar_alpha", 0.25),
     ("margin", 0.5),
     ("clip_eps", 0.1),
+    ("objective", "drpo"),
+    ("lam", 0.05),
+    ("max_length", 8192),
 ]
 
 
@@ -403,3 +412,87 @@ def test_readme_options_table_lists_every_option() -> None:
             assert float(default) == value, name
         else:
             assert default == {None: "null", True: "true", False: "false"}.get(value, value), name
+
+
+# ---------------------------------------------------------------------------------------------
+# DRPO: objective=drpo, lam, and max_length from the rollout's response length
+
+
+def _drpo_config(base: str, *overrides: str) -> Any:
+    """A DRPO run's config from the shipped config or verl's own (with "+")."""
+    if base == "shipped":
+        others = [
+            o for o in readme_overrides() if "loss_mode" not in o and "adv_estimator" not in o
+        ]
+        return shipped_config(*others, f"{P}objective=drpo", *overrides)
+    plus = [o if o.startswith(("data.", "actor_rollout_ref.rollout.")) else "+" + o
+            for o in overrides]
+    return verl_config(*readme_overrides(), f"+{P}objective=drpo", *plus)
+
+
+@pytest.mark.parametrize("base", ["shipped", "verl"])
+def test_drpo_max_length_defaults_to_the_response_length(base: str) -> None:
+    """max_length left unset: the driver's validate_config writes the rollout's response length
+    (verl's rollout.response_length, which defaults to data.max_response_length) into the
+    policy_loss node, where the workers' loss and plan read it."""
+    from discoloss.adapters.verl.loss import options_of
+
+    cfg = _drpo_config(base, "data.max_response_length=1234")
+    validate(cfg)
+    assert cfg.actor_rollout_ref.actor.policy_loss.max_length == 1234
+    actor = actor_of(cfg)
+    assert actor.policy_loss.max_length == 1234
+    opts = options_of(actor).disco
+    assert (opts.objective, opts.lam, opts.max_length) == ("drpo", 0.1, 1234)
+    # the rollout's own cap, where it is set apart from data.max_response_length
+    cfg = _drpo_config(
+        base, "data.max_response_length=1234", "actor_rollout_ref.rollout.response_length=2000"
+    )
+    validate(cfg)
+    assert options_of(actor_of(cfg)).disco.max_length == 2000
+
+
+@pytest.mark.parametrize("base", ["shipped", "verl"])
+def test_drpo_max_length_given(base: str) -> None:
+    """A given max_length is kept when it is at least the response length cap (the length
+    preference 1 - |o|/max_length then stays in [0, 1) for every response); a smaller one is
+    refused, naming lam as the knob for a stronger length preference."""
+    from discoloss.adapters.verl.loss import options_of
+
+    for value in (1234, 4096):
+        cfg = _drpo_config(base, "data.max_response_length=1234", f"{P}max_length={value}")
+        validate(cfg)
+        assert options_of(actor_of(cfg)).disco.max_length == value
+    cfg = _drpo_config(base, "data.max_response_length=1234", f"{P}max_length=1000")
+    with pytest.raises(DiscoConfigError) as info:
+        validate(cfg)
+    message = str(info.value)
+    assert message.startswith(
+        f"{P}max_length=1000 is smaller than the longest response the rollout can produce "
+        "(actor_rollout_ref.rollout.response_length=1234)"
+    ), message
+    assert f"{P}lam" in message
+
+
+def test_max_length_is_left_alone_for_other_objectives() -> None:
+    """Only DRPO reads max_length: other runs' configs are not changed."""
+    cfg = verl_config(*readme_overrides(), "data.max_response_length=1234")
+    validate(cfg)
+    assert "max_length" not in cfg.actor_rollout_ref.actor.policy_loss
+    assert actor_of(cfg).policy_loss.max_length is None
+    cfg = shipped_config(
+        *[o for o in readme_overrides() if "loss_mode" not in o and "adv_estimator" not in o],
+        f"{P}max_length=64",  # smaller than the response length: not DRPO, not checked
+    )
+    validate(cfg)
+    assert actor_of(cfg).policy_loss.max_length == 64
+
+
+def test_drpo_without_max_length_outside_the_driver_is_refused() -> None:
+    """The loss never guesses the length scale (the padded width of a micro-batch would change
+    with its composition): without the driver's hook, a DRPO config without max_length is
+    refused when verl builds it."""
+    with pytest.raises(DiscoConfigError) as info:
+        DiscoPolicyLossConfig(objective="drpo")
+    assert str(info.value).startswith(f"{P}max_length: objective=drpo needs the length scale")
+    assert DiscoPolicyLossConfig(objective="drpo", max_length=8).max_length == 8

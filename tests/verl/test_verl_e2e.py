@@ -8,8 +8,11 @@ Five ``main_ppo`` runs serve all checks (each Ray start-up costs about a minute)
 * ``dp2``: the default ``weights=current``, 2 data-parallel ranks, micro-batches of ONE
   response, two mini-batches per step (questions split over micro-batches and ranks), float32
   compute, 8 steps, rollout dump;
-* ``dyn``: ``weights=current`` with verl's token-based dynamic micro-batches and
-  ``actor.shuffle=true`` (questions also split over mini-batches), 2 ranks, float32, 3 steps;
+* ``dyn``: DRPO (``objective=drpo``, ``lam=0.2``, ``max_length`` left to its default, the
+  rollout's response length) with ``weights=current``, verl's token-based dynamic
+  micro-batches and ``actor.shuffle=true`` (questions also split over mini-batches), 2 ranks,
+  float32, 3 steps of 4 questions x 8 responses, on a model tuned to end its responses early
+  (responses of 1 to 6 tokens, so that a question's correct answers differ in length);
 * ``dp1``: ``weights=micro_batch`` (whole questions per micro-batch, the previous path), 1 rank,
   verl's default dtypes (bfloat16 compute), ``constraint=lagrangian``, two mini-batches per
   step, 6 steps, a checkpoint at step 3;
@@ -19,8 +22,8 @@ Five ``main_ppo`` runs serve all checks (each Ray start-up costs about a minute)
 
 For ``dp2``, ``dyn`` and ``resume`` the gradient verl applies at EVERY optimizer step (every
 mini-batch) is compared with the gradient of ``discoloss.disco_loss`` on that whole mini-batch
-at the same parameters, computed in this plain process from the recorded parameters, rows and
-old log-probs.
+at the same parameters (``objective="drpo", lam=0.2, max_length=6`` for ``dyn``), computed in
+this plain process from the recorded parameters, rows and old log-probs.
 
 Every run has a hard deadline (a hang fails the test) and every Ray process it started is
 ended by pid afterwards.
@@ -54,6 +57,12 @@ DYNAMIC = [
     "actor_rollout_ref.rollout.log_prob_max_token_len_per_gpu=64",
     "actor_rollout_ref.actor.shuffle=true",
 ]
+DRPO_LAM = 0.2  # not the default 0.1: the test sees whether the option reaches the plan
+DRPO = [
+    "+actor_rollout_ref.actor.policy_loss.objective=drpo",
+    f"+actor_rollout_ref.actor.policy_loss.lam={DRPO_LAM}",
+]  # max_length: the default, actor_rollout_ref.rollout.response_length
+RESPONSE_LENGTH = 6  # rollout.response_length = data.max_response_length (kit.base_overrides)
 DEADLINE = 600  # seconds per main_ppo run: a hang fails instead of stalling CI
 
 
@@ -61,8 +70,14 @@ DEADLINE = 600  # seconds per main_ppo run: a hang fails instead of stalling CI
 def base(tmp_path_factory: pytest.TempPathFactory) -> dict:
     root = tmp_path_factory.mktemp("verl_e2e")
     model = kit.make_model(root / "model")
+    # responses of every length up to the cap (a random model almost never ends early)
+    model_eos = kit.make_model(root / "model_eos", p_eos=0.2)
     train, val = kit.make_data(root / "data", n_train=QUESTIONS * 10)
-    return {"root": root, "model": model, "train": train, "val": val}
+    return {"root": root, "model": model, "model_eos": model_eos, "train": train, "val": val}
+
+
+#: run -> the model it trains (key of ``base``)
+RUN_MODEL = {"dyn": "model_eos"}
 
 
 def _run(
@@ -74,12 +89,13 @@ def _run(
     extra: list[str],
     mini: int | None = None,
     micro: int = 4,
+    n: int = N,
     **kw: Any,
 ) -> kit.Run:
     work = base["root"] / name
     work.mkdir(exist_ok=True)
     args = kit.base_overrides(
-        base["model"],
+        base[RUN_MODEL.get(name, "model")],
         base["train"],
         base["val"],
         work,
@@ -87,6 +103,7 @@ def _run(
         steps=steps,
         mini=mini,
         micro=micro,
+        n=n,
     )
     run = kit.launch(args + extra, work, deadline=DEADLINE, **kw)
     print(f"main_ppo {name}: {run.where} rc={run.rc} wall {run.wall_s:.0f} s")
@@ -114,7 +131,12 @@ def dp2(base: dict) -> kit.Run:
 
 @pytest.fixture(scope="module")
 def dyn(base: dict) -> kit.Run:
-    return _run(base, "dyn", gpus=2, steps=3, mini=2, micro=1, extra=[FP32, *DYNAMIC])
+    # 8 responses per question: with actor.shuffle a mini-batch holds about half of each
+    # question's responses, and DRPO's weights only act on a question with correct answers of
+    # different lengths (and a wrong one) in the same mini-batch
+    return _run(
+        base, "dyn", gpus=2, steps=3, mini=2, micro=1, n=8, extra=[FP32, *DYNAMIC, *DRPO]
+    )
 
 
 @pytest.fixture(scope="module")
@@ -191,6 +213,8 @@ def test_main_ppo_trains_with_disco(trained: tuple[kit.Run, str]) -> None:
     assert len(steps) >= 3 and steps == list(range(1, len(steps) + 1)), steps
     disco = {k for m in run.metrics for k in m if k.startswith("actor/disco/")}
     assert {"actor/disco/objective", "actor/disco/kl", "actor/disco/penalty"} <= disco
+    # DRPO's metric (dyn): the effective number of correct answers per question
+    assert ("actor/disco/effective_positives" in disco) == (name == "dyn"), disco
     for m in run.metrics:
         for k in disco:
             assert math.isfinite(m[k]), (m["step"], k, m[k])
@@ -383,8 +407,25 @@ def test_first_step_gradient_equals_disco_loss_micro_batch_mode(dp1: kit.Run, ba
     assert cos > 0.995
 
 
-#: run -> the options of disco_loss for its reference (beyond the defaults)
 EXACT_RUNS = ("dp2", "dyn", "resume")
+#: run -> the options of disco_loss for its reference (beyond the defaults): dyn is DRPO, its
+#: max_length the rollout's response length (filled in by the driver, not given)
+RUN_OPTIONS: dict[str, dict[str, Any]] = {
+    "dyn": {"objective": "drpo", "lam": DRPO_LAM, "max_length": RESPONSE_LENGTH}
+}
+#: dyn: what a mistake in DRPO's plumbing would apply instead; each must differ from what verl
+#: applied, or the comparison could not see the mistake
+WRONG_OPTIONS: dict[str, dict[str, dict[str, Any]]] = {
+    "dyn": {
+        "DisCO (objective not passed)": {},
+        "lam not passed (0.1)": {"objective": "drpo", "max_length": RESPONSE_LENGTH},
+        "another max_length (twice the cap)": {
+            "objective": "drpo",
+            "lam": DRPO_LAM,
+            "max_length": 2 * RESPONSE_LENGTH,
+        },
+    }
+}
 
 
 @pytest.mark.parametrize("name", EXACT_RUNS)
@@ -395,7 +436,10 @@ def test_every_mini_batch_gradient_equals_disco_loss(
     questions split over micro-batches and ranks: the gradient verl applies at every optimizer
     step (all ranks, all micro-batches, after verl's DP averaging) equals the gradient of
     disco_loss on that whole mini-batch at the same parameters (float32 log-probs), with the
-    squared hinge (dp2, dyn) or the Lagrange multiplier (resume) active.
+    squared hinge (dp2, dyn) or the Lagrange multiplier (resume) active. dyn runs DRPO with
+    max_length left to the driver's default: the reference is DRPO at lam 0.2 and max_length 6
+    (the rollout's response length), and DisCO, DRPO at the default lam and DRPO at another
+    max_length each differ from what verl applied in some mini-batch.
 
     How the squared hinge is compared: its slope beta (KL - delta) comes from a KL measured by
     a forward pass, and two float32 forward passes of the same parameters (verl's and this
@@ -421,18 +465,20 @@ def test_every_mini_batch_gradient_equals_disco_loss(
         value = torch.tensor(kl, dtype=torch.float64)
         return float(constraint_slope(value, constraint="squared_hinge", delta=1e-4, beta=1e3))
 
+    model = base[RUN_MODEL.get(name, "model")]
     active = 0
     report = []
+    wrong = {label: 0.0 for label in WRONG_OPTIONS.get(name, {})}
     for k in steps:
         rows = mini_batch_rows(run, k)
-        options: dict[str, Any] = {}
+        options: dict[str, Any] = dict(RUN_OPTIONS.get(name, {}))
         if name == "resume":
             lam = LagrangeMultiplier(lr=10.0)
             lam.value = torch.tensor(multipliers_used[k], dtype=torch.float64)
             options = {"constraint": "lagrangian", "multiplier": lam}
         params = torch.load(run.record / f"params_step{k}.pt")
         ref, out, grad_kl = reference_gradient(
-            base["model"], rows, params=params, kl_gradient=True, **options
+            model, rows, params=params, kl_gradient=True, **options
         )
         assert grad_kl is not None
         got = torch.load(run.record / f"grad_step{k}.pt")
@@ -456,12 +502,19 @@ def test_every_mini_batch_gradient_equals_disco_loss(
         )
         assert rel <= 1e-5, (name, k, rel)
         assert engine_norms[k] == pytest.approx(scale, rel=1e-5)
+        for label, alt_options in WRONG_OPTIONS.get(name, {}).items():
+            alt, _, _ = reference_gradient(model, rows, params=params, **alt_options)
+            alt_want = _flat(alt, keys) + shift * _flat(grad_kl, keys)
+            wrong[label] = max(wrong[label], float((have - alt_want).norm()) / scale)
         if name == "resume":
             active += multipliers_used[k] > 0
         else:
             active += float(out.penalty) > 0
     print(f"{name}: every mini-batch against disco_loss: " + "; ".join(report))
     assert active >= 1, "the constraint was never active: the test would not see kappa"
+    for label, worst in wrong.items():  # the comparison would have seen each mistake
+        print(f"{name}: {label}: largest relative difference {worst:.2e}")
+        assert worst > 1e-3, (name, label, worst)
 
 
 def sampling_gradient(

@@ -56,6 +56,29 @@ def test_parity_fixed_micro_batches(
     assert_parity(batch, step, **opts)
 
 
+@pytest.mark.parametrize(("dp", "micro", "dynamic"), [(1, 4, False), (2, 8, False), (2, None, True)])
+def test_drpo_parity_whole_questions_per_micro_batch(dp: int, micro: int | None,
+                                                     dynamic: bool) -> None:
+    """weights=micro_batch, objective=drpo: every micro-batch's own DRPO loss adds up to
+    disco_loss(objective="drpo") on the mini-batch. The length preference uses max_length, not
+    the width verl pads each micro-batch to (micro-batches here are padded to their own longest
+    response); DisCO's gradient and DRPO's with another max_length differ (the test sees both)."""
+    n = 4
+    batch = make_batch([n] * 8, seed=31 + dp, max_len=9)
+    estimate(batch, n)
+    opts = dict(objective="drpo", lam=0.1, max_length=12, delta=1.0)  # penalty inactive: exact
+    extra = dict(dynamic=True, max_token_len=64, force_group_size=n) if dynamic else {}
+    step = run_update(batch, n=n, dp=dp, questions_per_mini_batch=4, micro=micro, **extra, **opts)
+    assert len(step.grads) == 2
+    assert_parity(batch, step, exact_metrics=not dynamic, **opts)
+    for other in (dict(opts, objective="disco"), dict(opts, max_length=9)):
+        apart = 0.0
+        for grad, rows in zip(step.grads, step.members):
+            ref, _ = reference(batch, rows, **other)
+            apart = max(apart, float((grad - ref).norm() / ref.norm()))
+        assert apart > 1e-3, other
+
+
 def test_parity_dynamic_batch_size_with_force_group_size() -> None:
     n = 4
     batch = make_batch([n] * 12, seed=7, max_len=9)

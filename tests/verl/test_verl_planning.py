@@ -86,6 +86,8 @@ VARIANTS = [
     dict(constraint="hinge"),
     dict(constraint="kl_penalty", beta=3.0),
     dict(threshold=0.0),
+    dict(objective="drpo", lam=0.05, max_length=9),
+    dict(objective="drpo", lam=0.3, max_length=7, score="likelihood_ratio", normalize="valid"),
 ]
 
 
@@ -101,6 +103,53 @@ def test_current_is_exact_for_every_variant(variant: dict) -> None:
     for grad, rows in zip(step.grads, step.members):
         ref, _ = reference(batch, rows, **opts)
         assert _rel(grad, ref) < 1e-5
+
+
+DRPO = dict(objective="drpo", lam=0.1, max_length=9, delta=1e-4)
+
+
+@pytest.mark.parametrize("layout", ["micro 1", "dynamic", "shuffled"])
+def test_drpo_current_is_exact_and_its_weights_act(layout: str) -> None:
+    """objective=drpo, weights=current: every mini-batch's gradient equals disco_loss(objective=
+    "drpo", max_length=...) on it (the length preference from the plan's token counts, whatever
+    width verl pads each micro-batch to); DisCO's gradient, DRPO's at the default lam and at
+    another max_length differ, so the comparison sees each option."""
+    batch = _batch(seed=21)
+    step = run_planned_update(batch, n=N, dp=1, mini_batch_size=16, **LAYOUTS[layout], **DRPO)
+    assert len(step.grads) == 2
+    others = {"disco": dict(DRPO, objective="disco"), "lam": dict(DRPO, lam=0.2),
+              "max_length": dict(DRPO, max_length=18)}
+    apart = dict.fromkeys(others, 0.0)
+    for grad, rows, metrics in zip(step.grads, step.members, step.metrics):
+        ref, out = reference(batch, rows, **DRPO)
+        assert _rel(grad, ref) < 1e-5, layout
+        assert metrics["objective"] == pytest.approx(float(out.objective), rel=1e-5)
+        assert metrics["effective_positives"] == pytest.approx(
+            float(out.metrics["effective_positives"]), rel=1e-6
+        )
+        for key, other in others.items():
+            apart[key] = max(apart[key], _rel(grad, reference(batch, rows, **other)[0]))
+    assert min(apart.values()) > 1e-3, apart
+
+
+def test_drpo_sampling_keeps_the_exact_positive_weights() -> None:
+    """weights=sampling with objective=drpo: the positives' weights depend on the lengths only,
+    so the plan from the sampling policy's stats gives every correct answer its exact weight;
+    only the negatives' (DisCO's log-mean-exp weights) differ from the current parameters'."""
+    batch = _batch(seed=22, kl_scale=0.5)
+    config = actor_config(N, micro=4, **DRPO)
+    opts = options_of(config)
+    td = to_tensordict(batch, list(range(16)))
+    mask = td["response_mask"].to_padded_tensor(0).bool()
+    now = torch.nn.functional.logsigmoid(batch.theta[:16, : mask.shape[1]]).float()
+    at_old = planning.plan_mini_batch(td, opts, group_size=N)
+    at_now = planning.plan_mini_batch(td, opts, group_size=N, log_probs=now)
+    positive = at_now.positive
+    assert bool(positive.any()) and bool((~positive & (at_now.weights != 0)).any())
+    torch.testing.assert_close(at_old.weights[positive], at_now.weights[positive], rtol=1e-12,
+                               atol=0.0)
+    negatives = ~positive & (at_now.weights != 0)
+    assert not torch.allclose(at_old.weights[negatives], at_now.weights[negatives])
 
 
 def test_a_second_epoch_reads_the_codes_again() -> None:
@@ -247,7 +296,10 @@ RANK_RUNS = {
     "shuffled": dict(micro=1, shuffle=True),
     "world-size factor lost": dict(micro=1, dp_factor=1),
     "sampling": dict(micro=1, weights="sampling"),
+    "drpo": dict(micro=1, objective="drpo", lam=0.1, max_length=9),
 }
+#: the options of a rank run that are disco_loss's (its reference gets them too)
+LOSS_KEYS = ("objective", "lam", "max_length")
 
 
 def _ranks_worker(rank: int, world: int, port: int, out: Any) -> None:
@@ -284,19 +336,21 @@ def _ranks_worker(rank: int, world: int, port: int, out: Any) -> None:
 
 def test_two_ranks_exact_at_every_mini_batch() -> None:
     """2 ranks, micro-batches of 1 response or token-based, questions split over micro-batches
-    and ranks (and over mini-batches when shuffled), padding samples: the gradient of every
-    mini-batch (averaged over the ranks, as FSDP does) equals disco_loss's on it. A lost
-    world-size factor and the sampling policy's stale weights fail the same comparison."""
+    and ranks (and over mini-batches when shuffled), padding samples, DisCO and DRPO: the
+    gradient of every mini-batch (averaged over the ranks, as FSDP does) equals disco_loss's on
+    it. A lost world-size factor and the sampling policy's stale weights fail the same
+    comparison."""
     results = _spawn(_ranks_worker, 2)
     batch = _batch(seed=13, padding=4)
     r0 = results[0]
     for name, (grads, rows, metrics, unique, on_ranks) in r0.items():
         assert len(grads) == 3
         penalties = []
+        options = {key: v for key, v in RANK_RUNS[name].items() if key in LOSS_KEYS}
         for k, (array, rws, m) in enumerate(zip(grads, rows, metrics)):
             assert unique[k]
             grad = torch.from_numpy(array)
-            ref, out = reference(batch, rws, delta=1e-4)
+            ref, out = reference(batch, rws, delta=1e-4, **options)
             assert (array == results[1][name][0][k]).all()  # the same gradient on both ranks
             rel = _rel(grad, ref)
             if name == "world-size factor lost":

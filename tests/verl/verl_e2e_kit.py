@@ -93,8 +93,39 @@ def make_tokenizer(out: Path) -> Any:
     return fast
 
 
-def make_model(out: Path, seed: int = 0) -> Path:
-    """A random 2-layer Qwen2 (hidden 64) and its tokenizer, saved to ``out``."""
+def raise_eos(model: Any, eos: int, vocab: int, *, p_eos: float, seed: int = 0) -> None:
+    """Tune ``model`` so that it ends a response with probability ~``p_eos`` at every token
+    (a random model ends almost none before the length cap, so all its responses would have the
+    same length): a few Adam steps on random token sequences pulling the EOS log-odds at every
+    position towards log(p_eos / (1 - p_eos)). Deterministic (seeded)."""
+    import math
+
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    target = math.log(p_eos / (1 - p_eos))
+    others = torch.tensor([i for i in range(vocab) if i != eos])
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # ~1 s; several threads on a busy machine took 100 times longer
+    try:
+        for _ in range(150):
+            ids = others[torch.randint(len(others), (32, 12), generator=g)]
+            logits = model(input_ids=ids).logits.float()
+            rest = torch.cat([logits[..., :eos], logits[..., eos + 1 :]], -1)
+            odds = logits[..., eos] - torch.logsumexp(rest, -1)
+            loss = (odds - target).pow(2).mean()
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    finally:
+        torch.set_num_threads(threads)
+
+
+def make_model(out: Path, seed: int = 0, p_eos: float | None = None) -> Path:
+    """A random 2-layer Qwen2 (hidden 64) and its tokenizer, saved to ``out``; with ``p_eos``,
+    tuned to end a response with about that probability at every token (:func:`raise_eos`:
+    responses of many lengths)."""
     import torch
     from transformers import AutoTokenizer, Qwen2Config, Qwen2ForCausalLM
 
@@ -116,6 +147,8 @@ def make_model(out: Path, seed: int = 0) -> Path:
         bos_token_id=tok.eos_token_id,
     )
     model = Qwen2ForCausalLM(cfg)
+    if p_eos is not None:
+        raise_eos(model, tok.eos_token_id, len(tok), p_eos=p_eos, seed=seed)
     model.generation_config.eos_token_id = tok.eos_token_id
     model.save_pretrained(out)
     # check the tokenizer survives verl's loading path (transformers picks the class by type)
