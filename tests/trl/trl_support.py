@@ -259,3 +259,11 @@ def assert_grads_close(actual: dict[str, Tensor], model: torch.nn.Module) -> Non
     assert expected.keys() == actual.keys()
     for name in expected:
         torch.testing.assert_close(actual[name], expected[name], rtol=2e-4, atol=2e-6, msg=name)
+
+
+def relative_error(actual: dict[str, Tensor], model: torch.nn.Module) -> float:
+    """||actual - expected|| / ||expected|| over all parameters (expected: ``model``'s grads)."""
+    expected = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+    assert expected.keys() == actual.keys()
+    diff = torch.cat([(actual[n] - g).flatten() for n, g in expected.items()]).norm()
+    return float(diff / torch.cat([g.flatten() for g in expected.values()]).norm())
