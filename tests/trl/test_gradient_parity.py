@@ -216,6 +216,8 @@ def test_current_weights_are_exact_at_every_update(
     )
     logs = [entry for entry in trainer.state.log_history if "disco/objective" in entry]
     assert len(logs) == steps
+    # one planning pass per optimizer step, except the first on the generation batch
+    assert trainer.planning_passes == list(range(1, steps))
 
     for step in range(steps):
         model = reference_model(rec.params[step])
@@ -266,6 +268,7 @@ def test_penalty_is_the_local_approximation(tmp_path: Any) -> None:
     )
     trainer, rec = make_recording_trainer(config)
     trainer.train()
+    assert trainer.planning_passes == []  # no pass at the current parameters
     mbs = trainer.micro_batches
     gen = concat(mbs[:2])
     rewards = gen["disco_rewards"]

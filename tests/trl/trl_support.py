@@ -92,6 +92,11 @@ class RecordingTrainer(DisCOTrainer):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.micro_batches: list[dict[str, Any]] = []
+        self.planning_passes: list[int] = []  # optimizer steps (0-based) that replanned
+
+    def _plan_at_current_parameters(self, chunks: list[dict[str, Any]]) -> None:
+        self.planning_passes.append(self.state.global_step)
+        super()._plan_at_current_parameters(chunks)
 
     def _compute_loss(self, model: Any, inputs: dict[str, Any]) -> Tensor:
         record = {
