@@ -379,8 +379,9 @@ def plan_window(window: Window, settings: DiscoSettings, *, device: torch.device
         score=settings.score, objective=settings.objective, tau=settings.tau,
         delta=settings.delta, beta=settings.beta, threshold=settings.threshold,
         normalize=settings.normalize, constraint=settings.constraint, multiplier=multiplier,
-        cvar_alpha=settings.cvar_alpha, margin=settings.margin, validate=True,
-        process_group=process_group,
+        cvar_alpha=settings.cvar_alpha, margin=settings.margin, lam=settings.lam,
+        max_length=settings.max_length,  # drpo: the length preference from the stats' lengths
+        validate=True, process_group=process_group,
     )
     current = forward is not None or window.theta_old
     kl_coef = plan.kl_coef if current or settings.constraint in _LINEAR else None

@@ -34,6 +34,7 @@ __all__ = [
     "add_disco_arguments",
     "check_for_openrlhf",
     "check_layout",
+    "generation_cap",
     "settings_from_args",
 ]
 
@@ -62,8 +63,10 @@ DEFAULT_WEIGHTS: Weights = "current"
 class DiscoSettings(DiscoOptions):
     """The validated options of :func:`discoloss.disco_loss` (the core's
     :class:`~discoloss.options.DiscoOptions`: score, objective, tau, delta, beta, kl_estimator,
-    threshold, normalize, constraint, cvar_alpha, margin, clip_eps), with its names and defaults,
-    plus the adapter's ``lagrangian_lr`` and ``weights``.
+    threshold, normalize, constraint, cvar_alpha, margin, clip_eps, lam, max_length), with its
+    names and defaults, plus the adapter's ``lagrangian_lr`` and ``weights``. ``max_length``
+    with ``objective="drpo"`` defaults to the rollout's maximum generation length, filled in by
+    :func:`settings_from_args`.
 
     ``tau=None`` resolves to 10 for ``log_likelihood`` and 1 otherwise. ``lagrangian_lr`` (> 0)
     is the dual step size eta of :class:`discoloss.constraints.LagrangeMultiplier`, used with
@@ -112,8 +115,9 @@ _CHOICES: dict[str, tuple[str, ...]] = {
 _HELP: dict[str, str] = {
     "score": "sequence score: length-normalised log-likelihood, likelihood ratio, or the "
     "clipped ratio (clip side by label, range clip_eps)",
-    "objective": "disco (log-mean-exp over a question's negatives), disco_b (plain mean) or an "
-    "ablation: cvar, disco_2way, auc_sq_hinge, auc_logistic",
+    "objective": "disco (log-mean-exp over a question's negatives), disco_b (plain mean), drpo "
+    "(DRPO: DisCO with each question's correct answers weighted towards the short ones, see lam "
+    "and max_length) or an ablation: cvar, disco_2way, auc_sq_hinge, auc_logistic",
     "tau": "temperature of the disco, disco_2way and auc_logistic objectives, > 0 (default: 10 "
     "for log_likelihood, 1 otherwise)",
     "delta": "KL constraint radius, >= 0",
@@ -128,6 +132,11 @@ _HELP: dict[str, str] = {
     "cvar_alpha": "objective cvar: fraction of the hardest negatives, in (0, 1]",
     "margin": "objective auc_sq_hinge: pair margin, >= 0",
     "clip_eps": "score clipped_ratio: clip range, in (0, 1)",
+    "lam": "objective drpo: temperature lambda > 0 of the softmax over each question's correct "
+    "answers of the preference 1 - |o|/max_length (smaller: more weight on the shortest)",
+    "max_length": "objective drpo: length scale of the preference 1 - |o|/max_length, in tokens, "
+    "at least the longest response the rollout can produce (default: --rollout.max_new_tokens, "
+    "else --data.max_len)",
     "lagrangian_lr": "constraint lagrangian: dual step size eta of the multiplier, > 0; after "
     "every optimizer step lambda <- max(0, lambda + eta * (KL - delta)) with the step's KL over "
     "all ranks",
@@ -136,6 +145,9 @@ _HELP: dict[str, str] = {
     "micro-batch size), sampling (the old log-probs, no extra pass; exact for disco_b and on the "
     "first mini-batch) or micro_batch (whole questions per micro-batch, DisCO per micro-batch)",
 }
+
+#: The integer options (argparse reads the other numbers as floats).
+_INTEGERS = frozenset({"max_length"})
 
 
 def add_disco_arguments(parser: argparse.ArgumentParser) -> list[str]:
@@ -155,10 +167,13 @@ def add_disco_arguments(parser: argparse.ArgumentParser) -> list[str]:
     for name in OPTION_NAMES:
         dest = PREFIX + name
         default = getattr(defaults, name)
+        shown = "" if default is None else f" (default: {default})"
         kwargs: dict[str, Any] = {"dest": dest, "default": argparse.SUPPRESS,
-                                  "help": f"{_HELP[name]} (default: {default})"}
+                                  "help": _HELP[name] + shown}
         if name in _CHOICES:
             kwargs.update(type=str, metavar="{" + ",".join(_CHOICES[name]) + "}")
+        elif name in _INTEGERS:
+            kwargs.update(type=int, metavar=name.upper())
         else:
             kwargs.update(type=float, metavar=name.upper())
         group.add_argument("--" + dest, **kwargs)
@@ -186,6 +201,46 @@ def _given(args: Any) -> dict[str, Any]:
     return {k: v for k, v in {**nested, **flat}.items() if v is not None}
 
 
+def generation_cap(args: Any) -> int | None:
+    """The longest response OpenRLHF's rollout can produce, in tokens: ``--rollout.max_new_tokens``
+    or, where it is not set (OpenRLHF then generates up to ``--data.max_len`` minus the prompt's
+    length), ``--data.max_len``; None if neither is in ``args``. The same bound as OpenRLHF's own
+    overlong penalty."""
+    value = _get(args, "rollout.max_new_tokens") or _get(args, "data.max_len")
+    return None if value is None else int(value)
+
+
+def _fill_drpo_max_length(values: dict[str, Any], args: Any) -> None:
+    """``objective=drpo`` without ``max_length``: the length scale of DRPO's preference
+    ``1 - |o|/max_length`` is the rollout's maximum generation length (:func:`generation_cap`),
+    resolved here with the other settings (in the driver and in every actor, from the same
+    args), never read by the loss from the trainer's config."""
+    if values.get("objective") != "drpo" or values.get("max_length") is not None:
+        return
+    cap = generation_cap(args)
+    if cap is None:
+        raise ValueError(f"--{PREFIX}max_length: objective drpo needs the maximum response "
+                         "length in tokens, and neither --rollout.max_new_tokens nor "
+                         "--data.max_len is set: set one of them")
+    values["max_length"] = cap
+
+
+def _check_drpo_max_length(settings: DiscoSettings, args: Any) -> None:
+    """A ``max_length`` below the generation cap is refused: it only rescales ``lam`` (just
+    ``lam * max_length`` matters) and would hide a mistake; a larger one is accepted."""
+    cap = generation_cap(args)
+    if settings.objective != "drpo" or settings.max_length is None or cap is None:
+        return
+    if settings.max_length < cap:
+        raise ValueError(f"--{PREFIX}max_length={settings.max_length} is smaller than the "
+                         f"longest response the rollout can produce ({cap}: "
+                         "--rollout.max_new_tokens, else --data.max_len): DRPO's preference "
+                         "1 - |o|/max_length is meant to lie in [0, 1) for every response. For a "
+                         f"stronger preference for short answers lower --{PREFIX}lam (only "
+                         f"lam * max_length matters); leave --{PREFIX}max_length out to use the "
+                         "generation cap")
+
+
 def check_for_openrlhf(settings: DiscoSettings) -> DiscoSettings:
     """Refuse the options that are valid for :func:`discoloss.disco_loss` but cannot run
     correctly in OpenRLHF's actor (the message names the flag). Every option is supported
@@ -195,7 +250,8 @@ def check_for_openrlhf(settings: DiscoSettings) -> DiscoSettings:
 
 def settings_from_args(args: Any) -> DiscoSettings:
     """Read and validate the DisCO options from OpenRLHF's args (hierarchical or flat);
-    missing ones take :func:`discoloss.disco_loss`'s defaults.
+    missing ones take :func:`discoloss.disco_loss`'s defaults, except ``max_length`` with
+    ``objective=drpo``: the rollout's maximum generation length (:func:`generation_cap`).
 
     Raises ValueError naming the ``--algo.disco.<name>`` flag of a bad or unsupported value.
     """
@@ -204,10 +260,12 @@ def settings_from_args(args: Any) -> DiscoSettings:
     if unknown:
         raise ValueError(f"unknown DisCO options in args.algo.disco: {unknown}; expected "
                          f"{', '.join(OPTION_NAMES)}")
+    _fill_drpo_max_length(values, args)
     try:
         settings = DiscoSettings(**values)
     except (ValueError, TypeError) as error:
         raise _flag_error(error) from error
+    _check_drpo_max_length(settings, args)
     return check_for_openrlhf(settings)
 
 

@@ -54,6 +54,8 @@ def make_args(**overrides: Any) -> SimpleNamespace:
         "algo.disco.cvar_alpha": None,
         "algo.disco.margin": None,
         "algo.disco.clip_eps": None,
+        "algo.disco.lam": None,
+        "algo.disco.max_length": None,
         "algo.disco.lagrangian_lr": None,
         "algo.disco.weights": None,
         "actor.eps_clip_low_high": (0.2, 0.2),

@@ -86,7 +86,8 @@ def test_disco_flags_reach_the_training_args(launch):
     assert settings.loss_kwargs() == dict(score="likelihood_ratio", objective="disco_b", tau=2.5,
                                           delta=1e-3, beta=7.0, kl_estimator="k3", threshold=0.0,
                                           normalize="valid", constraint="squared_hinge",
-                                          cvar_alpha=0.5, margin=1.0, clip_eps=0.2)
+                                          cvar_alpha=0.5, margin=1.0, clip_eps=0.2, lam=0.1,
+                                          max_length=None)
     # the worker setup hook is added to OpenRLHF's own ray.init call, which keeps its env vars
     (init,) = out.inits
     assert init["runtime_env"]["worker_process_setup_hook"] == HOOK
@@ -115,15 +116,17 @@ def test_help_lists_disco_options(capsys):
     text = capsys.readouterr().out
     assert "DisCO (discoloss)" in text
     for name in ("score", "objective", "tau", "delta", "beta", "kl_estimator", "threshold",
-                 "normalize", "constraint", "cvar_alpha", "margin", "clip_eps", "lagrangian_lr",
-                 "weights"):
+                 "normalize", "constraint", "cvar_alpha", "margin", "clip_eps", "lam",
+                 "max_length", "lagrangian_lr", "weights"):
         assert f"--algo.disco.{name}" in text
     assert re.search(r"--algo.disco.weights \{current,sampling,micro_batch\}", text)
     assert re.search(r"\(default:\s+current\)", text)
     assert re.search(r"--algo.disco.lagrangian_lr LAGRANGIAN_LR\s+constraint lagrangian", text)
     assert "(default: 1000.0)" in text
     # the values of the string options come from the core's types
-    for value in ("clipped_ratio", "cvar", "disco_2way", "auc_sq_hinge", "auc_logistic",
+    assert re.search(r"--algo.disco.max_length MAX_LENGTH\s+objective drpo", text)
+    assert re.search(r"--algo.disco.lam LAM\s+objective drpo", text)
+    for value in ("drpo", "clipped_ratio", "cvar", "disco_2way", "auc_sq_hinge", "auc_logistic",
                   "kl_penalty", "hinge"):
         assert value in text
     assert "disco" in re.search(r"--algo.advantage.estimator \{([^}]*)\}", text).group(1)
@@ -140,6 +143,8 @@ def test_help_lists_disco_options(capsys):
     ("--algo.disco.clip_eps", "0"), ("--algo.disco.lagrangian_lr", "0"),
     ("--algo.disco.lagrangian_lr", "-5"), ("--algo.disco.lagrangian_lr", "nan"),
     ("--algo.disco.weights", "exact"), ("--algo.disco.weights", "Current"),
+    ("--algo.disco.lam", "0"), ("--algo.disco.lam", "-0.1"), ("--algo.disco.lam", "inf"),
+    ("--algo.disco.max_length", "0"), ("--algo.disco.max_length", "1.5"),
 ])
 def test_bad_values_are_rejected(launch, capsys, flag, value):
     with pytest.raises(SystemExit) as exit_info:
@@ -191,6 +196,49 @@ def test_lagrangian_and_its_step_size_reach_the_training_args(launch):
     with pytest.raises(ValueError, match="--algo.disco.lagrangian_lr"):
         settings_from_args(SimpleNamespace(algo=SimpleNamespace(disco=SimpleNamespace(
             constraint="lagrangian", lagrangian_lr=-1.0))))
+
+
+DRPO = DISCO + ["--algo.disco.objective", "drpo", "--algo.disco.lam", "0.2"]
+
+
+def test_drpo_max_length_defaults_to_the_generation_cap(launch):
+    """objective drpo without --algo.disco.max_length: the length scale of the preference
+    1 - |o|/max_length is OpenRLHF's maximum generation length, --rollout.max_new_tokens, else
+    --data.max_len (OpenRLHF's default 2048), resolved with the settings in the driver and, from
+    the same args, in the actor."""
+    out = launch(DRPO + ["--rollout.max_new_tokens", "512"])
+    settings = settings_from_args(out.args)
+    assert (settings.objective, settings.lam, settings.max_length) == ("drpo", 0.2, 512)
+    assert settings.loss_kwargs()["max_length"] == 512
+    assert settings_from_args(launch(DRPO).args).max_length == 2048  # --data.max_len's default
+    assert settings_from_args(launch(DRPO + ["--data.max_len", "300"]).args).max_length == 300
+    # the actor's nested args
+    nested = SimpleNamespace(algo=SimpleNamespace(disco=SimpleNamespace(objective="drpo")),
+                             rollout=SimpleNamespace(max_new_tokens=None),
+                             data=SimpleNamespace(max_len=1024))
+    assert settings_from_args(nested).max_length == 1024
+    # other objectives leave max_length alone
+    assert settings_from_args(launch(DISCO).args).max_length is None
+
+
+def test_drpo_max_length_given(launch, capsys):
+    """A given --algo.disco.max_length at least the generation cap is kept; a smaller one is
+    refused before anything starts, naming --algo.disco.lam as the knob for shorter answers."""
+    out = launch(DRPO + ["--rollout.max_new_tokens", "512", "--algo.disco.max_length", "4096"])
+    assert settings_from_args(out.args).max_length == 4096
+    assert settings_from_args(launch(
+        DRPO + ["--rollout.max_new_tokens", "512", "--algo.disco.max_length", "512"]
+    ).args).max_length == 512
+    with pytest.raises(SystemExit) as exit_info:
+        launch(DRPO + ["--rollout.max_new_tokens", "512", "--algo.disco.max_length", "500"])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "error: --algo.disco.max_length=500 is smaller than the longest response the " \
+        "rollout can produce (512" in err, err
+    assert "--algo.disco.lam" in err, err
+    with pytest.raises(ValueError, match="neither --rollout.max_new_tokens nor --data.max_len"):
+        settings_from_args(SimpleNamespace(algo=SimpleNamespace(disco=SimpleNamespace(
+            objective="drpo"))))
 
 
 def _replace(argv: list[str], flag: str, value: str | None) -> list[str]:
@@ -297,7 +345,7 @@ def test_readme_command(launch):
     assert settings_from_args(out.args).loss_kwargs() == dict(
         score="log_likelihood", objective="disco", tau=10.0, delta=1e-4, beta=1e3,
         kl_estimator="k1", threshold=0.5, normalize="all", constraint="squared_hinge",
-        cvar_alpha=0.5, margin=1.0, clip_eps=0.2)
+        cvar_alpha=0.5, margin=1.0, clip_eps=0.2, lam=0.1, max_length=None)
     assert out.args.rollout.n_samples_per_prompt == 8 and out.args.train.batch_size == 256
 
 
