@@ -14,6 +14,8 @@ DisCO option        DisCOConfig field   why
 ``kl_estimator``    ``kl_estimator``
 ``threshold``       ``threshold``
 ``normalize``       ``normalize``
+``lam``             ``lam``
+``max_length``      ``max_length``      None with ``objective="drpo"``: ``max_completion_length``
 ==================  ==================  ============================================================
 
 ``GRPOConfig.beta`` (reference-model KL) must stay 0 unless ``allow_reference_kl=True``: a
@@ -86,7 +88,10 @@ class DisCOConfig(GRPOConfig):
     Parameters:
       score: ``"log_likelihood"`` (mean token log-prob) or ``"likelihood_ratio"`` (mean token
         ``pi_theta / pi_old``).
-      objective: ``"disco"`` (log-mean-exp over a prompt's negatives) or ``"disco_b"`` (mean).
+      objective: ``"disco"`` (log-mean-exp over a prompt's negatives), ``"disco_b"`` (mean) or
+        ``"drpo"`` (DRPO, arXiv 2510.04474: DisCO with each prompt's correct completions
+        weighted by the softmax of the length preference ``1 - |o|/max_length`` at temperature
+        ``lam``, favouring the short ones).
       tau: DRO temperature; None gives 10 (log_likelihood) or 1 (likelihood_ratio).
       disco_delta: KL constraint radius delta (``disco_loss``'s ``delta``).
       disco_beta: squared-hinge penalty strength beta (``disco_loss``'s ``beta``).
@@ -98,6 +103,12 @@ class DisCOConfig(GRPOConfig):
         step size ``lagrangian_lr``, saved in checkpoints) or ``"none"``.
       cvar_alpha, margin, clip_eps: parameters of the ablation objectives / score (see the
         table of ablation variants in the discoloss documentation).
+      lam: ``objective="drpo"``: temperature lambda > 0 of the softmax over a prompt's correct
+        completions (smaller: more weight on the shortest).
+      max_length: ``objective="drpo"``: length scale of the preference ``1 - |o|/max_length``,
+        in tokens; None: ``max_completion_length``, the longest completion TRL generates. A
+        value below ``max_completion_length`` is refused (only ``lam * max_length`` matters:
+        lower ``lam`` for a stronger preference).
       allow_reference_kl: allow ``beta`` (GRPOConfig's KL-to-reference coefficient) to be
         non-zero; its term is then added to the DisCO loss as in GRPO.
       weights: where the per-completion weights ``dJ/ds_i`` (and the penalty's slope) of an
@@ -116,8 +127,9 @@ class DisCOConfig(GRPOConfig):
     Raises ``ValueError`` at construction for fewer than 2 generations per prompt, a non-zero
     ``beta`` without ``allow_reference_kl``, ``steps_per_generation`` not a multiple of
     ``gradient_accumulation_steps``, a changed GRPO-only option, vLLM importance-sampling
-    correction, ``weights`` other than ``"current"`` or ``"sampling"``, or an invalid DisCO
-    option.
+    correction, ``weights`` other than ``"current"`` or ``"sampling"``, ``objective="drpo"``
+    without a length scale (``max_length`` and ``max_completion_length`` both None) or with
+    ``max_length < max_completion_length``, or an invalid DisCO option.
     """
 
     score: Literal["log_likelihood", "likelihood_ratio", "clipped_ratio"] = field(
@@ -128,12 +140,13 @@ class DisCOConfig(GRPOConfig):
         },
     )
     objective: Literal[
-        "disco", "disco_b", "cvar", "disco_2way", "auc_sq_hinge", "auc_logistic"
+        "disco", "disco_b", "drpo", "cvar", "disco_2way", "auc_sq_hinge", "auc_logistic"
     ] = field(
         default="disco",
         metadata={
-            "help": "'disco' (log-mean-exp over negatives), 'disco_b' (mean), or an ablation: "
-            "'cvar', 'disco_2way', 'auc_sq_hinge', 'auc_logistic'."
+            "help": "'disco' (log-mean-exp over negatives), 'disco_b' (mean), 'drpo' (DRPO: "
+            "correct completions weighted towards the short ones, see `lam` and `max_length`), "
+            "or an ablation: 'cvar', 'disco_2way', 'auc_sq_hinge', 'auc_logistic'."
         },
     )
     tau: float | None = field(
@@ -183,6 +196,20 @@ class DisCOConfig(GRPOConfig):
     clip_eps: float = field(
         default=0.2,
         metadata={"help": "Clip range of score='clipped_ratio', in (0, 1)."},
+    )
+    lam: float = field(
+        default=0.1,
+        metadata={
+            "help": "Temperature of objective='drpo''s softmax over a prompt's correct "
+            "completions, > 0 (smaller: more weight on the shortest)."
+        },
+    )
+    max_length: int | None = field(
+        default=None,
+        metadata={
+            "help": "Length scale of objective='drpo''s preference 1 - |o|/max_length, in "
+            "tokens, at least `max_completion_length`; None: `max_completion_length`."
+        },
     )
     allow_reference_kl: bool = field(
         default=False,
@@ -253,7 +280,36 @@ class DisCOConfig(GRPOConfig):
             cvar_alpha=self.cvar_alpha,
             margin=self.margin,
             clip_eps=self.clip_eps,
+            lam=self.lam,
+            max_length=self.drpo_max_length,
         )
+
+    @property
+    def drpo_max_length(self) -> int | None:
+        """The length scale DRPO's loss uses: ``max_length``, else (``objective="drpo"``)
+        ``max_completion_length``."""
+        if self.max_length is not None or self.objective != "drpo":
+            return self.max_length
+        return self.max_completion_length
+
+    def _check_drpo_max_length(self) -> None:
+        if self.objective != "drpo":
+            return
+        cap = self.max_completion_length
+        if self.drpo_max_length is None:
+            raise ValueError(
+                "objective='drpo' needs the length scale of its preference 1 - |o|/max_length "
+                "(the longest completion, in tokens): max_length and max_completion_length are "
+                "both None; set one of them"
+            )
+        if cap is not None and self.drpo_max_length < cap:
+            raise ValueError(
+                f"max_length={self.max_length} is smaller than max_completion_length={cap}, the "
+                "longest completion TRL generates: DRPO's preference 1 - |o|/max_length is meant "
+                "to lie in [0, 1) for every completion. For a stronger preference for short "
+                "completions lower `lam` (only lam * max_length matters); leave max_length=None "
+                "to use max_completion_length"
+            )
 
     def _check_disco_options(self) -> None:
         try:
@@ -265,6 +321,7 @@ class DisCOConfig(GRPOConfig):
                     message = field_name + message[len(core) :]
             raise type(err)(message) from None
         check_number("lagrangian_lr", self.lagrangian_lr, positive=True)
+        self._check_drpo_max_length()
         if self.weights == "micro_batch":
             raise ValueError(
                 "weights='micro_batch' is not supported by DisCOTrainer: it plans each "

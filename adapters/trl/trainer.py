@@ -320,6 +320,8 @@ class DisCOTrainer(GRPOTrainer):
             "multiplier": self.disco_multiplier,
             "cvar_alpha": args.cvar_alpha,
             "margin": args.margin,
+            "lam": args.lam,
+            "max_length": args.drpo_max_length,  # drpo: the preference from the stats' lengths
         }
 
     # ------------------------------------------------------------------ generation batch
@@ -719,3 +721,5 @@ class DisCOTrainer(GRPOTrainer):
                 "effective_negatives",
             ):
                 m[f"disco/{key}"].append(out[key].item())
+            if args.objective == "drpo":  # how concentrated DRPO's positive weights are
+                m["disco/effective_positives"].append(out["effective_positives"].item())

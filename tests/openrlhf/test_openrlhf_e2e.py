@@ -10,8 +10,10 @@ weights (the question order shared by the ranks, the stats forward, ``plan_minib
 two ranks) and the Lagrange multiplier with its checkpoint.
 
 Three launcher runs: the default ``--algo.disco.weights current`` with micro-batches of one
-response and the squared hinge (each optimizer step's applied gradient is compared with
-``disco_loss`` on its whole mini-batch); ``sampling`` with ``constraint=lagrangian`` and a
+response, the squared hinge and DRPO (``--algo.disco.objective drpo``, ``--algo.disco.lam 0.2``,
+``--algo.disco.max_length`` left to its default, the generation cap ``--rollout.max_new_tokens
+6``; each optimizer step's applied gradient is compared with ``disco_loss(objective="drpo")``
+on its whole mini-batch); ``sampling`` with ``constraint=lagrangian`` and a
 checkpoint after every step; a run resuming from that checkpoint. Each PPO step: 5 questions of 4
 responses, 10 samples per rank (question 2 split between the ranks), 2 optimizer steps.
 
@@ -80,8 +82,13 @@ DISCO_METRICS = ("disco/loss", "disco/objective", "disco/kl", "disco/penalty",
 
 #: The exactness run: the default weights (current), micro-batches of one response, the squared
 #: hinge with the k3 estimator (>= 0, so that the constraint becomes active once the policy
-#: moves: Adam at lr 1e-2 moves it far past delta = 1e-3 in one optimizer step).
-EXACT = ["--algo.disco.kl_estimator", "k3"]
+#: moves: Adam at lr 1e-2 moves it far past delta = 1e-3 in one optimizer step), and DRPO with
+#: lam 0.2 (not the default, so that the test sees it reach the loss) and max_length left to
+#: its default, the generation cap (launcher_flags: --rollout.max_new_tokens 6).
+DRPO_LAM = 0.2
+GENERATION_CAP = 6
+EXACT = ["--algo.disco.kl_estimator", "k3",
+         "--algo.disco.objective", "drpo", "--algo.disco.lam", str(DRPO_LAM)]
 #: ``sampling`` weights and ``constraint=lagrangian`` with a checkpoint after every step: the
 #: run the checkpoint tests read also gives the checkpoint the last test resumes from. With the
 #: k3 estimator (>= 0) and delta = 0 the multiplier grows as soon as the policy has moved.
@@ -140,7 +147,8 @@ def test_e2e_runs_the_ppo_loop_with_finite_disco_metrics(run, request):
         assert len(steps) == STEPS, (rank, len(steps))
         for step in steps:
             status = step["status"]
-            for key in DISCO_METRICS:
+            keys = DISCO_METRICS + (("disco/effective_positives",) if run == "exact_run" else ())
+            for key in keys:
                 assert isinstance(status.get(key), float) and math.isfinite(status[key]), (
                     rank, key, status.get(key))
             # (no "actor_grad_norm": DeepSpeed reports none for a float32 model without ZeRO;
@@ -202,36 +210,65 @@ def _step_mini_batches(traces: list[list[dict]]):
             yield micro, steps[0]["params"], steps[0]["grads"]
 
 
+#: What a mistake in DRPO's plumbing would apply instead of the exact run's options; each must
+#: differ from what DeepSpeed applied, or the comparison could not see the mistake.
+WRONG_OPTIONS = {
+    "DisCO (objective not passed)": dict(objective="disco"),
+    "lam not passed (0.1)": dict(lam=0.1),
+    "max_length twice the cap": dict(max_length=2 * GENERATION_CAP),
+}
+
+
 def test_e2e_every_optimizer_step_applies_disco_on_its_whole_mini_batch(exact_run):
     """The gradient DeepSpeed applies at every optimizer step (both ranks' micro-batches of one
-    response, averaged over the ranks) equals the gradient of ``disco_loss`` on that step's whole
-    mini-batch at the step's parameters, within 1e-5 relative; the squared hinge is active in
-    at least one step. (Checked to fail without the data-parallel factor, with the local token
-    count as the normaliser, and with stats at the sampling policy after the first step.)"""
+    response, averaged over the ranks) equals the gradient of ``disco_loss(objective="drpo",
+    lam=0.2, max_length=6)`` on that step's whole mini-batch at the step's parameters, within
+    1e-5 relative; the squared hinge is active in at least one step. DisCO's gradient, DRPO's
+    at the default lam and at another max_length each differ from the applied one by more than
+    1e-3 in some step (the run's correct answers differ in length). (Checked to fail without
+    the data-parallel factor, with the local token count as the normaliser, and with stats at
+    the sampling policy after the first step.)"""
     out, _, model = exact_run
     probe = _reference_actor(model)
     names = [n for n, _ in probe.model.named_parameters()]
-    settings = dict(tau=5.0, delta=1e-3, beta=100.0, kl_estimator="k3")
+    settings = dict(tau=5.0, delta=1e-3, beta=100.0, kl_estimator="k3", objective="drpo",
+                    lam=DRPO_LAM, max_length=GENERATION_CAP)
     errors, kls, split = [], [], 0
-    for micro, params, grads in _step_mini_batches(_traces(out)):
-        probe.model.load_state_dict(params)
+    apart = dict.fromkeys(WRONG_OPTIONS, 0.0)
+    lengths: Counter[int] = Counter()
+
+    def gradient(lps: list[torch.Tensor], micro: list[dict], **options: Any) -> tuple:
         probe.zero_grad()
-        lps = [probe(m["sequences"], m["action_mask"], attention_mask=m["attention_mask"])
-               for m in micro]
         result = disco_loss(pad_cat(lps), pad_cat([m["old"] for m in micro]),
                             pad_cat([m["action_mask"] for m in micro]).bool(),
                             torch.cat([m["rewards"] for m in micro]),
-                            torch.cat([m["group_ids"] for m in micro]), **settings)
-        result.loss.backward()
+                            torch.cat([m["group_ids"] for m in micro]), **options)
+        result.loss.backward(retain_graph=True)
         params_ = dict(probe.model.named_parameters())
-        want = torch.cat([params_[n].grad.reshape(-1).double() for n in names])
+        return torch.cat([params_[n].grad.reshape(-1).double() for n in names]), result
+
+    for micro, params, grads in _step_mini_batches(_traces(out)):
+        probe.model.load_state_dict(params)
+        lps = [probe(m["sequences"], m["action_mask"], attention_mask=m["attention_mask"])
+               for m in micro]
+        want, result = gradient(lps, micro, **settings)
         got = torch.cat([grads[n].reshape(-1).double() for n in names])
         errors.append(float((got - want).norm() / want.norm()))
+        for label, wrong in WRONG_OPTIONS.items():
+            other, _ = gradient(lps, micro, **{**settings, **wrong})
+            apart[label] = max(apart[label], float((got - other).norm() / got.norm()))
         kls.append(float(result.kl.detach()))
         per_micro = Counter(int(g) for m in micro for g in m["group_ids"])
         split += sum(c > 1 for c in per_micro.values())
+        for m in micro:
+            positive = m["rewards"] > 0.5
+            lengths.update(int(n) for n in m["action_mask"].sum(-1)[positive])
+    print(f"exact: relative error per optimizer step {[f'{e:.1e}' for e in errors]}; lengths "
+          f"of the correct answers {dict(sorted(lengths.items()))}; largest relative "
+          f"difference of the wrong options: {apart}")
     assert len(errors) == STEPS * OPTIMIZER_STEPS_PER_PPO_STEP
     assert max(errors) <= 1e-5, errors
+    assert min(apart.values()) > 1e-3, apart
     assert max(kls) > settings["delta"], kls  # the squared hinge is active
     assert split > 0  # questions with responses in several micro-batches
 

@@ -65,6 +65,18 @@ def test_defaults_are_disco_loss_defaults(tmp_path: Any) -> None:
             r"Use weights='current' .* or weights='sampling'",
         ),
         ({"weights": "exact"}, r"weights='exact' is not a valid option; expected 'current' or "),
+        ({"objective": "drpo", "lam": 0.0}, r"lam must be > 0"),
+        ({"lam": -1.0}, r"lam must be > 0"),
+        ({"max_length": 0}, r"max_length must be >= 1"),
+        (
+            {"objective": "drpo", "max_length": 3},
+            r"max_length=3 is smaller than max_completion_length=4, .* lower `lam`",
+        ),
+        (
+            {"objective": "drpo", "max_completion_length": None},
+            r"objective='drpo' needs the length scale .* max_length and max_completion_length "
+            r"are both None",
+        ),
     ],
 )
 def test_bad_config_fails_at_construction(
@@ -72,6 +84,18 @@ def test_bad_config_fails_at_construction(
 ) -> None:
     with pytest.raises(ValueError, match=match):
         tiny_config(str(tmp_path), **overrides)
+
+
+def test_drpo_max_length_defaults_to_max_completion_length(tmp_path: Any) -> None:
+    """objective='drpo' without max_length: the length scale is max_completion_length, the
+    longest completion TRL generates; a larger max_length is kept; other objectives ignore it."""
+    config = tiny_config(str(tmp_path), objective="drpo", lam=0.2, max_completion_length=16)
+    assert config.max_length is None and config.drpo_max_length == 16
+    options = config.disco_options()
+    assert (options.objective, options.lam, options.max_length) == ("drpo", 0.2, 16)
+    config = tiny_config(str(tmp_path), objective="drpo", max_length=64, max_completion_length=16)
+    assert config.disco_options().max_length == 64
+    assert tiny_config(str(tmp_path), max_completion_length=16).disco_options().max_length is None
 
 
 def test_grpo_only_options_cover_real_fields() -> None:
@@ -117,8 +141,13 @@ def test_config_round_trips_through_the_cli_parser(tmp_path: Any) -> None:
             "2.0",
             "--weights",
             "sampling",
+            "--lam",
+            "0.3",
+            "--max_length",
+            "2048",
         ]
     )
+    assert (config.lam, config.max_length) == (0.3, 2048)
     assert (config.objective, config.disco_beta, config.tau) == ("disco_b", 500.0, 2.0)
     assert config.weights == "sampling"
     with pytest.raises(SystemExit):

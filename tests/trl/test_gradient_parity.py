@@ -165,11 +165,24 @@ def test_sampling_weights_at_every_update(
         assert_grads_close(rec.grads[step], model)
 
 
+#: DRPO's options in the exactness test (lam not the default: the test sees it reach the loss),
+#: one prompt of 8 completions per generation batch: its correct completions (seeded) are 3, 4
+#: and 4 tokens long (max_completion_length 4), so that DRPO's weights differ from DisCO's
+DRPO_CONFIG = {"lam": 0.3, "num_generations": 8}
+#: What a mistake in DRPO's plumbing would apply instead; each must differ from what TRL applied
+DRPO_MISTAKES = {
+    "DisCO (objective not passed)": {"objective": "disco"},
+    "lam not passed (0.1)": {"lam": 0.1},
+    "max_length twice max_completion_length": {"max_length": 8},  # (tiny_config: 4)
+}
+
+
 @pytest.mark.parametrize(
     ("objective", "score", "kl_estimator", "steps_per_generation", "num_iterations"),
     [
         ("disco", "log_likelihood", "k3", 2, 3),  # k = 1: a step is the generation batch
         ("disco", "likelihood_ratio", "k3", 4, 2),  # k = 2: a step holds half of it
+        ("drpo", "log_likelihood", "k3", 2, 2),  # DRPO, lam 0.3, max_length from the config
     ],
 )
 def test_current_weights_are_exact_at_every_update(
@@ -184,7 +197,10 @@ def test_current_weights_are_exact_at_every_update(
     step applies exactly k times the gradient of ``disco_loss`` on the whole generation batch
     at the step's parameters, restricted to the step's completions (all of them when k = 1):
     weights and the squared hinge's slope from the generation batch at the current
-    parameters. The sampling-policy surrogate differs at every step after the first."""
+    parameters. The sampling-policy surrogate differs at every step after the first. DRPO:
+    ``DisCOConfig(objective="drpo", lam=0.3)`` with ``max_length`` left to its default,
+    ``max_completion_length`` (4); DisCO's gradient, DRPO's at the default lam and at another
+    max_length each differ from the applied one (the completions' lengths differ)."""
     ga = 2
     k = steps_per_generation // ga
     steps = k * num_iterations
@@ -198,7 +214,11 @@ def test_current_weights_are_exact_at_every_update(
         num_iterations=num_iterations,
         max_steps=steps,
         weights="current",
+        **(DRPO_CONFIG if objective == "drpo" else {}),
     )
+    # the reference's DRPO options beside objective (max_length: max_completion_length)
+    drpo = {"lam": DRPO_CONFIG["lam"], "max_length": 4} if objective == "drpo" else {}
+    assert config.max_completion_length == 4
     trainer, rec = make_recording_trainer(config)
     trainer.train()
     mbs = trainer.micro_batches
@@ -212,10 +232,12 @@ def test_current_weights_are_exact_at_every_update(
         assert_masked_close(old, token_log_probs(reference_model(rec.params[0]), gen), mask)
     tau = 10.0 if score == "log_likelihood" else 1.0
     w0 = naive_weights(
-        naive_scores(old, old, mask, score), rewards, groups, objective=objective, tau=tau
+        naive_scores(old, old, mask, score), rewards, groups, objective="disco", tau=tau
     )
     logs = [entry for entry in trainer.state.log_history if "disco/objective" in entry]
     assert len(logs) == steps
+    apart = dict.fromkeys(DRPO_MISTAKES, 0.0)
+    errors: list[float] = []
     # one planning pass per optimizer step, except the first on the generation batch
     assert trainer.planning_passes == list(range(1, steps))
 
@@ -238,15 +260,30 @@ def test_current_weights_are_exact_at_every_update(
             objective=objective,
             score=score,
             kl_estimator=kl_estimator,
+            **drpo,
         )
-        (k * out.loss).backward()
+        (k * out.loss).backward(retain_graph=bool(drpo))
         j_value, kl_value = float(out.objective.detach()), float(out.kl.detach())
-        assert relative_error(rec.grads[step], model) <= 1e-5, step
+        errors.append(relative_error(rec.grads[step], model))
+        assert errors[-1] <= 1e-5, step
         assert_grads_close(rec.grads[step], model)
         # the logged values are the generation batch's at the step's parameters
         assert logs[step]["disco/objective"] == pytest.approx(j_value, abs=1e-6)
         assert logs[step]["disco/kl"] == pytest.approx(kl_value, rel=1e-4, abs=1e-7)
         assert "disco/penalty_local" not in logs[step]
+        if drpo:  # DRPO's metric, and what a mistake in its plumbing would apply instead
+            assert logs[step]["disco/effective_positives"] == pytest.approx(
+                float(out.metrics["effective_positives"]), rel=1e-5
+            )
+            for label, wrong in DRPO_MISTAKES.items():
+                model.zero_grad()
+                (k * disco_loss(torch.where(in_step.unsqueeze(1), logp, logp.detach()), old,
+                                mask, rewards, groups, score=score, kl_estimator=kl_estimator,
+                                **{"objective": objective, **drpo, **wrong}).loss).backward(
+                    retain_graph=True
+                )
+                apart[label] = max(apart[label], relative_error(rec.grads[step], model))
+            continue
         if step == 0:  # the sampling policy: no planning pass, the old log-probs' stats
             assert logs[step]["disco/kl"] == 0.0
             continue
@@ -257,6 +294,10 @@ def test_current_weights_are_exact_at_every_update(
             model, gen, old, w0, chunks, b=b, k=k, score=score, kl_estimator=kl_estimator
         ).backward()
         assert relative_error(rec.grads[step], model) > 1e-3  # the test tells the modes apart
+    if drpo:
+        print(f"DRPO in TRL: relative error per step {errors}; largest relative difference of "
+              f"the wrong options {apart}")
+        assert min(apart.values()) > 1e-3, apart
 
 
 def test_penalty_is_the_local_approximation(tmp_path: Any) -> None:
