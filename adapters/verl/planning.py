@@ -39,8 +39,8 @@ at the current parameters, squared hinge included (kappa from the mini-batch's K
 ``sampling`` the weights come from the sampling policy's scores: exact for ``disco_b`` (whose
 weights do not depend on the scores) and on the first mini-batch of a step, an approximation
 afterwards (``drpo``: its positives' weights depend on the lengths only and stay exact, its
-negatives' are DisCO's); the KL at the sampling policy is 0, so constraints that are not linear in the KL
-(``squared_hinge``, ``hinge``) are applied per micro-batch to its own KL (the local
+negatives' are DisCO's); the KL at the sampling policy is 0, so constraints that are not linear
+in the KL (``squared_hinge``, ``hinge``) are applied per micro-batch to its own KL (the local
 approximation of :func:`discoloss.accumulation.micro_batch_loss`), the linear ones
 (``kl_penalty``, ``lagrangian``, ``none``) exactly.
 """

@@ -277,11 +277,19 @@ def test_current_weights_are_exact_at_every_update(
             )
             for label, wrong in DRPO_MISTAKES.items():
                 model.zero_grad()
-                (k * disco_loss(torch.where(in_step.unsqueeze(1), logp, logp.detach()), old,
-                                mask, rewards, groups, score=score, kl_estimator=kl_estimator,
-                                **{"objective": objective, **drpo, **wrong}).loss).backward(
-                    retain_graph=True
-                )
+                (
+                    k
+                    * disco_loss(
+                        torch.where(in_step.unsqueeze(1), logp, logp.detach()),
+                        old,
+                        mask,
+                        rewards,
+                        groups,
+                        score=score,
+                        kl_estimator=kl_estimator,
+                        **{"objective": objective, **drpo, **wrong},
+                    ).loss
+                ).backward(retain_graph=True)
                 apart[label] = max(apart[label], relative_error(rec.grads[step], model))
             continue
         if step == 0:  # the sampling policy: no planning pass, the old log-probs' stats
@@ -295,8 +303,10 @@ def test_current_weights_are_exact_at_every_update(
         ).backward()
         assert relative_error(rec.grads[step], model) > 1e-3  # the test tells the modes apart
     if drpo:
-        print(f"DRPO in TRL: relative error per step {errors}; largest relative difference of "
-              f"the wrong options {apart}")
+        print(
+            f"DRPO in TRL: relative error per step {errors}; largest relative difference of "
+            f"the wrong options {apart}"
+        )
         assert min(apart.values()) > 1e-3, apart
 
 

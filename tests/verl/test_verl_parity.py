@@ -56,7 +56,9 @@ def test_parity_fixed_micro_batches(
     assert_parity(batch, step, **opts)
 
 
-@pytest.mark.parametrize(("dp", "micro", "dynamic"), [(1, 4, False), (2, 8, False), (2, None, True)])
+@pytest.mark.parametrize(
+    ("dp", "micro", "dynamic"), [(1, 4, False), (2, 8, False), (2, None, True)]
+)
 def test_drpo_parity_whole_questions_per_micro_batch(dp: int, micro: int | None,
                                                      dynamic: bool) -> None:
     """weights=micro_batch, objective=drpo: every micro-batch's own DRPO loss adds up to
