@@ -251,7 +251,7 @@ def check_for_openrlhf(settings: DiscoSettings) -> DiscoSettings:
 def settings_from_args(args: Any) -> DiscoSettings:
     """Read and validate the DisCO options from OpenRLHF's args (hierarchical or flat);
     missing ones take :func:`discoloss.disco_loss`'s defaults, except ``max_length`` with
-    ``objective=drpo``: the rollout's maximum generation length (:func:`generation_cap`).
+    ``objective=drpo``: the rollout's maximum generation length (``generation_cap``).
 
     Raises ValueError naming the ``--algo.disco.<name>`` flag of a bad or unsupported value.
     """

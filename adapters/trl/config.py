@@ -286,8 +286,8 @@ class DisCOConfig(GRPOConfig):
 
     @property
     def drpo_max_length(self) -> int | None:
-        """The length scale DRPO's loss uses: ``max_length``, else (``objective="drpo"``)
-        ``max_completion_length``."""
+        """Length scale of DRPO's preference as the loss uses it, in tokens (``max_length``,
+        else, with ``objective="drpo"``, ``max_completion_length``)."""
         if self.max_length is not None or self.objective != "drpo":
             return self.max_length
         return self.max_completion_length

@@ -62,7 +62,7 @@ class VerlDiscoOptions:
       beta, kl_estimator, threshold, normalize, constraint, cvar_alpha, margin, clip_eps, lam,
       max_length), passed to :func:`discoloss.disco_loss` unchanged. ``objective=drpo`` needs
       ``max_length``: the driver fills it with the rollout's maximum response length
-      (:func:`discoloss.adapters.verl.layout.fill_drpo_max_length`).
+      (``discoloss.adapters.verl.layout.fill_drpo_max_length``).
     validate: value and layout checks. Inside verl's workers they are deferred to the end of
       each pass and stop every rank at once (``discoloss.adapters.verl.faults``: no host
       sync in the loss, one small all-reduce per pass); called directly, the loss raises at
