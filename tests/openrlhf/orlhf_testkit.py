@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import importlib.util
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
@@ -104,8 +106,11 @@ def make_args(**overrides: Any) -> SimpleNamespace:
 VOCAB = 32
 
 
-def save_tiny_model(path: Path) -> str:
-    """A 2-layer random Llama saved with save_pretrained (no hub)."""
+def save_tiny_model(path: Path, p_eos: float | None = None) -> str:
+    """A 2-layer random Llama saved with save_pretrained (no hub); with ``p_eos``, tuned to end
+    a response with about that probability at every token (a random model almost never ends
+    before the length cap, so all its responses would have the same length): the verl suite's
+    ``raise_eos`` (tests/verl/verl_e2e_kit.py, seeded, about a second)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
@@ -115,6 +120,13 @@ def save_tiny_model(path: Path) -> str:
         tie_word_embeddings=False, bos_token_id=1, eos_token_id=2, pad_token_id=0,
     )
     model = LlamaForCausalLM(config)
+    if p_eos is not None:
+        spec = importlib.util.spec_from_file_location(
+            "verl_e2e_kit", Path(__file__).resolve().parents[1] / "verl" / "verl_e2e_kit.py")
+        assert spec is not None and spec.loader is not None
+        kit = sys.modules.setdefault(spec.name, importlib.util.module_from_spec(spec))
+        spec.loader.exec_module(kit)  # stdlib imports only at module level
+        kit.raise_eos(model, config.eos_token_id, VOCAB, p_eos=p_eos)
     model.save_pretrained(path)
     return str(path)
 
@@ -383,14 +395,14 @@ def shifted(experiences: list[Any], seed: int, shift: float) -> list[Any]:
     return experiences
 
 
-def save_tiny_model_with_tokenizer(path: Path) -> str:
+def save_tiny_model_with_tokenizer(path: Path, p_eos: float | None = None) -> str:
     """:func:`save_tiny_model` plus a word-level tokenizer over its vocabulary (``<pad>``,
     ``<s>``, ``</s>``, ``<unk>``, then the words ``w4`` ... ``w31``), saved with
     ``save_pretrained`` (no hub): what OpenRLHF's launcher and a rollout engine load."""
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    save_tiny_model(path)
+    save_tiny_model(path, p_eos=p_eos)
     vocab = {"<pad>": 0, "<s>": 1, "</s>": 2, "<unk>": 3,
              **{f"w{i}": i for i in range(4, VOCAB)}}
     tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))

@@ -119,8 +119,13 @@ def _run(tmp: Path, name: str, steps: int, *extra: str, model: str | None = None
 @pytest.fixture(scope="module")
 def exact_run(tmp_path_factory: pytest.TempPathFactory) -> tuple:
     """2 actor ranks, 3 PPO steps of 2 optimizer steps each, micro-batches of one response,
-    ``--algo.disco.weights`` left at its default, every step traced."""
-    return _run(tmp_path_factory.mktemp("e2e"), "exact", STEPS, *EXACT, trace=True)
+    ``--algo.disco.weights`` left at its default, DRPO, every step traced; the tiny model tuned
+    to end a response early (:func:`save_tiny_model_with_tokenizer` with ``p_eos``)."""
+    tmp = tmp_path_factory.mktemp("e2e")
+    # responses of many lengths (p_eos 0.2 a token): DRPO's weights act on correct answers of
+    # different lengths only
+    model = save_tiny_model_with_tokenizer(tmp / "tiny_eos", p_eos=0.2)
+    return _run(tmp, "exact", STEPS, *EXACT, model=model, trace=True)
 
 
 @pytest.fixture(scope="module")

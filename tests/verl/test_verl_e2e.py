@@ -35,6 +35,7 @@ import json
 import math
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -466,6 +467,7 @@ def test_every_mini_batch_gradient_equals_disco_loss(
         return float(constraint_slope(value, constraint="squared_hinge", delta=1e-4, beta=1e3))
 
     model = base[RUN_MODEL.get(name, "model")]
+    informative = 0  # mini-batches where DRPO's weights differ from DisCO's
     active = 0
     report = []
     wrong = {label: 0.0 for label in WRONG_OPTIONS.get(name, {})}
@@ -503,7 +505,11 @@ def test_every_mini_batch_gradient_equals_disco_loss(
         assert rel <= 1e-5, (name, k, rel)
         assert engine_norms[k] == pytest.approx(scale, rel=1e-5)
         for label, alt_options in WRONG_OPTIONS.get(name, {}).items():
-            alt, _, _ = reference_gradient(model, rows, params=params, **alt_options)
+            alt, alt_out, _ = reference_gradient(model, rows, params=params, **alt_options)
+            if not alt_options:  # DisCO: DRPO's weights act iff they are less even than its
+                informative += float(out.metrics["effective_positives"]) < float(
+                    alt_out.metrics["effective_positives"]
+                ) - 1e-9
             alt_want = _flat(alt, keys) + shift * _flat(grad_kl, keys)
             wrong[label] = max(wrong[label], float((have - alt_want).norm()) / scale)
         if name == "resume":
@@ -513,8 +519,18 @@ def test_every_mini_batch_gradient_equals_disco_loss(
     print(f"{name}: every mini-batch against disco_loss: " + "; ".join(report))
     assert active >= 1, "the constraint was never active: the test would not see kappa"
     for label, worst in wrong.items():  # the comparison would have seen each mistake
-        print(f"{name}: {label}: largest relative difference {worst:.2e}")
+        print(f"{name}: {label}: largest relative difference {worst:.2e} ({informative} "
+              "mini-batches with a question whose correct answers differ in length)")
+        if informative == 0:
+            # the sampled responses vary from run to run (Ray's scheduling): without a question
+            # with correct answers of different lengths and a wrong one in a mini-batch, DRPO's
+            # gradient is DisCO's and the run cannot tell them apart (tests/verl/
+            # test_verl_planning.py and test_verl_parity.py do, on fixed batches)
+            warnings.warn(f"{name}: no mini-batch where DRPO's weights act: {label} not checked",
+                          stacklevel=1)
+            continue
         assert worst > 1e-3, (name, label, worst)
+
 
 
 def sampling_gradient(
