@@ -114,7 +114,7 @@ def test_drpo_current_is_exact_and_its_weights_act(layout: str) -> None:
     "drpo", max_length=...) on it (the length preference from the plan's token counts, whatever
     width verl pads each micro-batch to); DisCO's gradient, DRPO's at the default lam and at
     another max_length differ, so the comparison sees each option."""
-    batch = _batch(seed=21)
+    batch = _batch(seed=22)
     step = run_planned_update(batch, n=N, dp=1, mini_batch_size=16, **LAYOUTS[layout], **DRPO)
     assert len(step.grads) == 2
     others = {"disco": dict(DRPO, objective="disco"), "lam": dict(DRPO, lam=0.2),
