@@ -1,0 +1,60 @@
+"""Smoke test of ``python -m benchmarks.layout --quick``: verl's real actor update in one
+process on the CPU (a tiny random model), every section, the report files. Nothing here is
+timed; what is asserted are properties the numbers must have whatever the machine:
+
+* memory: micro-batches of one response hold less at the peak than whole questions;
+* drift: on the first mini-batch of a step ``sampling`` applies the exact gradient (its stats
+  are the old log-probs', computed at the parameters the step starts from, so they are the
+  current ones), while the following mini-batch's parameters have moved (KL > delta);
+* drift: the exact gradient equals the objective's plus kappa times the KL's, measured in
+  separate passes (the decomposition the table's columns rely on).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_layout_benchmark_quick(tmp_path: Path) -> None:
+    path = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
+    env = {**os.environ, "PYTHONPATH": path}
+    env.pop("VERL_USE_EXTERNAL_MODULES", None)
+    command = ["-m", "benchmarks.layout", "--quick", "--threads", "1", "--out", str(tmp_path)]
+    proc = subprocess.run(
+        [sys.executable, *command],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    text = (tmp_path / "results.md").read_text()
+    titles = ("Peak memory of one update", "Update time", "Drift of weights=sampling", "On paper")
+    for title in titles:
+        assert f"## {title}" in text
+    results = json.loads((tmp_path / "results.json").read_text())
+
+    memory = {row["label"]: row["peak_bytes"] for row in results["memory"]}
+    whole = results["memory"][0]
+    assert whole["weights"] == "micro_batch" and whole["micro"] == results["preset"]["memory"]["n"]
+    assert 0 < memory["current, 1"] < whole["peak_bytes"]
+    assert 0 < memory["GRPO, 1"] < memory[f"GRPO, {whole['micro']}"]
+
+    for name in ("current/GRPO", "sampling/GRPO"):
+        assert results["time_ratios"][name]["wall"] > 0
+
+    drift = results["drift"]
+    assert [r["mini_batch"] for r in drift] == [0, 1]
+    first, second = drift
+    assert first["sampling"][1] < 1e-5  # exact on the first mini-batch
+    assert second["kl"] > 1e-4  # the parameters moved: the squared hinge is active
+    assert second["sampling"][1] > 1e-3  # ... and sampling's per-micro-batch hinge is not exact
+    for row in drift:
+        assert row["decomposition_error"] < 1e-4
