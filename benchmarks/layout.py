@@ -130,7 +130,7 @@ class Preset:
     max_rounds: int
     min_time: float
     drift_steps: int
-    lr: float  # of the drift run
+    lrs: tuple[float, ...]  # of the drift runs (AdamW), one run from the same model each
     warmup: bool = True  # one untimed update per variant before the timed rounds
 
 
@@ -144,8 +144,8 @@ FULL = Preset(
     min_rounds=5,
     max_rounds=9,
     min_time=0.0,
-    drift_steps=2,
-    lr=2e-4,
+    drift_steps=1,
+    lrs=(5e-5, 5e-4),
 )
 QUICK = Preset(
     model=ModelSize(hidden=32, layers=1, heads=2, kv_heads=1, intermediate=64, vocab=64),
@@ -158,7 +158,7 @@ QUICK = Preset(
     max_rounds=1,
     min_time=0.0,
     drift_steps=1,
-    lr=2e-3,
+    lrs=(2e-3,),
     warmup=False,
 )
 SECTIONS = ("memory", "time", "drift")
@@ -725,6 +725,7 @@ class DriftRow:
     local_hinge: tuple[float, float]  # disco_b: exact weights, per-micro-batch hinge
     previous_kl_slope: tuple[float, float]  # candidate: sampling's weights, slope of kl_previous
     decomposition_error: float  # exact vs objective + kappa * grad KL, reassembled from probes
+    lr: float = math.nan
 
 
 def drift_rows(passes: Sequence[DriftPass]) -> list[DriftRow]:
@@ -768,18 +769,25 @@ def measure_drift(
     seed: int,
     progress: Callable[[str], None],
 ) -> list[DriftRow]:
-    worker = build_worker(model_dir, dtype=dtype, lr=preset.lr)
-    updater = Updater(worker)
-    shape = preset.drift
-    probes = GradientProbes(updater, shape, micro)
-    for s in range(preset.drift_steps):
-        progress(f"drift: step {s + 1}")
-        rows = make_step(
-            worker, shape, preset.model.vocab, seed=seed + 100 + s, infer_micro=preset.infer_micro
-        )
-        with probes.installed(s):
-            updater(probes.reference, rows, infer_micro=preset.infer_micro)
-    return drift_rows(probes.passes)
+    out = []
+    for lr in preset.lrs:
+        worker = build_worker(model_dir, dtype=dtype, lr=lr)
+        updater = Updater(worker)
+        shape = preset.drift
+        probes = GradientProbes(updater, shape, micro)
+        for s in range(preset.drift_steps):
+            progress(f"drift: lr {lr:g}, step {s + 1}")
+            rows = make_step(
+                worker,
+                shape,
+                preset.model.vocab,
+                seed=seed + 100 + s,
+                infer_micro=preset.infer_micro,
+            )
+            with probes.installed(s):
+                updater(probes.reference, rows, infer_micro=preset.infer_micro)
+        out += [replace(r, lr=lr) for r in drift_rows(probes.passes)]
+    return out
 
 
 # ------------------------------------------------------------------------------------------
@@ -883,14 +891,14 @@ def drift_markdown(rows: Sequence[DriftRow], shape: Shape, micro: int) -> str:
         f"response(s); delta = {DELTA:g}, beta = {BETA:g}. Cells: cosine / relative norm "
         "difference against the exact gradient (`current`) at the same parameters.",
         "",
-        "| step | mini-batch | KL (exact) | KL of the previous mini-batch | sampling (as shipped) "
-        "| stale weights alone | per-micro-batch hinge alone (disco_b) | candidate: slope from "
-        "the previous KL | check |",
-        "|---:|---:|---:|---:|---|---|---|---|---:|",
+        "| lr | step | mini-batch | KL (exact) | KL of the previous mini-batch "
+        "| sampling (as shipped) | stale weights alone | per-micro-batch hinge alone (disco_b) "
+        "| candidate: slope from the previous KL | check |",
+        "|---:|---:|---:|---:|---:|---|---|---|---|---:|",
     ]
     for r in rows:
         lines.append(
-            f"| {r.step} | {r.mini_batch} | {r.kl:.2e} | {r.kl_previous:.2e} | "
+            f"| {r.lr:g} | {r.step} | {r.mini_batch} | {r.kl:.2e} | {r.kl_previous:.2e} | "
             f"{_pair(r.sampling)} | {_pair(r.stale_weights)} | {_pair(r.local_hinge)} | "
             f"{_pair(r.previous_kl_slope)} | {r.decomposition_error:.1e} |"
         )
@@ -968,7 +976,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--min-rounds", type=int, default=None)
     p.add_argument("--max-rounds", type=int, default=None)
     p.add_argument("--min-time", type=float, default=None, help="timing seconds, at least")
-    p.add_argument("--lr", type=float, default=None, help="learning rate of the drift run")
+    p.add_argument("--lrs", default=None, help="comma list: learning rates of the drift runs")
     p.add_argument("--drift-steps", type=int, default=None)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, default=None, help="folder for results.md/json and the plot")
@@ -985,9 +993,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 def preset_of(args: argparse.Namespace) -> Preset:
     preset = QUICK if args.quick else FULL
     overrides: dict[str, Any] = {}
-    for name in ("min_rounds", "max_rounds", "min_time", "lr", "drift_steps"):
+    for name in ("min_rounds", "max_rounds", "min_time", "drift_steps"):
         if getattr(args, name) is not None:
             overrides[name] = getattr(args, name)
+    if args.lrs is not None:
+        overrides["lrs"] = tuple(float(x) for x in args.lrs.split(","))
     if args.micro is not None:
         overrides["time_micro"] = args.micro
     return replace(preset, **overrides)
@@ -1015,7 +1025,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if "time" in args.sections:
         total += 3 * (int(preset.warmup) + preset.max_rounds)
     if "drift" in args.sections:
-        total += preset.drift_steps
+        total += preset.drift_steps * len(preset.lrs)
     bar = tqdm(total=total, desc="layout", unit="update") if tqdm else None
 
     def progress(what: str) -> None:
