@@ -536,13 +536,33 @@ class TimeResult:
         xs, ys = getattr(self, what)[label], getattr(self, what)[base]
         return float(statistics.median(a / b for a, b in zip(xs, ys)))
 
+    def ratio_without_plan(self, label: str, base: str) -> float:
+        """Median over rounds of (label's wall time - its planning time) / base's wall time."""
+        xs, ps, ys = self.wall[label], self.plan[label], self.wall[base]
+        return float(statistics.median((a - p) / b for a, p, b in zip(xs, ps, ys)))
 
-def time_variants(micro: int) -> list[Variant]:
+
+def time_variants(micro: int, n: int) -> list[Variant]:
+    """current, sampling and GRPO at the micro-batch ``micro``; micro_batch (whole questions,
+    the only layout it allows) and GRPO at micro-batches of ``n``."""
     return [
         Variant("current", "disco", micro, "current"),
         Variant("sampling", "disco", micro, "sampling"),
         Variant("GRPO", "grpo", micro),
+        Variant("micro_batch", "disco", n, "micro_batch"),
+        Variant("GRPO, whole questions", "grpo", n),
     ]
+
+
+# each timed variant's baseline: GRPO at the same layout, on the same rows, in the same rounds
+TIME_BASE = {
+    "current": "GRPO",
+    "sampling": "GRPO",
+    "GRPO": "GRPO",
+    "micro_batch": "GRPO, whole questions",
+    "GRPO, whole questions": "GRPO, whole questions",
+}
+TIME_RATIOS = ("current", "sampling", "micro_batch")
 
 
 def measure_time(
@@ -557,7 +577,7 @@ def measure_time(
     warmup: bool,
     progress: Callable[[str], None],
 ) -> TimeResult:
-    variants = time_variants(micro)
+    variants = time_variants(micro, step.shape.n)
     result = TimeResult(labels=[v.label for v in variants])
     for v in variants if warmup else ():
         progress(f"time: warm-up {v.label}")
@@ -849,26 +869,42 @@ def memory_markdown(rows: Sequence[MemoryRow], state: dict[str, int], shape: Sha
 
 
 def time_markdown(result: TimeResult, shape: Shape, micro: int, infer_micro: int) -> str:
-    base = "GRPO"
     lines = [
-        f"One update: {shape.mini_batches} mini-batches of {shape.questions} questions x "
-        f"n = {shape.n} responses of {shape.response_tokens} tokens, training micro-batches of "
-        f"{micro} response(s), current's stats forward in micro-batches of {infer_micro}; "
-        f"{result.rounds} interleaved rounds.",
+        f"One update: {shape.mini_batches} mini-batches of {shape.questions} question(s) x "
+        f"n = {shape.n} responses of {shape.response_tokens} tokens (prompt "
+        f"{shape.prompt_tokens}); current, sampling and GRPO with training micro-batches of "
+        f"{micro} response(s), micro_batch and GRPO, whole questions with micro-batches of "
+        f"{shape.n}; current's stats forward in micro-batches of {infer_micro}; "
+        f"{result.rounds} interleaved rounds. Ratios are medians of per-round ratios to GRPO "
+        "at the same micro-batch size; `without plan` takes the adapter's planning time "
+        "(for current: the stats forward) off the variant's time in each round.",
         "",
-        "| variant | median s | median cpu s | / GRPO (wall) | / GRPO (cpu) | plan s / update "
-        "| plan share |",
-        "|---|---:|---:|---:|---:|---:|---:|",
+        "| variant | micro-batch | median s | median cpu s | / GRPO (wall) | / GRPO (cpu) "
+        "| plan s / update | plan share | without plan / GRPO (wall) |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for label in result.labels:
+        base = TIME_BASE[label]
         wall = result.median(label)
         plan = statistics.median(result.plan[label])
+        size = shape.n if base != "GRPO" else micro
         lines.append(
-            f"| {label} | {wall:.2f} | {result.median(label, 'cpu'):.2f} | "
+            f"| {label} | {size} | {wall:.2f} | {result.median(label, 'cpu'):.2f} | "
             f"{result.ratio(label, base):.3f} | {result.ratio(label, base, 'cpu'):.3f} | "
-            f"{plan:.2f} | {plan / wall:.1%} |"
+            f"{plan:.2f} | {plan / wall:.1%} | {result.ratio_without_plan(label, base):.3f} |"
         )
     return "\n".join(lines)
+
+
+def time_ratios(result: TimeResult) -> dict[str, dict[str, float]]:
+    return {
+        f"{a}/GRPO": {
+            "wall": result.ratio(a, TIME_BASE[a]),
+            "cpu": result.ratio(a, TIME_BASE[a], "cpu"),
+            "wall_without_plan": result.ratio_without_plan(a, TIME_BASE[a]),
+        }
+        for a in TIME_RATIOS
+    }
 
 
 def time_verdict(result: TimeResult) -> str:
@@ -876,7 +912,8 @@ def time_verdict(result: TimeResult) -> str:
     verdict = "met" if r <= TIME_GOAL else "missed"
     return (
         f"current / GRPO = {r:.3f} (goal <= {TIME_GOAL}: {verdict}); sampling / GRPO = "
-        f"{result.ratio('sampling', 'GRPO'):.3f}"
+        f"{result.ratio('sampling', 'GRPO'):.3f}; micro_batch / GRPO (whole questions) = "
+        f"{result.ratio('micro_batch', TIME_BASE['micro_batch']):.3f}"
     )
 
 
@@ -902,6 +939,75 @@ def drift_markdown(rows: Sequence[DriftRow], shape: Shape, micro: int) -> str:
             f"{_pair(r.sampling)} | {_pair(r.stale_weights)} | {_pair(r.local_hinge)} | "
             f"{_pair(r.previous_kl_slope)} | {r.decomposition_error:.1e} |"
         )
+    return "\n".join(lines)
+
+
+def summary_rows(
+    mem: Sequence[MemoryRow] | None,
+    timed: TimeResult | None,
+    drift: Sequence[DriftRow] | None,
+    n: int,
+) -> list[tuple[str, str, str]]:
+    """(quantity, measured, expected or goal) for the summary table."""
+    rows: list[tuple[str, str, str]] = []
+    if mem:
+        peak = {r.label: r.peak_bytes for r in mem}
+        for label, base in (
+            ("current, 1", mem[0].label),
+            ("sampling, 1", mem[0].label),
+            ("GRPO, 1", f"GRPO, {n}"),
+        ):
+            rows.append(
+                (
+                    f"peak memory: {label} / {base}",
+                    f"{peak[label] / peak[base]:.3f}",
+                    f"about 1/n = {1 / n:.3f}",
+                )
+            )
+    if timed is not None:
+        for a in TIME_RATIOS:
+            base = TIME_BASE[a]
+            goal = f"<= {TIME_GOAL}" if a == "current" else "-"
+            rows.append(
+                (
+                    f"update time: {a} / {base} (wall; cpu)",
+                    f"{timed.ratio(a, base):.3f}; {timed.ratio(a, base, 'cpu'):.3f}",
+                    goal,
+                )
+            )
+    if drift:
+        for lr in sorted({r.lr for r in drift}):
+            later = [r for r in drift if r.lr == lr and r.mini_batch > 0]
+            first = [r for r in drift if r.lr == lr and r.mini_batch == 0]
+            if first:
+                rows.append(
+                    (
+                        f"sampling vs exact, first mini-batch (lr {lr:g}): worst rel. diff",
+                        f"{max(r.sampling[1] for r in first):.1e}",
+                        "0 (exact)",
+                    )
+                )
+            if later:
+                cos = [r.sampling[0] for r in later]
+                rel = [r.sampling[1] for r in later]
+                rows.append(
+                    (
+                        f"sampling vs exact, later mini-batches (lr {lr:g}): cosine; rel. diff",
+                        f"{min(cos):.3f} to {max(cos):.3f}; {min(rel):.2e} to {max(rel):.2e}",
+                        "1; 0 if exact",
+                    )
+                )
+    return rows
+
+
+def summary_markdown(rows: Sequence[tuple[str, str, str]]) -> str:
+    lines = [
+        "Ratios measured side by side in this run (details below).",
+        "",
+        "| quantity | measured | expected / goal |",
+        "|---|---:|---|",
+    ]
+    lines += [f"| {q} | {m} | {e} |" for q, m, e in rows]
     return "\n".join(lines)
 
 
@@ -1023,7 +1129,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if "memory" in args.sections:
         total += len(memory_variants(preset.memory.n)) + 1
     if "time" in args.sections:
-        total += 3 * (int(preset.warmup) + preset.max_rounds)
+        total += len(time_variants(1, 1)) * (int(preset.warmup) + preset.max_rounds)
     if "drift" in args.sections:
         total += preset.drift_steps * len(preset.lrs)
     bar = tqdm(total=total, desc="layout", unit="update") if tqdm else None
@@ -1035,6 +1141,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     results: dict[str, Any] = {"environment": env, "preset": asdict(preset)}
     parts: list[str] = []
+    mem: list[MemoryRow] | None = None
+    timed: TimeResult | None = None
+    drift: list[DriftRow] | None = None
     shapes = [preset.memory, preset.time, preset.drift]
     max_positions = max(s.prompt_tokens + s.response_tokens for s in shapes) + 8
     with tempfile.TemporaryDirectory(prefix="discoloss-layout-") as tmp:
@@ -1079,10 +1188,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 progress=progress,
             )
             results["time"] = asdict(timed)
-            results["time_ratios"] = {
-                f"{a}/GRPO": {"wall": timed.ratio(a, "GRPO"), "cpu": timed.ratio(a, "GRPO", "cpu")}
-                for a in ("current", "sampling")
-            }
+            results["time_ratios"] = time_ratios(timed)
             parts.append(
                 "## Update time\n\n"
                 + time_markdown(timed, preset.time, preset.time_micro, preset.infer_micro)
@@ -1107,6 +1213,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if bar is not None:
         bar.close()
     env["load_avg_end"] = [round(x, 2) for x in os.getloadavg()]
+    summary = summary_rows(mem, timed, drift, preset.memory.n)
+    results["summary"] = [list(r) for r in summary]
+    parts.insert(0, "## Summary\n\n" + summary_markdown(summary))
     parts.append("## On paper (benchmarks/layout_memory.py)\n\n" + layout_memory.table())
     text = "\n\n".join(parts) + f"\n\nLoad average at the end: {env['load_avg_end']}\n"
     print(text)
@@ -1115,7 +1224,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         header = "\n".join(f"- {k}: {v}" for k, v in env.items())
         (args.out / "results.md").write_text(f"# verl layout benchmark\n\n{header}\n\n{text}")
         (args.out / "results.json").write_text(json.dumps(results, indent=1))
-        if "memory" in results and plot_memory(mem, preset.memory, args.out / "layout_memory.png"):
+        if mem and plot_memory(mem, preset.memory, args.out / "layout_memory.png"):
             print(f"wrote {args.out / 'layout_memory.png'}")
         print(f"wrote {args.out / 'results.md'}, results.json")
     return 0
