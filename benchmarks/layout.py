@@ -141,9 +141,9 @@ FULL = Preset(
     drift=Shape(questions=4, mini_batches=4, n=8, prompt_tokens=16, response_tokens=96),
     time_micro=1,
     infer_micro=4,
-    min_rounds=5,
-    max_rounds=9,
-    min_time=0.0,
+    min_rounds=9,
+    max_rounds=15,
+    min_time=60.0,
     drift_steps=1,
     lrs=(5e-5, 5e-4),
 )
@@ -1211,6 +1211,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 + drift_markdown(drift, preset.drift, preset.time_micro)
             )
     if bar is not None:
+        bar.total = bar.n  # the timed rounds stop between min_rounds and max_rounds
+        bar.refresh()
         bar.close()
     env["load_avg_end"] = [round(x, 2) for x in os.getloadavg()]
     summary = summary_rows(mem, timed, drift, preset.memory.n)
