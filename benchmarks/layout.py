@@ -1,7 +1,7 @@
 """verl's real actor update at any micro-batch layout: peak memory, update time and the drift
 of ``weights=sampling``, on the CPU.
 
-    python -m benchmarks.layout                  # full run (tens of minutes on 2 cores)
+    python -m benchmarks.layout                  # full run (6 to 8 minutes on 2 cores)
     python -m benchmarks.layout --quick          # seconds: a smoke test of the command
     python -m benchmarks.layout --out DIR        # also results.md, results.json, layout_memory.png
     python -m benchmarks.layout --sections time --threads 1
@@ -33,19 +33,25 @@ Sections (``--sections``, default all three):
   profiled_peak_bytes`), the high-water mark of the memory allocated during the update over
   what was allocated when it started (parameters and optimizer state exist from a warm-up
   update; the gradients are freed and allocated again by each mini-batch).
-* **time**: update time of ``current``, ``sampling`` and GRPO at the same micro-batch size on
-  the same rows, 4 mini-batches per step, in interleaved rounds (A, B, C, then B, C, A, ...)
-  in this process: medians, and the medians of the per-round ratios to GRPO (wall and process
-  CPU time). ``plan s`` is the adapter's planning time per update (its
-  ``actor/disco/plan_seconds``, summed over the step's mini-batches; for ``current`` it
-  includes the no-grad forward passes over the mini-batches after the first).
+* **time**: update time of ``current``, ``sampling`` and GRPO at the same micro-batch size
+  (one response), and of ``micro_batch`` and GRPO at whole-question micro-batches (n
+  responses), on the same rows, 4 mini-batches per step, in interleaved rounds (A, B, C, ...,
+  then B, C, ..., A, ...) in this process: medians, and the medians of the per-round ratios to
+  GRPO at the same micro-batch size (wall and process CPU time). ``plan s`` is the adapter's
+  planning time per update (its ``actor/disco/plan_seconds``, summed over the step's
+  mini-batches; for ``current`` it includes the no-grad forward passes over the mini-batches
+  after the first); ``without plan`` takes it off the variant's time round by round.
 * **drift**: per mini-batch of a step (index 0..3), the gradient that ``sampling`` applies
   against the exact one (``current``) at the same parameters, and the two effects separately.
   At every mini-batch, before its optimizer step, several variants run their whole pass over
   the mini-batch at the same parameters and their gradients are recorded without stepping;
   then ``current`` with DisCO's squared hinge runs and its step is applied (the trajectory is
   the exact one). Float32 by default (``--drift-dtype``), so that the rows show the methods'
-  difference, not bfloat16 rounding.
+  difference, not bfloat16 rounding. One run per learning rate (``--lrs``), from the same
+  model.
+
+The report opens with a summary table of the ratios measured in the run, and ends with the
+on-paper table of :mod:`benchmarks.layout_memory` (the paper's models and lengths).
 """
 
 from __future__ import annotations
