@@ -65,10 +65,14 @@ from torch import Tensor
 from discoloss._checks import (
     Check,
     ValueCheck,
+    check_at_least,
     check_batch,
+    check_coefficient,
+    check_count,
     check_device,
-    check_number,
     check_tensor,
+    computation_dtype,
+    first_index,
     raise_if_failed,
 )
 from discoloss._types import Constraint, KLEstimator, Normalize, Objective, Score
@@ -76,12 +80,12 @@ from discoloss.constraints import LagrangeMultiplier, constraint_penalty, constr
 from discoloss.kl import kl_row_sums
 from discoloss.loss import (
     DiscoOutput,
-    as_count,
     loss_from_stats,
+    output_checks,
     resolve_options,
     response_scores,
 )
-from discoloss.objectives import check_response_inputs, reward_checks
+from discoloss.objectives import check_response_inputs, objective_checks, reward_checks
 from discoloss.options import DiscoOptions
 from discoloss.scores import check_token_inputs, token_sums
 
@@ -112,8 +116,18 @@ class ResponseStats(NamedTuple):
 
     @staticmethod
     def cat(parts: list[ResponseStats]) -> ResponseStats:
+        if not isinstance(parts, (list, tuple)):
+            raise TypeError(f"parts must be a list of ResponseStats, got {type(parts).__name__}")
         if not parts:
             raise ValueError("parts is empty: give the stats of at least one micro-batch")
+        names, tensors = [], []
+        for k, part in enumerate(parts):
+            if not isinstance(part, ResponseStats):
+                raise TypeError(f"parts[{k}] must be a ResponseStats, got {type(part).__name__}")
+            for name in ResponseStats._fields:
+                names.append(f"parts[{k}].{name}")
+                tensors.append(check_tensor(names[-1], getattr(part, name), ndim=1, kind="float"))
+        check_device(names, tensors)
         return ResponseStats(
             *(torch.cat([getattr(p, f) for p in parts]) for f in ResponseStats._fields)
         )
@@ -162,7 +176,8 @@ def _stats(
     rewards: Tensor | None,
     options: DiscoOptions,
     validate: bool,
-) -> ResponseStats:
+) -> tuple[ResponseStats, list[Check | ValueCheck]]:
+    """The stats and their value checks (empty without ``validate``), not yet run."""
     log_probs, old_log_probs, mask = check_token_inputs(log_probs, old_log_probs, mask)
     if rewards is not None:
         check_tensor("rewards", rewards, ndim=1, kind="real")
@@ -171,9 +186,10 @@ def _stats(
     sums, checks = token_sums(
         log_probs, old_log_probs, mask, need_ratio=options.needs_ratio, validate=validate
     )
-    raise_if_failed(checks)
+    if validate and rewards is not None:
+        checks += reward_checks(rewards)
     scores = response_scores(sums, log_probs, old_log_probs, mask, rewards, options)
-    return ResponseStats(scores, kl_row_sums(sums, options.kl_estimator), sums.lengths)
+    return ResponseStats(scores, kl_row_sums(sums, options.kl_estimator), sums.lengths), checks
 
 
 def response_stats(
@@ -202,7 +218,9 @@ def response_stats(
     options = DiscoOptions(
         score=score, kl_estimator=kl_estimator, threshold=threshold, clip_eps=clip_eps
     )
-    return _stats(log_probs, old_log_probs, mask, rewards, options, validate)
+    stats, checks = _stats(log_probs, old_log_probs, mask, rewards, options, validate)
+    raise_if_failed(checks)
+    return stats
 
 
 def stats_checks(stats: ResponseStats, rewards: Tensor) -> list[Check | ValueCheck]:
@@ -237,9 +255,12 @@ def _plan(
     group_ids: Tensor,
     options: DiscoOptions,
     multiplier: LagrangeMultiplier | None,
-) -> MiniBatchPlan:
+    validate: bool = False,
+) -> tuple[MiniBatchPlan, list[Check | ValueCheck]]:
+    """The plan, and with ``validate`` the value checks of its results (not yet run)."""
     with torch.no_grad():
-        s = ResponseStats(*(t.detach() for t in stats))
+        f = computation_dtype(stats.scores.dtype)
+        s = ResponseStats(*(t.detach().to(f) for t in stats))
         output, terms = loss_from_stats(
             s.scores,
             s.kl_sums,
@@ -257,7 +278,17 @@ def _plan(
             multiplier=multiplier,
         )
         num_tokens = s.lengths.sum()
-    return MiniBatchPlan(terms.weights, kl_coef, num_tokens, output)
+    checks: list[Check | ValueCheck] = []
+    if validate:
+        checks = objective_checks(terms, options, f) + output_checks(output, options)
+        checks.append(
+            (
+                kl_coef.isfinite(),
+                lambda: f"kl_coef: not finite: constraint={options.constraint!r} with "
+                f"beta={options.beta!r} at kl={float(output.kl)!r} overflows; use a smaller beta",
+            )
+        )
+    return MiniBatchPlan(terms.weights, kl_coef, num_tokens, output), checks
 
 
 def plan_minibatch(
@@ -322,9 +353,11 @@ def plan_minibatch(
     if process_group is None:
         options = resolve_options(settings, multiplier)
         _check_plan_inputs(stats, rewards, group_ids, allow_empty=False)
+        options.check_dtype(computation_dtype(stats.scores.dtype))
+        plan, result_checks = _plan(stats, rewards, group_ids, options, multiplier, validate)
         if validate:
-            raise_if_failed(stats_checks(stats, rewards))
-        return _plan(stats, rewards, group_ids, options, multiplier)
+            raise_if_failed(stats_checks(stats, rewards) + result_checks)
+        return plan
 
     from discoloss import distributed
 
@@ -337,6 +370,7 @@ def plan_minibatch(
     try:
         options_or_none = resolve_options(settings, multiplier)
         _check_plan_inputs(stats, rewards, group_ids, allow_empty=True)
+        options_or_none.check_dtype(torch.float64)  # the gathered scalars are float64
         if validate:
             checks = stats_checks(stats, rewards)
     except (ValueError, TypeError) as exc:
@@ -364,7 +398,7 @@ def plan_minibatch(
             process_group,
             counts,
         )
-    full = _plan(
+    full, _ = _plan(
         ResponseStats(scores, kl_sums, lengths), all_rewards, all_ids, options_or_none, multiplier
     )
     rank = dist.get_rank(process_group)
@@ -419,18 +453,23 @@ def micro_batch_loss(
         threshold=threshold,
         clip_eps=clip_eps,
     )
+    check_tensor("log_probs", log_probs, ndim=2, kind="float")
     check_tensor("weights", weights, ndim=1, kind="float")
     check_batch(("log_probs", "weights"), (log_probs, weights))
     check_device(("log_probs", "weights"), (log_probs, weights))
-    total = as_count("num_tokens", num_tokens, log_probs.device)
-    assert total is not None
-    st = _stats(log_probs, old_log_probs, mask, rewards, options, validate)
+    total, count_checks = check_count("num_tokens", num_tokens, log_probs.device)
+    coef, coef_checks = (None, []) if kl_coef is None else check_coefficient(
+        "kl_coef", kl_coef, log_probs.device
+    )
+    st, checks = _stats(log_probs, old_log_probs, mask, rewards, options, validate)
     f = st.scores.dtype
+    if kl_coef is None:
+        options.check_dtype(f)  # the local approximation evaluates the penalty
     total_f = total.to(f).clamp_min(1.0)
     objective_term = (weights.detach().to(f) * st.scores).sum()
     kl = st.kl_sums.sum() / total_f
-    if kl_coef is None:
-        local_tokens = st.lengths.sum().clamp_min(1.0)
+    local_tokens = st.lengths.sum().clamp_min(1.0)
+    if coef is None:
         local_kl = st.kl_sums.sum() / local_tokens
         penalty_term = (local_tokens / total_f) * constraint_penalty(
             local_kl,
@@ -439,11 +478,26 @@ def micro_batch_loss(
             beta=options.beta,
             multiplier=multiplier,
         )
-    elif isinstance(kl_coef, Tensor):
-        penalty_term = kl_coef.detach().to(f) * kl
     else:
-        penalty_term = check_number("kl_coef", kl_coef, non_negative=True) * kl
+        penalty_term = (coef.to(f) if isinstance(coef, Tensor) else coef) * kl
+    loss = -objective_term + penalty_term
+    if validate:
+        w = weights.detach()
+        checks += [
+            (
+                w.isfinite().all(),
+                lambda: f"weights: non-finite value at response {first_index(~w.isfinite())}",
+            ),
+            *count_checks,
+            check_at_least("num_tokens", total, st.lengths.sum(), "tokens"),
+            *coef_checks,
+            (
+                loss.detach().isfinite(),
+                lambda: f"micro_batch_loss: the loss is not finite in {f} (objective term "
+                f"{float(objective_term)!r}, penalty term {float(penalty_term)!r}): weights, "
+                f"kl_coef or beta={options.beta!r} too large for {f}",
+            ),
+        ]
+    raise_if_failed(checks)
     detached = ResponseStats(*(t.detach() for t in st))
-    return MicroBatchLoss(
-        -objective_term + penalty_term, objective_term, kl, penalty_term, detached
-    )
+    return MicroBatchLoss(loss, objective_term, kl, penalty_term, detached)

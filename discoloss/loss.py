@@ -7,7 +7,16 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 import torch
 from torch import Tensor
 
-from discoloss._checks import Check, ValueCheck, raise_if_failed
+from discoloss._checks import (
+    Check,
+    ValueCheck,
+    check_at_least,
+    check_count,
+    describe,
+    dtype_name,
+    float64_hint,
+    raise_if_failed,
+)
 from discoloss._types import Constraint, KLEstimator, Normalize, Objective, Score
 from discoloss.constraints import LagrangeMultiplier, constraint_penalty
 from discoloss.kl import kl_row_sums
@@ -16,6 +25,8 @@ from discoloss.objectives import (
     check_response_inputs,
     dense_group_ids,
     discriminative_terms,
+    objective_checks,
+    positive_labels,
     reward_checks,
 )
 from discoloss.options import DiscoOptions
@@ -105,7 +116,7 @@ def loss_from_stats(
     share times the penalty of its own token-mean KL (see :func:`disco_loss`).
     """
     o = options
-    positive = rewards > o.threshold
+    positive = positive_labels(rewards, o.threshold)
     terms = discriminative_terms(
         scores,
         positive,
@@ -152,27 +163,34 @@ def response_scores(
     if rewards is None:
         raise ValueError("score='clipped_ratio' needs rewards (the clip side depends on the label)")
     return clipped_ratio_scores(
-        log_probs, old_log_probs, mask, rewards > options.threshold, clip_eps=options.clip_eps
+        log_probs,
+        old_log_probs,
+        mask,
+        positive_labels(rewards, options.threshold),
+        clip_eps=options.clip_eps,
     )
 
 
-def as_count(name: str, value: int | Tensor | None, device: torch.device) -> Tensor | None:
-    """A global count given as a Python int or a 0-d tensor (kept on device: no sync)."""
-    if value is None:
-        return None
-    if isinstance(value, Tensor):
-        if value.numel() != 1:
-            raise ValueError(
-                f"{name} must be a scalar count, got a tensor of shape {tuple(value.shape)}"
-            )
-        if value.device != device:
-            raise ValueError(f"{name} is on {value.device} but log_probs is on {device}")
-        return value.reshape(())
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name} must be an int or a 0-d tensor, got {type(value).__name__}")
-    if value < 1:
-        raise ValueError(f"{name} must be >= 1, got {value}")
-    return torch.tensor(value, device=device)
+def output_checks(output: DiscoOutput, options: DiscoOptions) -> list[Check | ValueCheck]:
+    """Value checks of a loss's results (under ``validate``): finite inputs and options in
+    their ranges can still overflow the computation dtype together (a KL beyond its range, a
+    penalty beta/2 * excess^2 beyond it)."""
+    kind = dtype_name(output.kl.dtype)
+    kl, penalty = output.kl.detach(), output.penalty.detach()
+    return [
+        (
+            kl.isfinite(),
+            lambda: f"kl: not finite in {kind}: log_probs and old_log_probs are too far apart "
+            f"for {kind}{float64_hint(output.kl.dtype)}",
+        ),
+        (
+            penalty.isfinite(),
+            lambda: f"penalty: not finite in {kind} (kl={describe(kl)}): "
+            f"constraint={options.constraint!r} with beta={options.beta!r}, "
+            f"delta={options.delta!r} overflows {kind}; use a smaller beta"
+            f"{float64_hint(output.kl.dtype)}",
+        ),
+    ]
 
 
 class LocalStats(NamedTuple):
@@ -348,10 +366,40 @@ def disco_loss(
         stats = local_stats(
             log_probs, old_log_probs, mask, rewards, group_ids, options, validate, False
         )
-        raise_if_failed(stats.checks)
-        groups_t = as_count("num_groups", num_groups, stats.device)
-        tokens_t = as_count("num_tokens", num_tokens, stats.device)
-        scores, kl_sums, lengths = stats.scores, stats.kl_sums, stats.lengths
+        options.check_dtype(stats.scores.dtype)
+        checks = stats.checks
+        groups_t = tokens_t = None
+        if num_groups is not None:
+            groups_t, more = check_count("num_groups", num_groups, stats.device)
+            checks += more if validate else []
+        if num_tokens is not None:
+            tokens_t, more = check_count("num_tokens", num_tokens, stats.device)
+            checks += more if validate else []
+        output, terms = loss_from_stats(
+            stats.scores,
+            stats.kl_sums,
+            stats.lengths,
+            rewards,
+            group_ids,
+            options=options,
+            multiplier=multiplier,
+            num_groups=groups_t,
+            num_tokens=tokens_t,
+        )
+        if validate:
+            # Counts of a larger batch hold at least what this piece holds (its groups with
+            # signal for normalize="valid"); and the results must fit the computation dtype.
+            if groups_t is not None:
+                present = terms.num_groups if options.normalize == "all" else terms.num_valid
+                what = "groups" if options.normalize == "all" else "groups with signal"
+                checks.append(check_at_least("num_groups", groups_t, present, what))
+            if tokens_t is not None:
+                present_tokens = stats.lengths.sum()
+                checks.append(check_at_least("num_tokens", tokens_t, present_tokens, "tokens"))
+            checks += objective_checks(terms, options, stats.scores.dtype)
+            checks += output_checks(output, options)
+        raise_if_failed(checks)
+        return output
     else:
         from discoloss import distributed
 
@@ -371,6 +419,7 @@ def disco_loss(
             stats_or_none = local_stats(
                 log_probs, old_log_probs, mask, rewards, group_ids, options_or_none, validate, True
             )
+            options_or_none.check_dtype(torch.float64)  # the gathered scalars are float64
         except (ValueError, TypeError) as exc:
             failure = exc
         header = distributed.build_header(
@@ -388,16 +437,7 @@ def disco_loss(
         scores, kl_sums, lengths, rewards, group_ids = distributed.gather_response_stats(
             stats.scores, stats.kl_sums, stats.lengths, rewards, group_ids, process_group, counts
         )
-        groups_t = tokens_t = None
     output, _ = loss_from_stats(
-        scores,
-        kl_sums,
-        lengths,
-        rewards,
-        group_ids,
-        options=options,
-        multiplier=multiplier,
-        num_groups=groups_t,
-        num_tokens=tokens_t,
+        scores, kl_sums, lengths, rewards, group_ids, options=options, multiplier=multiplier
     )
     return output

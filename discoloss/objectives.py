@@ -35,7 +35,9 @@ from discoloss._checks import (
     check_batch,
     check_device,
     check_tensor,
+    dtype_name,
     first_index,
+    float64_hint,
     raise_if_failed,
 )
 from discoloss._types import Normalize, Objective
@@ -174,7 +176,9 @@ def pairwise_group_objective(
     if objective == "auc_sq_hinge":
         loss = torch.clamp(margin - diff, min=0.0) ** 2
     else:
-        loss = tau * torch.nn.functional.softplus(-diff / tau)
+        # tau * softplus(-diff / tau), with softplus's own temperature: its linear branch
+        # takes over where -diff / tau would overflow (tiny tau), instead of inf * tau.
+        loss = torch.nn.functional.softplus(-diff, beta=1.0 / tau)
     per_pos = torch.where(pair, loss, 0.0).sum(1)
     total = torch.zeros_like(n_pos).index_add(0, dense, per_pos)
     return -total / (n_pos * n_neg).clamp_min(1.0)
@@ -284,6 +288,14 @@ def check_response_inputs(
     check_device(names, tensors)
 
 
+def positive_labels(rewards: Tensor, threshold: float) -> Tensor:
+    """(B,) bool: reward > threshold, compared in float64 (the threshold's own precision): a
+    threshold rounded to a half-precision or float32 reward dtype could flip labels next to it
+    (float16 rewards of 1.0 are not above 0.99999 in float16)."""
+    wide = torch.float32 if rewards.device.type == "mps" else torch.float64
+    return rewards.detach().to(wide) > threshold
+
+
 def reward_checks(rewards: Tensor) -> list[Check | ValueCheck]:
     if not rewards.dtype.is_floating_point:
         return []
@@ -300,6 +312,18 @@ def _prepare(
     o = DiscoOptions(**options)
     check_tensor("scores", scores, ndim=1, kind="float")
     check_response_inputs(rewards, group_ids, ("scores", scores))
+    s = scores if scores.dtype == torch.float64 else scores.float()
+    o.check_dtype(s.dtype)
+    terms = discriminative_terms(
+        s,
+        positive_labels(rewards, o.threshold),
+        dense_group_ids(group_ids),
+        objective=o.objective,
+        tau=o.tau_value,
+        normalize=o.normalize,
+        cvar_alpha=o.cvar_alpha,
+        margin=o.margin,
+    )
     if validate:
         checks = reward_checks(rewards)
         sd = scores.detach()
@@ -309,18 +333,25 @@ def _prepare(
                 lambda: f"scores: non-finite value at response {first_index(~sd.isfinite())}",
             )
         )
+        checks += objective_checks(terms, o, s.dtype)
         raise_if_failed(checks)
-    s = scores if scores.dtype == torch.float64 else scores.float()
-    return discriminative_terms(
-        s,
-        rewards > o.threshold,
-        dense_group_ids(group_ids),
-        objective=o.objective,
-        tau=o.tau_value,
-        normalize=o.normalize,
-        cvar_alpha=o.cvar_alpha,
-        margin=o.margin,
+    return terms
+
+
+def objective_checks(
+    terms: DiscriminativeTerms, options: DiscoOptions, dtype: torch.dtype
+) -> list[Check | ValueCheck]:
+    """Value checks of the objective's results (under ``validate``): finite inputs and options
+    in their ranges can still overflow ``dtype`` together (scores far apart, a large margin)."""
+    kind = dtype_name(dtype)
+    why = (
+        f"the scores are too far apart for {kind} with objective={options.objective!r}, "
+        f"tau={options.tau_value!r}, margin={options.margin!r}{float64_hint(dtype)}"
     )
+    return [
+        (terms.objective.detach().isfinite(), lambda: f"objective: not finite in {kind}: {why}"),
+        (terms.weights.isfinite().all(), lambda: f"weights: not finite in {kind}: {why}"),
+    ]
 
 
 def discriminative_objective(

@@ -7,10 +7,13 @@ arguments, so both reject the same values with the same messages.
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
-from discoloss._checks import check_number, check_option
+import torch
+
+from discoloss._checks import check_in_dtype_range, check_number, check_option, scale_range
 from discoloss._types import (
     CONSTRAINTS,
     DEFAULT_TAU,
@@ -66,6 +69,39 @@ class DiscoOptions:
         if eps >= 1.0:
             raise ValueError(f"clip_eps must be in (0, 1), got {self.clip_eps!r}")
         object.__setattr__(self, "clip_eps", eps)
+
+    def check_dtype(self, dtype: torch.dtype) -> None:
+        """Raise ValueError naming the option if a value, valid in itself, breaks the
+        computation in ``dtype`` (the dtype the loss computes in: float32 for float32 and
+        half-precision inputs, float64 for float64 ones), for every input.
+
+        Only options the computation uses are checked: ``tau`` for the temperature objectives
+        (``s / tau`` and ``tau * log(...)``: :func:`~discoloss._checks.scale_range`), ``beta``
+        for the constraints that scale by it and ``delta`` for the Lagrangian (a value beyond
+        the dtype's largest number is infinite there), ``margin`` for ``"auc_sq_hinge"``
+        (squared). Overflow that depends on the data is left to the value checks.
+        """
+        fi = torch.finfo(dtype)
+        if self.objective in ("disco", "disco_2way", "auc_logistic"):
+            low, high = scale_range(dtype)
+            check_in_dtype_range(
+                "tau", self.tau_value, dtype, low, high, "the objective divides scores by tau"
+            )
+        if self.constraint in ("squared_hinge", "hinge", "kl_penalty"):
+            check_in_dtype_range("beta", self.beta, dtype, 0.0, fi.max, "the penalty scales by beta")
+        if self.constraint == "lagrangian":
+            check_in_dtype_range(
+                "delta", self.delta, dtype, 0.0, fi.max, "the Lagrangian penalty is lambda * (kl - delta)"
+            )
+        if self.objective == "cvar":
+            check_in_dtype_range(
+                "cvar_alpha", self.cvar_alpha, dtype, fi.tiny, 1.0,
+                "the hardest cvar_alpha * |N_q| negatives are weighted by 1 / (cvar_alpha * |N_q|)",
+            )  # fmt: skip
+        if self.objective == "auc_sq_hinge":
+            check_in_dtype_range(
+                "margin", self.margin, dtype, 0.0, math.sqrt(fi.max), "the objective squares the margin"
+            )
 
     @property
     def tau_value(self) -> float:
