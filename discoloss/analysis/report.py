@@ -468,6 +468,8 @@ def difficulty_report(
     check_tensor("group_ids", group_ids, ndim=1, kind="int")
     check_batch(("rewards", "group_ids"), (rewards, group_ids))
     check_device(("rewards", "group_ids"), (rewards, group_ids))
+    if rewards.device.type == "meta":
+        raise ValueError("rewards is on the meta device: difficulty_report reads its values")
     r = rewards.detach().cpu()
     g = group_ids.detach().cpu()
     if r.dtype.is_floating_point and not bool(r.isfinite().all()):
