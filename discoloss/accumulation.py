@@ -230,7 +230,10 @@ def stats_checks(stats: ResponseStats, rewards: Tensor) -> list[Check | ValueChe
     return reward_checks(rewards) + [
         ValueCheck("stats.scores", ~stats.scores.isfinite()),
         ValueCheck("stats.kl_sums", ~stats.kl_sums.isfinite()),
-        ValueCheck("stats.lengths", ~(lengths >= 1) | (lengths != lengths.round())),
+        ValueCheck(
+            "stats.lengths",
+            ~(lengths >= 1) | (lengths != lengths.round()) | ~lengths.isfinite(),
+        ),
     ]
 
 

@@ -207,5 +207,5 @@ def constraint_slope(
     if constraint == "kl_penalty":
         return torch.full_like(kl, beta)
     if constraint == "lagrangian":
-        return multiplier_value(multiplier, kl)
+        return multiplier_value(multiplier, kl).expand_as(kl).clone()
     return torch.zeros_like(kl)

@@ -209,6 +209,8 @@ def resolve_options(
     options = DiscoOptions(**settings)
     if options.constraint == "lagrangian" and multiplier is None:
         raise ValueError('constraint="lagrangian" needs multiplier=LagrangeMultiplier(...)')
+    if multiplier is not None and not isinstance(multiplier, LagrangeMultiplier):
+        raise TypeError(f"multiplier must be a LagrangeMultiplier, got {type(multiplier).__name__}")
     return options
 
 

@@ -177,8 +177,10 @@ def pairwise_group_objective(
         loss = torch.clamp(margin - diff, min=0.0) ** 2
     else:
         # tau * softplus(-diff / tau), with softplus's own temperature: its linear branch
-        # takes over where -diff / tau would overflow (tiny tau), instead of inf * tau.
-        loss = torch.nn.functional.softplus(-diff, beta=1.0 / tau)
+        # takes over where -diff / tau would overflow (tiny tau), instead of inf * tau. It
+        # starts where exp(-x) is below the dtype's precision (e^-20 / e^-40), so it is exact.
+        threshold = 40.0 if scores.dtype == torch.float64 else 20.0
+        loss = torch.nn.functional.softplus(-diff, beta=1.0 / tau, threshold=threshold)
     per_pos = torch.where(pair, loss, 0.0).sum(1)
     total = torch.zeros_like(n_pos).index_add(0, dense, per_pos)
     return -total / (n_pos * n_neg).clamp_min(1.0)

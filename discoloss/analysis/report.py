@@ -454,6 +454,9 @@ def difficulty_report(
     """
     threshold = check_number("threshold", threshold)
     eps = check_number("eps", eps, non_negative=True)
+    for name, flag in (("binarize", binarize), ("std_unbiased", std_unbiased)):
+        if not isinstance(flag, bool):
+            raise TypeError(f"{name} must be a bool, got {type(flag).__name__}")
     if isinstance(bins, bool) or not isinstance(bins, int) or bins < 1:
         raise ValueError(f"bins must be a positive int, got {bins!r}")
     methods = tuple(methods)

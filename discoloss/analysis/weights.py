@@ -176,8 +176,9 @@ def difficulty_weight(
     """
     check_option("method", method, METHODS)
     eps = check_number("eps", eps, non_negative=True)
-    if not isinstance(std_unbiased, bool):
-        raise TypeError(f"std_unbiased must be a bool, got {type(std_unbiased).__name__}")
+    for name, flag in (("std_unbiased", std_unbiased), ("expected", expected)):
+        if not isinstance(flag, bool):
+            raise TypeError(f"{name} must be a bool, got {type(flag).__name__}")
     if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n < 1):
         raise ValueError(f"n must be a positive int (responses per question), got {n!r}")
     if expected and n is None:

@@ -312,9 +312,9 @@ def ref_token_scores(
         terms = []
         for t in response_positions(row):
             x = log_probs[i, t] - old_log_probs[i, t].detach()
-            if positive[i] and float(x) >= math.log1p(clip_eps):
+            if positive[i] and float(x.detach()) >= math.log1p(clip_eps):
                 terms.append(x * 0.0 + (1.0 + clip_eps))  # clipped: constant
-            elif not positive[i] and float(x) <= math.log1p(-clip_eps):
+            elif not positive[i] and float(x.detach()) <= math.log1p(-clip_eps):
                 terms.append(x * 0.0 + (1.0 - clip_eps))
             else:
                 terms.append(torch.exp(x))
@@ -337,13 +337,20 @@ def ref_kl_sums(
 
 
 def _lme(x: list[Tensor], tau: float) -> Tensor:
-    """tau * log(mean_j exp(x_j / tau)), shifted by the max (finite for any finite x)."""
-    return tau * log_mean_exp(torch.stack(x) / tau)
+    """tau * log(mean_j exp(x_j / tau)) = m + tau * log(1 + mean_j expm1((x_j - m) / tau)),
+    m = max x: shifted before the division, so that neither a tiny tau nor a huge spread of
+    the x overflows (finite for any finite x)."""
+    s = torch.stack(x)
+    m = s.detach().max()
+    return m + tau * torch.log1p(torch.expm1((s - m) / tau).sum() / s.numel())
 
 
 def _softplus_t(d: Tensor, tau: float) -> Tensor:
-    """tau * log(1 + exp(-d / tau)) = max(-d, 0) + tau * log(1 + exp(-|d| / tau))."""
-    return torch.clamp(-d, min=0.0) + tau * torch.log1p(torch.exp(-d.abs() / tau))
+    """tau * log(1 + exp(-d / tau)), evaluated on the side where exp cannot overflow:
+    -d + tau * log(1 + exp(d / tau)) for d < 0 (both smooth at 0, where the first is used)."""
+    if float(d.detach()) >= 0.0:
+        return tau * torch.log1p(torch.exp(-d / tau))
+    return -d + tau * torch.log1p(torch.exp(d / tau))
 
 
 def ref_group_term(
@@ -582,9 +589,10 @@ def naive_clipped_loss(
             if not bool(mask[i, j]):
                 continue
             x = log_probs[i, j] - old[i, j]
-            if a >= 0 and float(x) >= math.log1p(high):
+            xv = float(x.detach())
+            if a >= 0 and xv >= math.log1p(high):
                 obj = x * 0.0 + (1.0 + high) * a
-            elif a < 0 and dual_clip is not None and float(x) >= math.log(dual_clip):
+            elif a < 0 and dual_clip is not None and xv >= math.log(dual_clip):
                 obj = x * 0.0 + dual_clip * a
             else:
                 rho = torch.exp(x)
