@@ -44,7 +44,7 @@ def check_number(
     try:
         v = float(value)
     except OverflowError:  # an int beyond float64's range
-        raise ValueError(f"{name} must be finite, got an int of {value.bit_length()} bits") from None
+        raise ValueError(f"{name} must be finite, got an int too large for a float") from None
     if math.isnan(v) or (math.isinf(v) and not allow_inf):
         raise ValueError(f"{name} must be finite, got {value!r}")
     if positive and not v > 0:
@@ -216,9 +216,12 @@ def check_at_least(name: str, count: Tensor, present: Tensor, what: str) -> Chec
     """Value check: a count of a larger batch must be at least what this batch holds."""
     return (
         count >= present,
-        lambda: f"{name}={describe(count)} is smaller than the {describe(present)} {what} of "
-        f"this batch; it must count those of the whole batch this one is a piece of",
+        lambda: (
+            f"{name}={describe(count)} is smaller than the {describe(present)} {what} of "
+            f"this batch; it must count those of the whole batch this one is a piece of"
+        ),
     )
+
 
 #: Value checks of the per-response inputs, in the order they are reported: key -> message,
 #: formatted with the index of the first failing response. A check that every rank can name by

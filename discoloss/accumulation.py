@@ -287,8 +287,11 @@ def _plan(
         checks.append(
             (
                 kl_coef.isfinite(),
-                lambda: f"kl_coef: not finite: constraint={options.constraint!r} with "
-                f"beta={options.beta!r} at kl={float(output.kl)!r} overflows; use a smaller beta",
+                lambda: (
+                    f"kl_coef: not finite: constraint={options.constraint!r} with "
+                    f"beta={options.beta!r} at kl={float(output.kl)!r} overflows; use a "
+                    "smaller beta"
+                ),
             )
         )
     return MiniBatchPlan(terms.weights, kl_coef, num_tokens, output), checks
@@ -461,8 +464,8 @@ def micro_batch_loss(
     check_batch(("log_probs", "weights"), (log_probs, weights))
     check_device(("log_probs", "weights"), (log_probs, weights))
     total, count_checks = check_count("num_tokens", num_tokens, log_probs.device)
-    coef, coef_checks = (None, []) if kl_coef is None else check_coefficient(
-        "kl_coef", kl_coef, log_probs.device
+    coef, coef_checks = (
+        (None, []) if kl_coef is None else check_coefficient("kl_coef", kl_coef, log_probs.device)
     )
     st, checks = _stats(log_probs, old_log_probs, mask, rewards, options, validate)
     f = st.scores.dtype
@@ -496,9 +499,11 @@ def micro_batch_loss(
             *coef_checks,
             (
                 loss.detach().isfinite(),
-                lambda: f"micro_batch_loss: the loss is not finite in {f} (objective term "
-                f"{float(objective_term)!r}, penalty term {float(penalty_term)!r}): weights, "
-                f"kl_coef or beta={options.beta!r} too large for {f}",
+                lambda: (
+                    f"micro_batch_loss: the loss is not finite in {f} (objective term "
+                    f"{float(objective_term)!r}, penalty term {float(penalty_term)!r}): weights, "
+                    f"kl_coef or beta={options.beta!r} too large for {f}"
+                ),
             ),
         ]
     raise_if_failed(checks)

@@ -347,8 +347,10 @@ def _clipped_policy_loss(
 def _finite_loss_check(loss: Tensor, dtype: torch.dtype) -> Check:
     return (
         loss.detach().isfinite(),
-        lambda: f"loss: not finite in {dtype_name(dtype)}: the rewards or log_probs are too "
-        f"large for it{float64_hint(dtype)}",
+        lambda: (
+            f"loss: not finite in {dtype_name(dtype)}: the rewards or log_probs are too "
+            f"large for it{float64_hint(dtype)}"
+        ),
     )
 
 

@@ -77,7 +77,7 @@ class LagrangeMultiplier:
         delta = check_number("delta", delta, non_negative=True)
         if isinstance(kl, Tensor):
             if kl.device.type == "meta":
-                raise ValueError("kl is on the meta device: the multiplier's update needs its value")
+                raise ValueError("kl is on the meta device: the update needs the KL's value")
             if kl.numel() != 1 or kl.dim() > 1:
                 raise ValueError(f"kl must be a scalar (a 0-d tensor), got shape {tuple(kl.shape)}")
             if kl.dtype == torch.bool or kl.dtype.is_complex:
@@ -147,9 +147,7 @@ def multiplier_value(multiplier: LagrangeMultiplier | None, like: Tensor) -> Ten
     if multiplier is None:
         raise ValueError('constraint="lagrangian" needs multiplier=LagrangeMultiplier(...)')
     if not isinstance(multiplier, LagrangeMultiplier):
-        raise TypeError(
-            f"multiplier must be a LagrangeMultiplier, got {type(multiplier).__name__}"
-        )
+        raise TypeError(f"multiplier must be a LagrangeMultiplier, got {type(multiplier).__name__}")
     return multiplier.value.to(device=like.device, dtype=like.dtype)
 
 

@@ -74,8 +74,10 @@ def kl_divergence(
         checks.append(
             (
                 kl.detach().isfinite(),
-                lambda: f"kl: not finite in {dtype_name(kl.dtype)}: log_probs and "
-                f"old_log_probs are too far apart for it{float64_hint(kl.dtype)}",
+                lambda: (
+                    f"kl: not finite in {dtype_name(kl.dtype)}: log_probs and "
+                    f"old_log_probs are too far apart for it{float64_hint(kl.dtype)}"
+                ),
             )
         )
     raise_if_failed(checks)
@@ -107,4 +109,3 @@ def squared_hinge_penalty(kl: Tensor, *, delta: float, beta: float) -> Tensor:
     )
     excess = torch.clamp(kl - delta, min=0.0)
     return 0.5 * beta * excess * excess
-

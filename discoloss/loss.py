@@ -180,15 +180,19 @@ def output_checks(output: DiscoOutput, options: DiscoOptions) -> list[Check | Va
     return [
         (
             kl.isfinite(),
-            lambda: f"kl: not finite in {kind}: log_probs and old_log_probs are too far apart "
-            f"for {kind}{float64_hint(output.kl.dtype)}",
+            lambda: (
+                f"kl: not finite in {kind}: log_probs and old_log_probs are too far apart "
+                f"for {kind}{float64_hint(output.kl.dtype)}"
+            ),
         ),
         (
             penalty.isfinite(),
-            lambda: f"penalty: not finite in {kind} (kl={describe(kl)}): "
-            f"constraint={options.constraint!r} with beta={options.beta!r}, "
-            f"delta={options.delta!r} overflows {kind}; use a smaller beta"
-            f"{float64_hint(output.kl.dtype)}",
+            lambda: (
+                f"penalty: not finite in {kind} (kl={describe(kl)}): "
+                f"constraint={options.constraint!r} with beta={options.beta!r}, "
+                f"delta={options.delta!r} overflows {kind}; use a smaller beta"
+                f"{float64_hint(output.kl.dtype)}"
+            ),
         ),
     ]
 

@@ -71,37 +71,35 @@ class DiscoOptions:
         object.__setattr__(self, "clip_eps", eps)
 
     def check_dtype(self, dtype: torch.dtype) -> None:
-        """Raise ValueError naming the option if a value, valid in itself, breaks the
-        computation in ``dtype`` (the dtype the loss computes in: float32 for float32 and
-        half-precision inputs, float64 for float64 ones), for every input.
+        """Raise ValueError naming the option, the dtype and the usable range if a value,
+        valid in itself, breaks the computation in ``dtype`` for every input. ``dtype`` is the
+        dtype the loss computes in: float64 for float64 inputs, float32 for everything else.
 
-        Only options the computation uses are checked: ``tau`` for the temperature objectives
-        (``s / tau`` and ``tau * log(...)``: :func:`~discoloss._checks.scale_range`), ``beta``
-        for the constraints that scale by it and ``delta`` for the Lagrangian (a value beyond
-        the dtype's largest number is infinite there), ``margin`` for ``"auc_sq_hinge"``
-        (squared). Overflow that depends on the data is left to the value checks.
+        Only options that the selected variant uses are checked (``eps``, ``tiny``, ``max`` of
+        ``torch.finfo(dtype)``): ``tau`` of the temperature objectives in
+        ``[tiny / eps, max * eps]`` (``s / tau`` and ``tau * log(...)``), ``beta`` of the
+        constraints that scale by it and ``delta`` of the Lagrangian up to ``max`` (beyond, they
+        are infinite), ``cvar_alpha`` of ``"cvar"`` from ``tiny`` (``alpha * |N_q|`` must stay
+        a normal number), ``margin`` of ``"auc_sq_hinge"`` up to ``sqrt(max)`` (it is squared).
+        Overflow that depends on the data is left to the value checks.
         """
         fi = torch.finfo(dtype)
         if self.objective in ("disco", "disco_2way", "auc_logistic"):
             low, high = scale_range(dtype)
-            check_in_dtype_range(
-                "tau", self.tau_value, dtype, low, high, "the objective divides scores by tau"
-            )
+            why = "the objective divides scores by tau"
+            check_in_dtype_range("tau", self.tau_value, dtype, low, high, why)
         if self.constraint in ("squared_hinge", "hinge", "kl_penalty"):
-            check_in_dtype_range("beta", self.beta, dtype, 0.0, fi.max, "the penalty scales by beta")
+            why = "the penalty scales by beta"
+            check_in_dtype_range("beta", self.beta, dtype, 0.0, fi.max, why)
         if self.constraint == "lagrangian":
-            check_in_dtype_range(
-                "delta", self.delta, dtype, 0.0, fi.max, "the Lagrangian penalty is lambda * (kl - delta)"
-            )
+            why = "the Lagrangian penalty is lambda * (kl - delta)"
+            check_in_dtype_range("delta", self.delta, dtype, 0.0, fi.max, why)
         if self.objective == "cvar":
-            check_in_dtype_range(
-                "cvar_alpha", self.cvar_alpha, dtype, fi.tiny, 1.0,
-                "the hardest cvar_alpha * |N_q| negatives are weighted by 1 / (cvar_alpha * |N_q|)",
-            )  # fmt: skip
+            why = "the hardest negatives are weighted by 1 / (cvar_alpha * |N_q|)"
+            check_in_dtype_range("cvar_alpha", self.cvar_alpha, dtype, fi.tiny, 1.0, why)
         if self.objective == "auc_sq_hinge":
-            check_in_dtype_range(
-                "margin", self.margin, dtype, 0.0, math.sqrt(fi.max), "the objective squares the margin"
-            )
+            why = "the objective squares the margin"
+            check_in_dtype_range("margin", self.margin, dtype, 0.0, math.sqrt(fi.max), why)
 
     @property
     def tau_value(self) -> float:

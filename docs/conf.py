@@ -114,14 +114,17 @@ autodoc_class_signature = "mixed"
 
 
 def _type_checking_names() -> None:
-    """``discoloss.loss`` imports ``ProcessGroup`` for type checkers only; without it autodoc
-    leaves the whole signature unevaluated (``'Score'`` instead of the Literal of its values)."""
+    """``discoloss.loss`` and ``discoloss.accumulation`` import ``ProcessGroup`` for type
+    checkers only; without it autodoc leaves the whole signature unevaluated (``'Score'``
+    instead of the Literal of its values)."""
     import torch.distributed
 
+    import discoloss.accumulation
     import discoloss.loss
 
-    if not hasattr(discoloss.loss, "ProcessGroup") and hasattr(torch.distributed, "ProcessGroup"):
-        discoloss.loss.ProcessGroup = torch.distributed.ProcessGroup
+    for module in (discoloss.loss, discoloss.accumulation):
+        if not hasattr(module, "ProcessGroup") and hasattr(torch.distributed, "ProcessGroup"):
+            module.ProcessGroup = torch.distributed.ProcessGroup
 
 
 _type_checking_names()

@@ -27,7 +27,7 @@ import inspect
 import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Union
+from typing import Any
 
 import torch
 from hypothesis import strategies as st
@@ -112,7 +112,7 @@ class Flag:
     checked: bool = True
 
 
-Spec = Union[Real, Int, Choice, Flag]
+Spec = Real | Int | Choice | Flag
 
 
 def _uses_tau(o: Mapping[str, Any]) -> bool:
@@ -140,24 +140,42 @@ DISCO: dict[str, Spec] = {
     "normalize": Choice(NORMALIZES, default="all"),
     "constraint": Choice(CONSTRAINTS, default="squared_hinge"),
     "tau": Real(
-        0.0, low_open=True, none=True, dtype_limit=scale_limit, limited_when=_uses_tau,
+        0.0,
+        low_open=True,
+        none=True,
+        dtype_limit=scale_limit,
+        limited_when=_uses_tau,
         typical=(0.05, 1.0, 10.0, 1e3, 1e-6, 1e8),
     ),  # fmt: skip
     "delta": Real(
-        0.0, default=1e-4, dtype_limit=max_limit, limited_when=_lagrangian,
+        0.0,
+        default=1e-4,
+        dtype_limit=max_limit,
+        limited_when=_lagrangian,
         typical=(1e-4, 0.0, 0.01, 10.0),
     ),  # fmt: skip
     "beta": Real(
-        0.0, default=1e3, dtype_limit=max_limit, limited_when=_uses_beta,
+        0.0,
+        default=1e3,
+        dtype_limit=max_limit,
+        limited_when=_uses_beta,
         typical=(1e3, 0.0, 1.0, 3.0),
     ),  # fmt: skip
     "threshold": Real(default=0.5, typical=(0.5, 0.0, -0.5, 0.99999, 0.7)),
     "cvar_alpha": Real(
-        0.0, 1.0, low_open=True, default=0.5, dtype_limit=tiny_limit,
-        limited_when=lambda o: o.get("objective", "disco") == "cvar", typical=(0.5, 1.0, 0.3),
+        0.0,
+        1.0,
+        low_open=True,
+        default=0.5,
+        dtype_limit=tiny_limit,
+        limited_when=lambda o: o.get("objective", "disco") == "cvar",
+        typical=(0.5, 1.0, 0.3),
     ),  # fmt: skip
     "margin": Real(
-        0.0, default=1.0, dtype_limit=sqrt_max_limit, limited_when=_sq_hinge_objective,
+        0.0,
+        default=1.0,
+        dtype_limit=sqrt_max_limit,
+        limited_when=_sq_hinge_objective,
         typical=(1.0, 0.0, 0.1, 5.0),
     ),  # fmt: skip
     "clip_eps": Real(0.0, 1.0, low_open=True, high_open=True, default=0.2, typical=(0.2, 0.05)),
@@ -172,7 +190,11 @@ BASELINES: dict[str, Spec] = {
     "std_unbiased": Flag(default=True),
     "dual_clip": Real(1.0, low_open=True, none=True, typical=(3.0, 1.5)),
     "max_tokens": Real(
-        0.0, low_open=True, none=True, dtype_limit=scale_limit, typical=(16.0, 4096.0, 0.5),
+        0.0,
+        low_open=True,
+        none=True,
+        dtype_limit=scale_limit,
+        typical=(16.0, 4096.0, 0.5),
     ),  # fmt: skip
     "scale": Choice(("std", "none"), default="std"),
     "threshold": Real(default=0.5, typical=(0.5, 0.0)),
@@ -401,18 +423,19 @@ def draw_options(
     return out
 
 
-def recheck(
-    table: Mapping[str, Spec], options: Options, dtype: torch.dtype
-) -> str | None:
-    """The name of the first option the table refuses for computation dtype ``dtype`` (the
-    dtype is known only once the inputs are drawn), or None."""
-    if options.invalid is not None:
-        return options.invalid
-    for name, value in options.kwargs.items():
-        spec = table.get(name)
-        if isinstance(spec, Real) and not real_is_valid(spec, value, options.resolved, dtype):
-            return name
-    return None
+def dtype_refusals(
+    table: Mapping[str, Spec], resolved: Mapping[str, Any], dtype: torch.dtype
+) -> list[str]:
+    """Options whose (resolved, valid in themselves) values the table refuses for computation
+    dtype ``dtype``."""
+    return [
+        name
+        for name, spec in table.items()
+        if isinstance(spec, Real)
+        and spec.dtype_limit is not None
+        and resolved.get(name) is not None
+        and not real_is_valid(spec, resolved[name], resolved, dtype)
+    ]
 
 
 def signature_defaults(fn: Callable[..., Any]) -> dict[str, Any]:

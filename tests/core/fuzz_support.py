@@ -137,7 +137,7 @@ def expect_error_unless_overflow(
         expect_error(out, names, context)
 
 
-def data_overflow(t: "Tokens") -> bool:
+def data_overflow(t: Tokens) -> bool:
     """Whether the token inputs' own sums or ratios overflow the computation dtype."""
     m = magnitudes(t.log_probs, t.old_log_probs, t.mask)
     return overflows(t.compute_dtype, m.L * m.T, m.R * m.T, math.exp(min(m.D, 700.0)) * m.T)
@@ -461,7 +461,9 @@ def assert_close(name: str, actual: Tensor | float, expected: Tensor | float, at
     e = float(expected.detach().double()) if isinstance(expected, Tensor) else float(expected)
     assert math.isfinite(a), f"{name} = {a} is not finite (reference {e})"
     assert not math.isnan(atol), f"{name}: the tolerance is nan (a bug of the test)"
-    assert abs(a - e) <= atol, f"{name} = {a!r}, reference {e!r}, |diff| {abs(a - e):.3g} > {atol:.3g}"
+    assert abs(a - e) <= atol, (
+        f"{name} = {a!r}, reference {e!r}, |diff| {abs(a - e):.3g} > {atol:.3g}"
+    )
 
 
 def assert_all_close(name: str, actual: Tensor, expected: Tensor, atol: float) -> None:

@@ -643,6 +643,9 @@ def ref_difficulty_weight(
     if not expected:
         return omega_n(p)
     return sum(
-        math.comb(n, k) * (p**k if k else 1.0) * ((1 - p) ** (n - k) if n - k else 1.0) * omega_n(k / n)
+        math.comb(n, k)
+        * (p**k if k else 1.0)
+        * ((1 - p) ** (n - k) if n - k else 1.0)
+        * omega_n(k / n)
         for k in range(n + 1)
     )

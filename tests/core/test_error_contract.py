@@ -21,8 +21,14 @@ import torch
 from conftest import random_batch
 from reference import ref_disco_any
 
-from discoloss import LagrangeMultiplier, disco_loss, kl_divergence, sequence_scores
-from discoloss import discriminative_objective, discriminative_weights
+from discoloss import (
+    LagrangeMultiplier,
+    disco_loss,
+    discriminative_objective,
+    discriminative_weights,
+    kl_divergence,
+    sequence_scores,
+)
 from discoloss.accumulation import ResponseStats, micro_batch_loss, plan_minibatch, response_stats
 from discoloss.analysis import difficulty_report, difficulty_weight, implied_weights
 from discoloss.analysis.cli import main as analyze_main
@@ -63,7 +69,9 @@ def test_num_tokens_below_the_batch_is_refused_as_int_and_as_tensor():
     args = (b.log_probs[:6], b.old_log_probs[:6], mask, b.rewards[:6], b.group_ids[:6])
     assert int(mask.sum()) == 48
     for value in (5, torch.tensor(5), torch.tensor([5.0])):
-        message = raises_naming(ValueError, "num_tokens", lambda: disco_loss(*args, num_tokens=value))
+        message = raises_naming(
+            ValueError, "num_tokens", lambda value=value: disco_loss(*args, num_tokens=value)
+        )
         assert "48" in message
     out = disco_loss(*args, num_tokens=torch.tensor(48.0))
     torch.testing.assert_close(out.kl, disco_loss(*args).kl)
@@ -97,7 +105,9 @@ def test_counts_as_numbers_and_tensors_get_the_same_checks(batch, name, value, e
 def test_num_groups_below_the_groups_present_is_refused(batch):
     groups = len(set(batch.group_ids.tolist()))
     for value in (groups - 1, torch.tensor(groups - 1)):
-        raises_naming(ValueError, "num_groups", lambda: disco_loss(*batch.args(), num_groups=value))
+        raises_naming(
+            ValueError, "num_groups", lambda v=value: disco_loss(*batch.args(), num_groups=v)
+        )
     disco_loss(*batch.args(), num_groups=groups)
     # normalize="valid": the normaliser counts groups with signal, the bound too
     with_signal = disco_loss(*batch.args(), normalize="valid").metrics["groups_with_signal"]
@@ -260,7 +270,9 @@ def test_labels_compare_rewards_with_the_threshold_in_float64(batch):
 # --------------------------------------------------------------------------- multiplier
 
 
-@pytest.mark.parametrize("kl", [math.nan, math.inf, torch.tensor(math.nan), torch.tensor([-math.inf])])
+@pytest.mark.parametrize(
+    "kl", [math.nan, math.inf, torch.tensor(math.nan), torch.tensor([-math.inf])]
+)
 def test_multiplier_refuses_a_non_finite_kl(kl):
     m = LagrangeMultiplier(lr=10.0, init=0.5)
     raises_naming(ValueError, "kl", lambda: m.update(kl, delta=0.1))
@@ -420,7 +432,9 @@ def test_meta_device_is_shape_only_without_validation(batch, name, call, outputs
     meta = call(tuple(t.to("meta") for t in batch.args()), False)
     for a, b in zip(outputs(meta), outputs(cpu)):
         assert a.device.type == "meta" and a.shape == b.shape and a.dtype == b.dtype, name
-    raises_naming(ValueError, "validate", lambda: call(tuple(t.to("meta") for t in batch.args()), True))
+    raises_naming(
+        ValueError, "validate", lambda: call(tuple(t.to("meta") for t in batch.args()), True)
+    )
 
 
 def test_analysis_refuses_meta_tensors(batch):

@@ -69,9 +69,9 @@ def accuracies(draw: st.DrawFn) -> tuple[Any, bool, str]:
         return t.to(dtype), True, "tensor"
     bad = draw(
         st.sampled_from(
-            [-0.1, 1.1, math.nan, math.inf, True, "0.5", 10**400, [0.5, math.nan], [[0.1], [0.2, 0.3]],
-             torch.tensor([0.5, 2.0]), torch.tensor([True]), torch.tensor(0.5).to("meta"),
-             torch.tensor([0.5 + 1j]), None]
+            [-0.1, 1.1, math.nan, math.inf, True, "0.5", 10**400, [0.5, math.nan],
+             [[0.1], [0.2, 0.3]], torch.tensor([0.5, 2.0]), torch.tensor([True]),
+             torch.tensor(0.5).to("meta"), torch.tensor([0.5 + 1j]), None]
         )
     )  # fmt: skip
     return bad, False, "bad p"
@@ -109,7 +109,9 @@ def test_difficulty_weight(data: st.DataObject, p: tuple[Any, bool, str]) -> Non
         std_unbiased=o["std_unbiased"],
         eps=float(o["eps"]),
     )
-    pt = torch.as_tensor(value, dtype=F64) if not isinstance(value, torch.Tensor) else value.double()
+    pt = (
+        torch.as_tensor(value, dtype=F64) if not isinstance(value, torch.Tensor) else value.double()
+    )
     ref = torch.tensor(
         [ref_difficulty_weight(float(x), kwargs["method"], **args) for x in pt.reshape(-1)],
         dtype=F64,
@@ -190,7 +192,9 @@ def test_implied_weights(data: st.DataObject) -> None:
     else:
         coef = a
     thr = float(opts.resolved["threshold"])
-    ref = ref_implied(coef, [float(x) for x in tokens.rewards.double()], tokens.group_ids.tolist(), thr)
+    ref = ref_implied(
+        coef, [float(x) for x in tokens.rewards.double()], tokens.group_ids.tolist(), thr
+    )
     iw = out.value
     assert iw.group_ids.tolist() == ref["ids"]
     assert iw.size.tolist() == ref["size"]
@@ -220,7 +224,9 @@ def test_difficulty_report(data: st.DataObject) -> None:
         verdict, bad, what = INVALID, ("methods",), f"methods={kwargs['methods']!r}"
     q = len(set(tokens.group_ids.tolist()))
     if draw(st.booleans()):
-        n_names = q if verdict != VALID or opts.invalid is not None or draw(st.booleans()) else q + 1
+        n_names = (
+            q if verdict != VALID or opts.invalid is not None or draw(st.booleans()) else q + 1
+        )
         kwargs["group_names"] = [f"q{i}" for i in range(n_names)]
         if n_names != q and verdict == VALID and opts.invalid is None:
             verdict, bad, what = INVALID, ("group_names",), "group_names"
@@ -361,6 +367,7 @@ def rollout_files(draw: st.DrawFn, tmp: Path) -> tuple[Path, dict[str, Any] | No
             fmt = "jsonl"
         else:
             target = path / ("data.parquet" if fmt == "parquet" else "data.jsonl")
+
             # one type per column: group keys as strings, rewards as floats (same expectation)
             def typed(k: str, v: Any) -> Any:
                 if v is None or isinstance(v, float):
@@ -371,9 +378,7 @@ def rollout_files(draw: st.DrawFn, tmp: Path) -> tuple[Path, dict[str, Any] | No
             table = pa.Table.from_pylist([{k: typed(k, r.get(k)) for k in cols} for r in text_rows])
             pq.write_table(table, target)
             return target, expected, f"{fmt}, {damage}"
-    text = "".join(
-        json.dumps(r, ensure_ascii=False) + "\n" * rng.randint(1, 2) for r in text_rows
-    )
+    text = "".join(json.dumps(r, ensure_ascii=False) + "\n" * rng.randint(1, 2) for r in text_rows)
     data = text.encode("utf-8")
     if fmt == "bom":
         data = b"\xef\xbb\xbf" + data
