@@ -187,7 +187,8 @@ def check_count(name: str, value: object, device: torch.device) -> tuple[Tensor,
         raise ValueError(f"{name} must be >= 1, got {count}")
     if count > _INT64_MAX:
         raise ValueError(f"{name}={count} is too large for an int64 count")
-    return torch.tensor(count, device=device), []
+    # a fill kernel, not a copy from host memory: no sync on CUDA
+    return torch.full((), count, dtype=torch.int64, device=device), []
 
 
 def check_coefficient(

@@ -372,6 +372,37 @@ def test_tensor_counts_and_coefficients_add_no_sync_without_validation(batch, mo
                              kl_coef=coef, validate=False)  # fmt: skip
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="GPU-only check: needs CUDA")
+def test_counts_and_coefficients_are_sync_free_on_cuda(batch):
+    cuda = tuple(t.cuda() for t in batch.args())
+    lp, old, mask = cuda[:3]
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for counts in (
+            dict(num_groups=9, num_tokens=500),
+            dict(num_groups=torch.tensor(9.0).cuda(), num_tokens=torch.tensor(500).cuda()),
+        ):
+            disco_loss(*cuda, **counts, validate=False)
+        stats = response_stats(lp, old, mask, validate=False)
+        plan = plan_minibatch(stats, cuda[3], cuda[4], validate=False)
+        for coef in (None, plan.kl_coef, 0.5):
+            micro_batch_loss(
+                lp,
+                old,
+                mask,
+                plan.weights,
+                num_tokens=plan.num_tokens,
+                kl_coef=coef,
+                validate=False,
+            )
+            micro_batch_loss(
+                lp, old, mask, plan.weights, num_tokens=500, kl_coef=coef, validate=False
+            )
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+
+
 def one_sync(reads: list[str]) -> bool:
     """One copy of the flag vector to the host, then reads of that host copy only."""
     return reads[:1] == ["cpu"] and set(reads[1:]) <= {"__bool__"}
