@@ -326,7 +326,8 @@ def plan_minibatch(
       objective, tau, delta, beta, threshold, normalize: as in :func:`discoloss.disco_loss`.
       constraint, multiplier, cvar_alpha, margin: as in :func:`discoloss.disco_loss`.
       validate: check values (non-finite rewards, scores and KL sums; token counts that are
-        not whole numbers >= 1) with one host sync.
+        not whole numbers >= 1; results that overflow the computation dtype) with one host
+        sync. Half-precision stats are planned in float32.
       process_group: a ``torch.distributed`` group whose ranks hold the pieces of one
         mini-batch (a question's responses may sit on several ranks; a rank may hold none).
         Every rank gets the plan of the whole mini-batch: ``kl_coef``, ``num_tokens`` and
@@ -441,14 +442,19 @@ def micro_batch_loss(
     Args:
       log_probs, old_log_probs, mask: (b, T) tensors of this micro-batch.
       weights: (b,) this micro-batch's slice of :attr:`MiniBatchPlan.weights`.
-      num_tokens: N, the mini-batch's number of response tokens (``plan.num_tokens``).
-      kl_coef: kappa (``plan.kl_coef``, exact when the plan used current parameters), or None
+      num_tokens: N, the mini-batch's number of response tokens (``plan.num_tokens``): an int
+        or a one-element tensor, a whole number >= 1 and not below this micro-batch's tokens.
+      kl_coef: kappa (``plan.kl_coef``, exact when the plan used current parameters; a number
+        or a one-element float tensor, finite and >= 0), or None
         for the local approximation ``(n_mb / N) * P(kl_mb)`` with P the constraint's penalty
         and kl_mb the micro-batch's own token-mean KL (see the module docstring).
       score, kl_estimator: as in :func:`discoloss.disco_loss` (must match the plan's).
       delta, beta, constraint, multiplier: the constraint, used by the local approximation.
       rewards, threshold, clip_eps: only for ``score="clipped_ratio"``.
-      validate: check values (one host sync).
+      validate: check values with one host sync: the token inputs' (as
+        :func:`discoloss.disco_loss`), non-finite weights, the values of tensor ``num_tokens``
+        and ``kl_coef``, a loss that overflows the computation dtype. Without it, metadata
+        and Python numbers are still checked, and no host sync is issued.
     """
     options = DiscoOptions(
         score=score,

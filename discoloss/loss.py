@@ -310,17 +310,22 @@ def disco_loss(
       cvar_alpha: fraction of hardest negatives for ``"cvar"``, in (0, 1]; 1 is DisCO-b.
       margin: margin of ``"auc_sq_hinge"``, >= 0.
       clip_eps: clip range of ``"clipped_ratio"``, in (0, 1).
-      validate: check values (non-finite inputs, empty responses, mask values) with one host
-        sync. With ``validate=False`` the loss issues no host sync at all (local mode).
+      validate: check values (non-finite inputs, empty responses, mask values, the values of
+        tensor counts and counts smaller than this batch holds, results that overflow the
+        computation dtype) with one host sync. With ``validate=False`` the loss issues no host
+        sync at all (local mode). See the documentation's page on errors and validation.
       num_groups: for a batch that is a piece of a larger one whose groups are whole in each
         piece (e.g. a micro-batch of whole groups): the normaliser G of the larger batch, so
-        that the pieces' objectives add up to its objective. Overrides ``normalize``.
-      num_tokens: likewise, the number of response tokens of the larger batch. ``kl`` is then
-        this piece's additive share ``sum(kl_i) / num_tokens`` and ``penalty`` its token share
-        ``n_piece / num_tokens`` times the penalty of the piece's own token-mean KL: exact when
-        the pieces' KLs are equal (and always for the linear constraints), an upper bound
-        (Jensen) otherwise. For the exact penalty of a mini-batch split into micro-batches use
-        :mod:`discoloss.accumulation`.
+        that the pieces' objectives add up to its objective. Overrides ``normalize``. An int
+        or a one-element tensor (int or float dtype) holding a whole number >= 1, at least this
+        batch's number of groups (of groups with signal for ``normalize="valid"``); the values
+        of tensors and the comparison with the batch are checked under ``validate``.
+      num_tokens: likewise, the number of response tokens of the larger batch (at least this
+        batch's). ``kl`` is then this piece's additive share ``sum(kl_i) / num_tokens`` and
+        ``penalty`` its token share ``n_piece / num_tokens`` times the penalty of the piece's
+        own token-mean KL: exact when the pieces' KLs are equal (and always for the linear
+        constraints), an upper bound (Jensen) otherwise. For the exact penalty of a mini-batch
+        split into micro-batches use :mod:`discoloss.accumulation`.
       process_group: a ``torch.distributed`` group. When given, groups are formed across all
         its ranks (a question's responses may sit on different ranks, ranks may hold different
         numbers of responses and sequence lengths, and a rank may hold none: ``(0, T)``
