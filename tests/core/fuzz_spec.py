@@ -14,6 +14,14 @@ tables. A row says:
 * whether the library checks it (``checked``): a flag the library takes as any truthy value
   (e.g. ``validate``) is drawn only from its valid values.
 
+A new objective with its own options and inputs (e.g. one with a temperature ``lam > 0``, an
+``int >= 1`` option and a per-response tensor) takes: its name in ``OBJECTIVES`` (the suite
+fails until then: ``test_the_tables_know_every_option_value_of_the_library``), one row per
+option in ``DISCO`` (``Real(0.0, low_open=True, dtype_limit=scale_limit, limited_when=...)``
+for a temperature, ``Int(1)`` for a count), its group term in ``reference.ref_group_term``,
+and, for a new tensor argument, an entry in the role tables of ``test_fuzz.py`` (``RESP_FLOAT``
+for a per-response float tensor) so that it is mutated like the others.
+
 Values are drawn in three regions: *inside* (typical values a user would pass and arbitrary
 floats of the interval), *at* (the ends of the interval and of the dtype limit, exactly), and
 *outside* (beyond each end, NaN, infinities, a Python int beyond float64, wrong types: a
