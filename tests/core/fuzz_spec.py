@@ -446,6 +446,15 @@ def dtype_refusals(
     ]
 
 
+@st.composite
+def options(
+    draw: st.DrawFn, table: Mapping[str, Spec], names: tuple[str, ...], **kwargs: Any
+) -> Options:
+    """:func:`draw_options` as a strategy (``dtype`` defaults to None: no dtype limits)."""
+    kwargs.setdefault("dtype", None)
+    return draw_options(draw, table, names, **kwargs)
+
+
 def signature_defaults(fn: Callable[..., Any]) -> dict[str, Any]:
     """The documented defaults of a function's keyword options (its signature)."""
     return {

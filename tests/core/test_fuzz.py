@@ -38,6 +38,7 @@ from fuzz_spec import (
     Options,
     draw_options,
     dtype_refusals,
+    options,
     signature_defaults,
 )
 from fuzz_support import (
@@ -718,21 +719,19 @@ def test_penalties(case: tuple[Any, ...]) -> None:
 @given(data=st.data(), dtype=st.sampled_from([F64, torch.float32]))
 def test_disco_options(data: st.DataObject, dtype: torch.dtype) -> None:
     """DiscoOptions checks what it can without inputs; check_dtype adds the dtype limits."""
-    opts = data.draw(
-        st.composite(lambda draw: draw_options(draw, DISCO, tuple(DISCO), dtype=None))()
-    )
+    opts = data.draw(options(DISCO, tuple(DISCO)))
     out = run_call(lambda: DiscoOptions(**opts.kwargs))
     if opts.invalid is not None:
         expect_error(out, (opts.invalid,), f"{opts.kwargs}")
         return
     assert out.error is None, f"{out.error!r} ({opts.kwargs})"
-    options = out.value
+    made = out.value
     for name, value in opts.kwargs.items():
-        got = getattr(options, name)
+        got = getattr(made, name)
         assert got == value or (value is None and got is None), (name, got, value)
     resolved = dict(opts.resolved, tau=resolved_tau(opts.resolved))
     limited = dtype_refusals(DISCO, resolved, dtype)
-    checked = run_call(lambda: options.check_dtype(dtype))
+    checked = run_call(lambda: made.check_dtype(dtype))
     if limited:
         expect_error(checked, tuple(limited), f"check_dtype({dtype}) of {opts.kwargs}")
     else:
@@ -765,11 +764,7 @@ def kl_values(draw: st.DrawFn) -> tuple[Any, bool, str]:
 @given(data=st.data(), kl=kl_values(), validate=st.booleans())
 def test_lagrange_multiplier(data: st.DataObject, kl: tuple[Any, bool, str], validate: bool):
     draw = data.draw
-    ctor = draw(
-        st.composite(
-            lambda d: draw_options(d, MULTIPLIER, ("lr", "init", "max_value"), dtype=None)
-        )()
-    )
+    ctor = draw(options(MULTIPLIER, ("lr", "init", "max_value")))
     made = run_call(lambda: LagrangeMultiplier(**ctor.kwargs))
     if ctor.invalid is not None:
         expect_error(made, (ctor.invalid,), f"{ctor.kwargs}")
@@ -777,7 +772,7 @@ def test_lagrange_multiplier(data: st.DataObject, kl: tuple[Any, bool, str], val
     assert made.error is None, f"{made.error!r} ({ctor.kwargs})"
     m = made.value
     before = float(m.value)
-    upd = draw(st.composite(lambda d: draw_options(d, MULTIPLIER, ("delta",), dtype=None))())
+    upd = draw(options(MULTIPLIER, ("delta",)))
     upd.kwargs.setdefault("delta", upd.resolved["delta"])  # a required keyword
     value, valid, what = kl
     out = run_call(lambda: m.update(value, **upd.kwargs, validate=validate))
@@ -1375,7 +1370,7 @@ def test_group_advantages_and_filter(data: st.DataObject, which: str) -> None:
     tokens = draw(token_batches(max_groups=5, max_group=4, max_t=1))
     validate = draw(st.booleans())
     names_ = ("scale", "std_unbiased", "eps") if which == "group_advantages" else ("threshold",)
-    opts = draw(st.composite(lambda d: draw_options(d, BASELINES, names_, dtype=None))())
+    opts = draw(options(BASELINES, names_))
     roles = {"rewards": RESP_REAL, "group_ids": RESP_INT}
     args = {"rewards": tokens.rewards, "group_ids": tokens.group_ids}
     verdict, bad, what = VALID, (), "valid"

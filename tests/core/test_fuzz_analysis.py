@@ -17,7 +17,7 @@ from typing import Any
 
 import pytest
 import torch
-from fuzz_spec import ANALYSIS, draw_options, signature_defaults
+from fuzz_spec import ANALYSIS, options, signature_defaults
 from fuzz_support import (
     F64,
     INVALID,
@@ -81,13 +81,7 @@ def accuracies(draw: st.DrawFn) -> tuple[Any, bool, str]:
 @given(data=st.data(), p=accuracies())
 def test_difficulty_weight(data: st.DataObject, p: tuple[Any, bool, str]) -> None:
     names = ("method", "n", "expected", "std_unbiased", "eps")
-    opts = data.draw(
-        st.composite(
-            lambda d: draw_options(
-                d, ANALYSIS, names, dtype=None, defaults=signature_defaults(difficulty_weight)
-            )
-        )()
-    )
+    opts = data.draw(options(ANALYSIS, names, defaults=signature_defaults(difficulty_weight)))
     kwargs = dict(opts.kwargs)
     kwargs.setdefault("method", data.draw(st.sampled_from(METHODS)))
     value, valid, what = p
@@ -147,9 +141,7 @@ def test_implied_weights(data: st.DataObject) -> None:
     b = tokens.rewards.shape[0]
     names = ("kind", "threshold", "token_normalizer")
     defaults = signature_defaults(implied_weights)
-    opts = draw(
-        st.composite(lambda d: draw_options(d, ANALYSIS, names, dtype=None, defaults=defaults))()
-    )
+    opts = draw(options(ANALYSIS, names, defaults=defaults))
     kwargs = dict(opts.kwargs)
     adv = torch.tensor(draw(st.lists(st.floats(-4.0, 4.0), min_size=b, max_size=b)), dtype=F64)
     adv = adv.to(draw(st.sampled_from([F64, torch.float32])))
@@ -211,9 +203,7 @@ def test_difficulty_report(data: st.DataObject) -> None:
     tokens = draw(token_batches(max_groups=5, max_group=4, max_t=1))
     names = ("threshold", "bins", "binarize", "std_unbiased", "eps")
     defaults = signature_defaults(difficulty_report)
-    opts = draw(
-        st.composite(lambda d: draw_options(d, ANALYSIS, names, dtype=None, defaults=defaults))()
-    )
+    opts = draw(options(ANALYSIS, names, defaults=defaults))
     kwargs = dict(opts.kwargs)
     verdict, bad, what = VALID, (), "valid"
     method_kind = draw(st.sampled_from(["default", "subset", "bad"]))
