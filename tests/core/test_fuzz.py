@@ -1079,7 +1079,7 @@ def test_micro_batch_loss(case: tuple[Any, ...]) -> None:
         penalty = (n_local / n_ref) * ref_constraint_penalty(
             k.sum() / n_local, o["constraint"], delta, beta, lam
         )
-        slope = ref_constraint_slope(float(k.sum() / n_local), o["constraint"], delta, beta, lam)
+        slope = ref_constraint_slope(float(k.detach().sum() / n_local), o["constraint"], delta, beta, lam)
     else:
         slope = float(coef)
         penalty = slope * k.sum() / n_ref
@@ -1098,7 +1098,7 @@ def test_micro_batch_loss(case: tuple[Any, ...]) -> None:
     ds = score_error(m, o["score"], u)
     dkl = kl_error(m, o["kl_estimator"], u)
     wsum = float(w.abs().sum())
-    excess = max(float(k.sum() / n_local) - delta, 0.0)
+    excess = max(float(k.detach().sum() / n_local) - delta, 0.0)
     slopes = {"squared_hinge": beta * (excess + dkl), "hinge": beta, "kl_penalty": beta}
     slopes.update(lagrangian=lam, none=0.0)
     slope_b = slopes[o["constraint"]] if coef is None else slope
@@ -1108,10 +1108,10 @@ def test_micro_batch_loss(case: tuple[Any, ...]) -> None:
         + 16
         * u
         * (
-            abs(float(loss))
-            + wsum * max(1.0, float(s.abs().max()))
-            + abs(float(penalty))
-            + slope_b * abs(float(k.sum()) / n_local)
+            abs(float(loss.detach()))
+            + wsum * max(1.0, float(s.detach().abs().max()))
+            + abs(float(penalty.detach()))
+            + slope_b * abs(float(k.detach().sum()) / n_local)
         )
     )
     mb, g = out.value
@@ -1122,7 +1122,7 @@ def test_micro_batch_loss(case: tuple[Any, ...]) -> None:
     if (
         coef is None
         and o["constraint"] == "hinge"
-        and abs(float(k.sum() / n_local) - delta) <= dkl + 16 * u * delta
+        and abs(float(k.detach().sum() / n_local) - delta) <= dkl + 16 * u * delta
     ):
         slope_err = beta
     rel = 1.0 if o["score"] == "log_likelihood" else 1.0 + m.D + 2.0 * m.L
