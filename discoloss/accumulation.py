@@ -507,7 +507,7 @@ def micro_batch_loss(
                 loss.detach().isfinite(),
                 lambda: (
                     f"micro_batch_loss: the loss is not finite in {f} (objective term "
-                    f"{float(objective_term)!r}, penalty term {float(penalty_term)!r}): weights, "
+                    f"{float(objective_term.detach())!r}, penalty term {float(penalty_term.detach())!r}): weights, "
                     f"kl_coef or beta={options.beta!r} too large for {f}"
                 ),
             ),
