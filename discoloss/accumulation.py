@@ -72,6 +72,7 @@ from discoloss._checks import (
     check_device,
     check_tensor,
     computation_dtype,
+    describe,
     first_index,
     raise_if_failed,
 )
@@ -507,8 +508,9 @@ def micro_batch_loss(
                 loss.detach().isfinite(),
                 lambda: (
                     f"micro_batch_loss: the loss is not finite in {f} (objective term "
-                    f"{float(objective_term.detach())!r}, penalty term {float(penalty_term.detach())!r}): weights, "
-                    f"kl_coef or beta={options.beta!r} too large for {f}"
+                    f"{describe(objective_term.detach())}, penalty term "
+                    f"{describe(penalty_term.detach())}): weights, kl_coef or "
+                    f"beta={options.beta!r} too large for {f}"
                 ),
             ),
         ]

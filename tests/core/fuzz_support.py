@@ -421,6 +421,19 @@ def kl_error(m: Magnitudes, estimator: str, u: float) -> float:
     return e
 
 
+def near_log_ratio(t: Tokens, bounds: Sequence[float], u: float) -> bool:
+    """Whether a response token's log-ratio lies within rounding of a clip bound, where the
+    library (lp - old formed in the computation dtype, from inputs of magnitude L) and the
+    reference may fall on different sides: its gradient is then either on or off."""
+    lp, old = t.log_probs.double()[t.bmask], t.old_log_probs.double()[t.bmask]
+    x = lp - old
+    mag = torch.maximum(lp.abs(), old.abs())
+    near = torch.zeros_like(x, dtype=torch.bool)
+    for bound in bounds:
+        near |= (x - bound).abs() <= 32 * u * (1.0 + x.abs() + 2.0 * mag)
+    return bool(near.any())
+
+
 def weight_sensitivity(
     objective: str,
     tau: float,
