@@ -239,6 +239,8 @@ VALUE_CHECKS: dict[str, str] = {
     "{index}: the likelihood ratio is too large to represent",
     "rewards": "rewards: non-finite value at response {index}; every reward must be finite to "
     "be labelled positive or negative",
+    "kl_sums": "kl: the KL sum of response {index} is not finite in the computation dtype: "
+    "log_probs and old_log_probs are too far apart for it",
     "stats.scores": "stats.scores: non-finite value at response {index}",
     "stats.kl_sums": "stats.kl_sums: non-finite value at response {index}",
     "stats.lengths": "stats.lengths: response {index} has a token count that is not a whole "

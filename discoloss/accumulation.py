@@ -85,6 +85,7 @@ from discoloss.loss import (
     output_checks,
     resolve_options,
     response_scores,
+    score_checks,
 )
 from discoloss.objectives import check_response_inputs, objective_checks, reward_checks
 from discoloss.options import DiscoOptions
@@ -190,7 +191,10 @@ def _stats(
     if validate and rewards is not None:
         checks += reward_checks(rewards)
     scores = response_scores(sums, log_probs, old_log_probs, mask, rewards, options)
-    return ResponseStats(scores, kl_row_sums(sums, options.kl_estimator), sums.lengths), checks
+    kl_sums = kl_row_sums(sums, options.kl_estimator)
+    if validate:
+        checks += score_checks(scores, kl_sums, options)
+    return ResponseStats(scores, kl_sums, sums.lengths), checks
 
 
 def response_stats(

@@ -148,7 +148,8 @@ def multiplier_value(multiplier: LagrangeMultiplier | None, like: Tensor) -> Ten
         raise ValueError('constraint="lagrangian" needs multiplier=LagrangeMultiplier(...)')
     if not isinstance(multiplier, LagrangeMultiplier):
         raise TypeError(f"multiplier must be a LagrangeMultiplier, got {type(multiplier).__name__}")
-    return multiplier.value.to(device=like.device, dtype=like.dtype)
+    # in the dtype of the penalty (an integer kl would truncate the multiplier)
+    return multiplier.value.to(device=like.device, dtype=torch.result_type(like, 1.0))
 
 
 def _check_penalty_options(

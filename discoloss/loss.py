@@ -171,6 +171,19 @@ def response_scores(
     )
 
 
+def score_checks(
+    scores: Tensor, kl_sums: Tensor, options: DiscoOptions
+) -> list[Check | ValueCheck]:
+    """Value checks of the per-response stats beyond the token sums' own: the clipped ratio
+    forms exp(log_probs - old_log_probs) on its unclipped side, which can overflow; a KL sum
+    is a difference of two finite sums, which can overflow too."""
+    checks: list[Check | ValueCheck] = []
+    if options.score == "clipped_ratio":
+        checks.append(ValueCheck("ratio", ~scores.detach().isfinite()))
+    checks.append(ValueCheck("kl_sums", ~kl_sums.detach().isfinite()))
+    return checks
+
+
 def output_checks(output: DiscoOutput, options: DiscoOptions) -> list[Check | ValueCheck]:
     """Value checks of a loss's results (under ``validate``): finite inputs and options in
     their ranges can still overflow the computation dtype together (a KL beyond its range, a
@@ -240,6 +253,8 @@ def local_stats(
         checks += reward_checks(rewards)
     scores = response_scores(sums, log_probs, old_log_probs, mask, rewards, options)
     kl_sums = kl_row_sums(sums, options.kl_estimator)
+    if validate:
+        checks += score_checks(scores, kl_sums, options)
     return LocalStats(scores, kl_sums, sums.lengths, checks, log_probs.device)
 
 

@@ -384,34 +384,53 @@ class Magnitudes:
     T: int
     n_min: int
     N: int
+    R_score: float  # the largest ratio a score uses (clipped ratios: after the clip)
+    D_score: float
 
 
-def magnitudes(lp: Tensor, old: Tensor, mask: Tensor) -> Magnitudes:
+def magnitudes(
+    lp: Tensor, old: Tensor, mask: Tensor, clip: tuple[Sequence[bool], float] | None = None
+) -> Magnitudes:
+    """``clip``: (labels, clip_eps) of the clipped-ratio score, whose positives use
+    min(rho, 1 + eps) and negatives max(rho, 1 - eps)."""
     bm = mask != 0
-    a = lp.detach().to(F64)[bm]
-    b = old.detach().to(F64)[bm]
-    d = (a - b).abs()
+    a = lp.detach().to(F64)
+    b = old.detach().to(F64)
+    x = a - b
+    xs = x
+    if clip is not None:
+        positive, eps = clip
+        pos = torch.tensor(list(positive), dtype=torch.bool)[:, None]
+        xs = torch.where(pos, x.clamp(max=math.log1p(eps)), x.clamp(min=math.log1p(-eps)))
     lengths = bm.sum(-1)
     return Magnitudes(
-        L=float(torch.maximum(a.abs(), b.abs()).max()),
-        D=float(d.max()),
-        R=float(torch.exp(a - b).max()),
+        L=float(torch.maximum(a[bm].abs(), b[bm].abs()).max()),
+        D=float(x[bm].abs().max()),
+        R=float(torch.exp(x[bm]).max()),
         T=int(mask.shape[1]),
         n_min=int(lengths.min()),
         N=int(lengths.sum()),
+        R_score=float(torch.exp(xs[bm]).max()),
+        D_score=float(xs[bm].abs().max()),
     )
 
 
-def ratio_error(m: Magnitudes, u: float) -> float:
+def prod(*factors: float) -> float:
+    """A product of tolerance factors where 0 wins over inf (no contribution, not nan)."""
+    return 0.0 if any(f == 0 for f in factors) else math.prod(factors)
+
+
+def ratio_error(m: Magnitudes, u: float, *, score: bool = False) -> float:
     """Error of a token mean of ratios: lp - old is formed in the computation dtype from
     inputs of magnitude L (an error of 2 u L, relative in the ratio), then exponentiated."""
-    return 4 * m.T * u * max(m.R, 1.0) * (1.0 + m.D + 2.0 * m.L)
+    r, d = (m.R_score, m.D_score) if score else (m.R, m.D)
+    return 4 * m.T * u * max(r, 1.0) * (1.0 + d + 2.0 * m.L)
 
 
 def score_error(m: Magnitudes, score: str, u: float) -> float:
     if score == "log_likelihood":
         return 4 * m.T * u * max(m.L, 1.0)
-    return ratio_error(m, u) + 4 * m.T * u * max(m.L, 1.0)
+    return ratio_error(m, u, score=True) + 4 * m.T * u * max(m.L, 1.0)
 
 
 def kl_error(m: Magnitudes, estimator: str, u: float) -> float:

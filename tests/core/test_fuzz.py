@@ -69,6 +69,7 @@ from fuzz_support import (
     near_log_ratio,
     overflows,
     parameters,
+    prod,
     run_call,
     score_error,
     subnormal,
@@ -304,7 +305,7 @@ def loss_tolerances(case: LossCase, ref: Any, m: Magnitudes) -> dict[str, float]
         mag = max(mag, tau)
     if objective == "auc_sq_hinge":
         mag = max(mag, (margin + spread) ** 2)
-    tol_j = lip * ds + 16 * b * u * mag
+    tol_j = prod(lip, ds) + 16 * b * u * mag
     n_local = sum(ref.lengths)
     n_all = case.num_tokens if case.num_tokens is not None else n_local
     local_kl = float(ref.kl_sums.sum()) / n_local
@@ -318,16 +319,16 @@ def loss_tolerances(case: LossCase, ref: Any, m: Magnitudes) -> dict[str, float]
     }[constraint]
     frac = n_local / n_all
     tol_kl = dkl * frac + 16 * u * abs(float(ref.kl))
-    tol_p = frac * slope * dkl + 16 * u * (abs(float(ref.penalty)) + slope * abs(local_kl))
+    tol_p = prod(frac, slope, dkl) + 16 * u * (abs(float(ref.penalty)) + prod(slope, abs(local_kl)))
     tol_loss = tol_j + tol_p + 16 * u * abs(float(ref.loss))
     # gradient
     ws = weight_sensitivity(
         objective, tau, ds, denom, scores, ref.positive, case.tokens.group_ids.tolist()
     )
     w_bound = (2.0 * (margin + spread) if objective == "auc_sq_hinge" else 1.0) / denom
-    tok = 1.0 if score == "log_likelihood" else max(m.R, 1.0)
-    rel = 1.0 if score == "log_likelihood" else 1.0 + m.D + 2.0 * m.L
-    g_obj = ws * tok / m.n_min + 64 * u * rel * w_bound * tok / m.n_min
+    tok = 1.0 if score == "log_likelihood" else max(m.R_score, 1.0)
+    rel = 1.0 if score == "log_likelihood" else 1.0 + m.D_score + 2.0 * m.L
+    g_obj = prod(ws, tok) / m.n_min + prod(64 * u * rel, w_bound, tok) / m.n_min
     if score == "clipped_ratio" and near_log_ratio(case.tokens, clip_bounds(o["clip_eps"]), u):
         g_obj += 2.0 * w_bound * tok / m.n_min
     kfac = 1.0 if o["kl_estimator"] == "k1" else max(m.R, 1.0) + 1.0
@@ -335,7 +336,7 @@ def loss_tolerances(case: LossCase, ref: Any, m: Magnitudes) -> dict[str, float]
     if constraint == "hinge" and abs(local_kl - delta) <= dkl + 16 * u * delta:
         slope_err = beta
     rel_k = 1.0 if o["kl_estimator"] == "k1" else 1.0 + m.D + 2.0 * m.L
-    g_pen = (slope_err + 64 * u * rel_k * slope) * kfac / n_all
+    g_pen = (prod(slope_err, kfac) + prod(64 * u * rel_k, slope, kfac)) / n_all
     # the gradient is returned in the dtype of log_probs (half precision rounds it)
     lp_dtype = case.tokens.log_probs.dtype
     g_round = unit_roundoff(lp_dtype) * float(ref.grad.abs().max()) + subnormal(lp_dtype)
@@ -348,6 +349,16 @@ def loss_tolerances(case: LossCase, ref: Any, m: Magnitudes) -> dict[str, float]
         "penalty": tol_p + floor,
         "grad": tol_g + floor,
     }
+
+
+def ratio_extent(m: Magnitudes, score: str, estimator: str = "k1") -> float:
+    """The largest token sum of ratios the computation forms (0 when it forms none)."""
+    extent = 0.0
+    if score != "log_likelihood":
+        extent = m.R_score * m.T
+    if estimator == "k3":
+        extent = max(extent, m.R * m.T)
+    return extent
 
 
 def clip_bounds(clip_eps: float) -> list[float]:
@@ -373,11 +384,11 @@ def check_loss_against_reference(case: LossCase, out: Any, validate: bool) -> No
         margin=float(o["margin"]), clip_eps=float(o["clip_eps"]),
         num_groups=case.num_groups, num_tokens=case.num_tokens,
     )  # fmt: skip
-    m = magnitudes(t.log_probs, t.old_log_probs, t.mask)
+    m = magnitudes(t.log_probs, t.old_log_probs, t.mask, (ref.positive, float(o["clip_eps"])))
     f = t.compute_dtype
     big = overflows(
         f, ref.loss, ref.objective, ref.penalty, ref.kl, ref.grad, ref.scores,
-        m.L * m.T, m.R * m.T, ref.kl_sums,
+        m.L * m.T, ratio_extent(m, o["score"], o["kl_estimator"]), ref.kl_sums,
     )  # fmt: skip
     context = f"{case.what}; options {case.kwargs}"
     if out.error is not None:
@@ -501,10 +512,10 @@ def test_sequence_scores(case: tuple[Any, ...], drop_old: bool) -> None:
     ref = ref_token_scores(t.log_probs.double(), t.old_log_probs.double(), mask, score)
     m = magnitudes(t.log_probs, t.old_log_probs, t.mask)
     if out.error is not None:
-        assert overflows(t.compute_dtype, ref, m.L * m.T, m.R * m.T), repr(out.error)
+        assert overflows(t.compute_dtype, ref, m.L * m.T, ratio_extent(m, score)), repr(out.error)
         expect_named(out, arguments, what)
         return
-    if not validate and overflows(t.compute_dtype, ref, m.L * m.T, m.R * m.T):
+    if not validate and overflows(t.compute_dtype, ref, m.L * m.T, ratio_extent(m, score)):
         return
     u = unit_roundoff(t.compute_dtype)
     assert_all_close("scores", out.value, ref, score_error(m, score, u) + 16 * u)
@@ -524,7 +535,7 @@ def test_kl_divergence(case: tuple[Any, ...]) -> None:
     sums = ref_kl_sums(t.log_probs.double(), t.old_log_probs.double(), mask, est)
     ref = sums.sum() / sum(len(response_positions(r)) for r in mask)
     m = magnitudes(t.log_probs, t.old_log_probs, t.mask)
-    big = overflows(t.compute_dtype, ref, sums, m.L * m.T, m.R * m.T)
+    big = overflows(t.compute_dtype, ref, sums, m.L * m.T, ratio_extent(m, "log_likelihood", est))
     if out.error is not None:
         assert big, repr(out.error)
         expect_named(out, arguments, what)
@@ -1085,9 +1096,10 @@ def test_micro_batch_loss(case: tuple[Any, ...]) -> None:
         penalty = slope * k.sum() / n_ref
     loss = -(w * s).sum() + penalty
     (grad,) = torch.autograd.grad(loss, x, allow_unused=True, materialize_grads=True)
-    m = magnitudes(t.log_probs, t.old_log_probs, t.mask)
+    m = magnitudes(t.log_probs, t.old_log_probs, t.mask, (positive, float(o["clip_eps"])))
     f = t.compute_dtype
-    big = overflows(f, loss.detach(), grad, s.detach(), k.detach(), m.L * m.T, m.R * m.T)
+    extent = ratio_extent(m, o["score"], o["kl_estimator"])
+    big = overflows(f, loss.detach(), grad, s.detach(), k.detach(), m.L * m.T, extent)
     if out.error is not None:
         assert big, f"valid input refused: {out.error!r} ({context})"
         expect_named(out, arguments, context)
@@ -1102,22 +1114,17 @@ def test_micro_batch_loss(case: tuple[Any, ...]) -> None:
     slopes = {"squared_hinge": beta * (excess + dkl), "hinge": beta, "kl_penalty": beta}
     slopes.update(lagrangian=lam, none=0.0)
     slope_b = slopes[o["constraint"]] if coef is None else slope
-    tol = (
-        wsum * ds
-        + slope_b * dkl
-        + 16
-        * u
-        * (
-            abs(float(loss.detach()))
-            + wsum * max(1.0, float(s.detach().abs().max()))
-            + abs(float(penalty.detach()))
-            + slope_b * abs(float(k.detach().sum()) / n_local)
-        )
+    magnitude = (
+        abs(float(loss.detach()))
+        + prod(wsum, max(1.0, float(s.detach().abs().max())))
+        + abs(float(penalty.detach()))
+        + prod(slope_b, abs(float(k.detach().sum()) / n_local))
     )
+    tol = prod(wsum, ds) + prod(slope_b, dkl) + 16 * u * magnitude
     mb, g = out.value
     assert_close("loss", mb.loss, loss, tol)
     kfac = 1.0 if o["kl_estimator"] == "k1" else max(m.R, 1.0) + 1.0
-    tok = 1.0 if o["score"] == "log_likelihood" else max(m.R, 1.0)
+    tok = 1.0 if o["score"] == "log_likelihood" else max(m.R_score, 1.0)
     slope_err = beta * dkl if (coef is None and o["constraint"] == "squared_hinge") else 0.0
     if (
         coef is None
@@ -1125,11 +1132,12 @@ def test_micro_batch_loss(case: tuple[Any, ...]) -> None:
         and abs(float(k.detach().sum() / n_local) - delta) <= dkl + 16 * u * delta
     ):
         slope_err = beta
-    rel = 1.0 if o["score"] == "log_likelihood" else 1.0 + m.D + 2.0 * m.L
+    rel = 1.0 if o["score"] == "log_likelihood" else 1.0 + m.D_score + 2.0 * m.L
     rel_k = 1.0 if o["kl_estimator"] == "k1" else 1.0 + m.D + 2.0 * m.L
+    w_max = float(w.abs().max())
     g_tol = (
-        64 * u * rel * float(w.abs().max()) * tok / m.n_min
-        + (slope_err + 64 * u * rel_k * slope_b) * kfac / n_ref
+        prod(64 * u * rel, w_max, tok) / m.n_min
+        + (prod(slope_err, kfac) + prod(64 * u * rel_k, slope_b, kfac)) / n_ref
         + 64 * u * float(grad.abs().max())
         + unit_roundoff(t.log_probs.dtype) * float(grad.abs().max())
         + subnormal(t.log_probs.dtype)
@@ -1137,7 +1145,7 @@ def test_micro_batch_loss(case: tuple[Any, ...]) -> None:
     if overflows(t.log_probs.dtype, grad):
         return  # the gradient is returned in log_probs' dtype: a float16 one can overflow
     if o["score"] == "clipped_ratio" and near_log_ratio(t, clip_bounds(float(o["clip_eps"])), u):
-        g_tol += 2.0 * float(w.abs().max()) * tok / m.n_min
+        g_tol += prod(2.0, w_max, tok) / m.n_min
     assert_all_close("grad", g, grad, g_tol)
 
 
@@ -1164,8 +1172,11 @@ def test_response_stats(case: tuple[Any, ...], with_rewards: bool) -> None:
     lp, old = t.log_probs.double(), t.old_log_probs.double()
     s = ref_token_scores(lp, old, mask, score, positive, float(opts.resolved["clip_eps"]))
     k = ref_kl_sums(lp, old, mask, opts.resolved["kl_estimator"])
-    m = magnitudes(t.log_probs, t.old_log_probs, t.mask)
-    big = overflows(t.compute_dtype, s, k, m.L * m.T, m.R * m.T)
+    m = magnitudes(
+        t.log_probs, t.old_log_probs, t.mask, (positive, float(opts.resolved["clip_eps"]))
+    )
+    extent = ratio_extent(m, score, opts.resolved["kl_estimator"])
+    big = overflows(t.compute_dtype, s, k, m.L * m.T, extent)
     if out.error is not None:
         assert big, repr(out.error)
         expect_named(out, arguments, what)
