@@ -185,7 +185,7 @@ def constraint_penalty(
         return beta * kl
     if constraint == "lagrangian":
         return multiplier_value(multiplier, kl) * (kl - delta)
-    return torch.zeros_like(kl)
+    return torch.zeros_like(kl, dtype=torch.result_type(kl, 1.0))
 
 
 def constraint_slope(
@@ -199,12 +199,13 @@ def constraint_slope(
     """dP/dKL at ``kl`` (detached): the coefficient of the KL gradient."""
     delta, beta = _check_penalty_options(kl, constraint, delta, beta)
     kl = kl.detach()
+    f = torch.result_type(kl, 1.0)  # a float slope, also for an integer kl
     if constraint == "squared_hinge":
         return beta * torch.clamp(kl - delta, min=0.0)
     if constraint == "hinge":
-        return beta * (kl > delta).to(kl.dtype)
+        return beta * (kl > delta).to(f)
     if constraint == "kl_penalty":
-        return torch.full_like(kl, beta)
+        return torch.full(kl.shape, beta, dtype=f, device=kl.device)
     if constraint == "lagrangian":
         return multiplier_value(multiplier, kl).expand_as(kl).clone()
-    return torch.zeros_like(kl)
+    return torch.zeros_like(kl, dtype=f)

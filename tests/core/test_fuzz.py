@@ -407,7 +407,7 @@ def check_loss_against_reference(case: LossCase, out: Any, validate: bool) -> No
     assert torch.equal(grad[~t.bmask], torch.zeros_like(grad[~t.bmask])), "padding gradient"
 
 
-@fuzz(600)
+@fuzz(1500)
 @given(case=loss_cases())
 def test_disco_loss(case: LossCase) -> None:
     validate = case.kwargs["validate"]
@@ -490,7 +490,7 @@ def check_token_outcome(
     return True
 
 
-@fuzz(250)
+@fuzz(400)
 @given(case=token_cases(SCORE_TABLE), drop_old=st.booleans())
 def test_sequence_scores(case: tuple[Any, ...], drop_old: bool) -> None:
     tokens, args, opts, validate, verdict, names, what = case
@@ -521,7 +521,7 @@ def test_sequence_scores(case: tuple[Any, ...], drop_old: bool) -> None:
     assert_all_close("scores", out.value, ref, score_error(m, score, u) + 16 * u)
 
 
-@fuzz(250)
+@fuzz(400)
 @given(case=token_cases(KL_TABLE))
 def test_kl_divergence(case: tuple[Any, ...]) -> None:
     tokens, args, opts, validate, verdict, names, what = case
@@ -578,7 +578,7 @@ def objective_cases(draw: st.DrawFn) -> tuple[Any, ...]:
     return args, opts, validate, verdict, names, what, f
 
 
-@fuzz(300)
+@fuzz(800)
 @given(case=objective_cases(), which=st.sampled_from(["objective", "weights"]))
 def test_discriminative_objective_and_weights(case: tuple[Any, ...], which: str) -> None:
     args, opts, validate, verdict, names, what, f = case
@@ -667,7 +667,7 @@ def penalty_cases(draw: st.DrawFn) -> tuple[Any, ...]:
     return fn, kl, kwargs, opts, lam, verdict, bad, what, f
 
 
-@fuzz(250)
+@fuzz(500)
 @given(case=penalty_cases())
 def test_penalties(case: tuple[Any, ...]) -> None:
     fn_name, kl, kwargs, opts, lam, verdict, bad, what = case[:8]
@@ -722,7 +722,7 @@ def test_penalties(case: tuple[Any, ...]) -> None:
 # --------------------------------------------------------------------------- options objects
 
 
-@fuzz(200)
+@fuzz(400)
 @given(data=st.data(), dtype=st.sampled_from([F64, torch.float32]))
 def test_disco_options(data: st.DataObject, dtype: torch.dtype) -> None:
     """DiscoOptions checks what it can without inputs; check_dtype adds the dtype limits."""
@@ -767,7 +767,7 @@ def kl_values(draw: st.DrawFn) -> tuple[Any, bool, str]:
     return torch.tensor(draw(st.sampled_from([math.nan, math.inf, -math.inf]))), False, "nan"
 
 
-@fuzz(250)
+@fuzz(500)
 @given(data=st.data(), kl=kl_values(), validate=st.booleans())
 def test_lagrange_multiplier(data: st.DataObject, kl: tuple[Any, bool, str], validate: bool):
     draw = data.draw
@@ -889,7 +889,7 @@ def plan_cases(draw: st.DrawFn) -> tuple[Any, ...]:
     return args, kwargs, opts, lam, verdict, names, what, f
 
 
-@fuzz(300)
+@fuzz(800)
 @given(case=plan_cases())
 def test_plan_minibatch(case: tuple[Any, ...]) -> None:
     args, kwargs, opts, lam, verdict, names, what, f = case
@@ -1046,7 +1046,7 @@ def micro_cases(draw: st.DrawFn) -> tuple[Any, ...]:
     return tokens, args, kwargs, opts, lam, n_ref, verdict, names, what
 
 
-@fuzz(300)
+@fuzz(800)
 @given(case=micro_cases())
 def test_micro_batch_loss(case: tuple[Any, ...]) -> None:
     tokens, args, kwargs, opts, lam, n_ref, verdict, names, what = case
@@ -1152,7 +1152,7 @@ def test_micro_batch_loss(case: tuple[Any, ...]) -> None:
 STATS_OPTIONS = ("score", "kl_estimator", "threshold", "clip_eps")
 
 
-@fuzz(200)
+@fuzz(400)
 @given(case=token_cases({k: DISCO[k] for k in STATS_OPTIONS}), with_rewards=st.booleans())
 def test_response_stats(case: tuple[Any, ...], with_rewards: bool) -> None:
     tokens, args, opts, validate, verdict, names, what = case
@@ -1259,7 +1259,7 @@ def baseline_cases(draw: st.DrawFn) -> tuple[Any, ...]:
     return name, fn, tokens, args, opts, validate, verdict, names, what
 
 
-@fuzz(300)
+@fuzz(800)
 @given(case=baseline_cases())
 def test_grpo_family(case: tuple[Any, ...]) -> None:
     name, fn, tokens, args, opts, validate, verdict, names, what = case
@@ -1355,7 +1355,7 @@ def test_grpo_family(case: tuple[Any, ...]) -> None:
     assert torch.equal(grad[~mask], torch.zeros_like(grad[~mask]))
 
 
-@fuzz(200)
+@fuzz(400)
 @given(data=st.data(), which=st.sampled_from(["group_advantages", "dynamic_sampling_filter"]))
 def test_group_advantages_and_filter(data: st.DataObject, which: str) -> None:
     draw = data.draw

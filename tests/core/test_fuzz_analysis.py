@@ -77,7 +77,7 @@ def accuracies(draw: st.DrawFn) -> tuple[Any, bool, str]:
     return bad, False, "bad p"
 
 
-@fuzz(300)
+@fuzz(500)
 @given(data=st.data(), p=accuracies())
 def test_difficulty_weight(data: st.DataObject, p: tuple[Any, bool, str]) -> None:
     names = ("method", "n", "expected", "std_unbiased", "eps")
@@ -133,7 +133,7 @@ def ref_implied(
     return out
 
 
-@fuzz(250)
+@fuzz(400)
 @given(data=st.data())
 def test_implied_weights(data: st.DataObject) -> None:
     draw = data.draw
@@ -196,7 +196,7 @@ def test_implied_weights(data: st.DataObject) -> None:
         torch.testing.assert_close(got, torch.tensor(want, dtype=F64), rtol=1e-6, atol=1e-6 * scale)
 
 
-@fuzz(200)
+@fuzz(400)
 @given(data=st.data())
 def test_difficulty_report(data: st.DataObject) -> None:
     draw = data.draw
@@ -380,7 +380,7 @@ def rollout_files(draw: st.DrawFn, tmp: Path) -> tuple[Path, dict[str, Any] | No
     return (path if fmt == "dir" else target), expected, f"{fmt}, {damage}"
 
 
-@fuzz(150)
+@fuzz(300)
 @given(data=st.data())
 def test_load_rollouts_and_analyze(
     data: st.DataObject, tmp_path_factory: pytest.TempPathFactory
