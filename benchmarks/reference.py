@@ -1,4 +1,5 @@
-"""Reference-style implementation of the published DisCO loss, for benchmarks only.
+"""Reference-style implementations of the published DisCO and DRPO losses, for benchmarks and
+comparison tests only.
 
 This is what a user would run instead of :func:`discoloss.disco_loss`: the computation pattern
 of the authors' release (DESIGN.md section 6), written from that description. It is deliberately
@@ -28,6 +29,21 @@ loss values differ in two places, both by design of the published code:
   whose value is ~tau, so
   J_ref = J + (1 / Q) * sum_{q valid} (tau * log(mean_{N_q} exp(s / tau)) - tau).
 * the penalty value is max(beta (kl - delta), 0) * kl instead of beta / 2 * max(kl - delta, 0)^2.
+
+DRPO (:func:`reference_drpo_loss`): the pattern of the DRPO authors' release (their
+``compute_policy_loss_drpo``, log-likelihood score only), as DisCO above with the positives
+weighted::
+
+    L_i     = sum_t m_it / T                                    T = the padded width of m
+    u_i     = exp((1 - L_i) / lam)                              (no shift)
+    J_q     = sum_P u_i (S_i - tau * lme_q) / sum_P u_i
+
+Relation to ``disco_loss(objective="drpo", max_length=T)`` (binary rewards in {0, 1}, equal
+group sizes, k1, ``normalize="all"``): the gradients agree (to ~eps, as for DisCO), and the
+objectives differ by the same DRO gap as DisCO's. Only when T, the width of the tensors, is the
+engine's maximum response length is this the paper's length reward: with tensors padded to the
+longest response of a batch (verl 0.9's micro-batches, TRL) the same responses get other
+weights, and u overflows for lam < 1 / 88.7 in float32 (then inf / inf = nan).
 """
 
 from __future__ import annotations
@@ -37,7 +53,7 @@ from typing import Literal, NamedTuple
 import torch
 from torch import Tensor
 
-__all__ = ["ReferenceOutput", "reference_disco_loss"]
+__all__ = ["ReferenceOutput", "reference_disco_loss", "reference_drpo_loss"]
 
 
 class ReferenceOutput(NamedTuple):
@@ -116,6 +132,62 @@ def reference_disco_loss(
         mean_pos = (s * pos_f).sum(dim=1) / pos_f.sum(dim=1)
         mean_neg = (s * neg_f).sum(dim=1) / neg_f.sum(dim=1)
         per_question = mean_pos - mean_neg
+    objective_value = per_question.sum() / num_questions
+
+    penalty = torch.clamp(beta * (kl - delta), min=0.0).detach() * kl
+    loss = -objective_value + penalty
+    return ReferenceOutput(loss, objective_value, kl)
+
+
+def reference_drpo_loss(
+    log_probs: Tensor,
+    old_log_probs: Tensor,
+    mask: Tensor,
+    rewards: Tensor,
+    group_ids: Tensor,
+    *,
+    group_size: int,
+    lam: float = 0.1,
+    tau: float = 10.0,
+    delta: float = 1e-4,
+    beta: float = 1e3,
+    eps: float | None = None,
+) -> ReferenceOutput:
+    """The published DRPO loss, computed the way the authors' release computes it.
+
+    Args:
+      log_probs, old_log_probs, mask, rewards, group_ids, group_size, tau, delta, beta: as in
+        :func:`reference_disco_loss` (log-likelihood score, k1 KL).
+      lam: the temperature of the positives' weights exp((1 - |o| / T) / lam), with T the
+        padded width ``mask.shape[-1]`` (the release's ``eos_mask.size(-1)``).
+      eps: added to the detached sum of the log-mean-exp trick; None gives the dtype's
+        machine epsilon, as the release does.
+    """
+    old_log_probs = old_log_probs.detach()
+    negative_approx_kl = log_probs - old_log_probs
+    kl = (-negative_approx_kl * mask).sum() / mask.sum()
+    seq_scores = (log_probs * mask).sum(-1) / mask.sum(-1)
+    length_ratio = mask.sum(-1) / mask.shape[-1]
+
+    num_questions = log_probs.shape[0] // group_size
+    order = torch.argsort(group_ids)
+    s = seq_scores[order].view(num_questions, group_size)
+    r = rewards[order].view(num_questions, group_size)
+    ratio = length_ratio[order].view(num_questions, group_size)
+    pos = r == 1
+    neg = r == 0
+    keep = pos.any(dim=1) & neg.any(dim=1)
+    s, pos, neg, ratio = s[keep], pos[keep], neg[keep], ratio[keep]
+    pos_f = pos.to(s.dtype)
+    neg_f = neg.to(s.dtype)
+
+    z = (s / tau).masked_fill(~neg, float("-inf"))
+    z = z - z.max(dim=1, keepdim=True).values.detach()
+    e = torch.exp(z) * neg_f
+    total = e.sum(dim=1, keepdim=True)
+    lme = total / (total.detach() + (torch.finfo(total.dtype).eps if eps is None else eps))
+    u = torch.exp((1 - ratio) / lam)
+    per_question = (u * (s - tau * lme) * pos_f).sum(dim=1) / (u * pos_f).sum(dim=1)
     objective_value = per_question.sum() / num_questions
 
     penalty = torch.clamp(beta * (kl - delta), min=0.0).detach() * kl

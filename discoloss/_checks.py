@@ -239,6 +239,7 @@ VALUE_CHECKS: dict[str, str] = {
     "{index}: the likelihood ratio is too large to represent",
     "rewards": "rewards: non-finite value at response {index}; every reward must be finite to "
     "be labelled positive or negative",
+    "preferences": "preferences: non-finite value at response {index}",
     "kl_sums": "kl: the KL sum of response {index} is not finite in the computation dtype: "
     "log_probs and old_log_probs are too far apart for it",
     "stats.scores": "stats.scores: non-finite value at response {index}",

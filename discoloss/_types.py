@@ -5,7 +5,9 @@ from __future__ import annotations
 from typing import Literal, get_args
 
 Score = Literal["log_likelihood", "likelihood_ratio", "clipped_ratio"]
-Objective = Literal["disco", "disco_b", "cvar", "disco_2way", "auc_sq_hinge", "auc_logistic"]
+Objective = Literal[
+    "disco", "disco_b", "drpo", "cvar", "disco_2way", "auc_sq_hinge", "auc_logistic"
+]
 KLEstimator = Literal["k1", "k3"]
 Normalize = Literal["all", "valid"]
 Constraint = Literal["squared_hinge", "hinge", "kl_penalty", "lagrangian", "none"]

@@ -30,6 +30,8 @@ The accumulated gradient then equals the gradient of ``disco_loss`` on the whole
   the current parameters (one extra no-grad forward over the mini-batch). Using the sampling
   policy's stats instead (free) is exact on the first mini-batch of a step, where
   theta = theta_old, and an approximation afterwards, bounded by the KL constraint.
+* **DRPO**: as DisCO. Its positives' weights depend on the preferences (by default the
+  lengths, which every stats pass has) and never on the scores.
 * **Penalty**: exact when ``kl_coef`` comes from current-parameter stats. At the sampling
   policy the KL is 0, so the coefficient would be 0: without a current-parameter pass, use
   ``kl_coef=None``, the local approximation (each micro-batch's token share times the penalty
@@ -38,11 +40,12 @@ The accumulated gradient then equals the gradient of ``disco_loss`` on the whole
 
 **Data parallel.** When a mini-batch is spread over data-parallel ranks (a question's
 responses may sit on several ranks), ``plan_minibatch(..., process_group=pg)`` gathers the
-per-response scalars (5 numbers per response, never token tensors), plans the whole
-mini-batch on every rank and returns this rank's weights; every micro-batch of every rank then
-backpropagates its :func:`micro_batch_loss` as above (scaled by the world size where the engine
-averages gradients over ranks). A bad value or a malformed input on one rank raises the same
-error on every rank, in the planning call, before any backward pass.
+per-response scalars (5 numbers per response, 6 with DRPO's explicit preferences, never
+token tensors), plans the whole mini-batch on every rank and returns this rank's weights;
+every micro-batch of every rank then backpropagates its :func:`micro_batch_loss` as above
+(scaled by the world size where the engine averages gradients over ranks). A bad value or a
+malformed input on one rank raises the same error on every rank, in the planning call, before
+any backward pass.
 
 **A bad value on one rank, without the cross-rank plan.** :func:`response_stats` and
 :func:`micro_batch_loss` are local: with ``validate=True`` a bad value (a non-finite log-prob,
@@ -87,7 +90,13 @@ from discoloss.loss import (
     response_scores,
     score_checks,
 )
-from discoloss.objectives import check_response_inputs, objective_checks, reward_checks
+from discoloss.objectives import (
+    check_preferences,
+    check_response_inputs,
+    objective_checks,
+    preference_checks,
+    reward_checks,
+)
 from discoloss.options import DiscoOptions
 from discoloss.scores import check_token_inputs, token_sums
 
@@ -243,7 +252,13 @@ def stats_checks(stats: ResponseStats, rewards: Tensor) -> list[Check | ValueChe
 
 
 def _check_plan_inputs(
-    stats: ResponseStats, rewards: Tensor, group_ids: Tensor, *, allow_empty: bool
+    stats: ResponseStats,
+    rewards: Tensor,
+    group_ids: Tensor,
+    *,
+    allow_empty: bool,
+    options: DiscoOptions,
+    preferences: Tensor | None,
 ) -> None:
     if not isinstance(stats, ResponseStats):
         raise TypeError(f"stats must be a ResponseStats, got {type(stats).__name__}")
@@ -255,6 +270,7 @@ def _check_plan_inputs(
     names = ("stats.scores", "stats.kl_sums", "stats.lengths")
     check_batch(names, tuple(stats), allow_empty=allow_empty)
     check_device(names, tuple(stats))
+    check_preferences(preferences, options, ("stats.scores", stats.scores), allow_empty=allow_empty)
 
 
 def _plan(
@@ -264,6 +280,7 @@ def _plan(
     options: DiscoOptions,
     multiplier: LagrangeMultiplier | None,
     validate: bool = False,
+    preferences: Tensor | None = None,
 ) -> tuple[MiniBatchPlan, list[Check | ValueCheck]]:
     """The plan, and with ``validate`` the value checks of its results (not yet run)."""
     with torch.no_grad():
@@ -277,6 +294,7 @@ def _plan(
             group_ids,
             options=options,
             multiplier=multiplier,
+            preferences=preferences,
         )
         kl_coef = constraint_slope(
             output.kl,
@@ -318,6 +336,9 @@ def plan_minibatch(
     multiplier: LagrangeMultiplier | None = None,
     cvar_alpha: float = 0.5,
     margin: float = 1.0,
+    lam: float = 0.1,
+    max_length: int | None = None,
+    preferences: Tensor | None = None,
     validate: bool = True,
     process_group: ProcessGroup | None = None,
 ) -> MiniBatchPlan:
@@ -330,9 +351,13 @@ def plan_minibatch(
       score: only used to pick the default ``tau``.
       objective, tau, delta, beta, threshold, normalize: as in :func:`discoloss.disco_loss`.
       constraint, multiplier, cvar_alpha, margin: as in :func:`discoloss.disco_loss`.
-      validate: check values (non-finite rewards, scores and KL sums; token counts that are
-        not whole numbers >= 1; results that overflow the computation dtype) with one host
-        sync. Half-precision stats are planned in float32.
+      lam, max_length, preferences: DRPO's, as in :func:`discoloss.disco_loss`;
+        ``preferences`` (B,) in the order of ``stats``. Without them the default length
+        preference ``1 - |o_i| / max_length`` comes from ``stats.lengths``. The plan's
+        weights carry DRPO's positive weights, so :func:`micro_batch_loss` needs nothing more.
+      validate: check values (non-finite rewards, preferences, scores and KL sums; token
+        counts that are not whole numbers >= 1; results that overflow the computation dtype)
+        with one host sync. Half-precision stats are planned in float32.
       process_group: a ``torch.distributed`` group whose ranks hold the pieces of one
         mini-batch (a question's responses may sit on several ranks; a rank may hold none).
         Every rank gets the plan of the whole mini-batch: ``kl_coef``, ``num_tokens`` and
@@ -361,14 +386,22 @@ def plan_minibatch(
         constraint=constraint,
         cvar_alpha=cvar_alpha,
         margin=margin,
+        lam=lam,
+        max_length=max_length,
     )
     if process_group is None:
         options = resolve_options(settings, multiplier)
-        _check_plan_inputs(stats, rewards, group_ids, allow_empty=False)
+        _check_plan_inputs(
+            stats, rewards, group_ids, allow_empty=False, options=options, preferences=preferences
+        )
         options.check_dtype(computation_dtype(stats.scores.dtype))
-        plan, result_checks = _plan(stats, rewards, group_ids, options, multiplier, validate)
+        plan, result_checks = _plan(
+            stats, rewards, group_ids, options, multiplier, validate, preferences
+        )
         if validate:
-            raise_if_failed(stats_checks(stats, rewards) + result_checks)
+            raise_if_failed(
+                stats_checks(stats, rewards) + preference_checks(preferences) + result_checks
+            )
         return plan
 
     from discoloss import distributed
@@ -381,10 +414,13 @@ def plan_minibatch(
     checks: list[Check | ValueCheck] = []
     try:
         options_or_none = resolve_options(settings, multiplier)
-        _check_plan_inputs(stats, rewards, group_ids, allow_empty=True)
+        _check_plan_inputs(
+            stats, rewards, group_ids, allow_empty=True, options=options_or_none,
+            preferences=preferences,
+        )  # fmt: skip
         options_or_none.check_dtype(torch.float64)  # the gathered scalars are float64
         if validate:
-            checks = stats_checks(stats, rewards)
+            checks = stats_checks(stats, rewards) + preference_checks(preferences)
     except (ValueError, TypeError) as exc:
         failure = exc
     count = stats.scores.shape[0] if failure is None else 0
@@ -397,21 +433,30 @@ def plan_minibatch(
         multiplier=multiplier,
         checks=checks,
         device=distributed.comm_device(process_group, like),
+        preferences=preferences is not None,
     )
     counts = distributed.decide_across_ranks(header, failure, process_group, "plan_minibatch")
     assert options_or_none is not None  # else raised above, on every rank
     with torch.no_grad():
-        scores, kl_sums, lengths, all_rewards, all_ids = distributed.gather_response_stats(
-            stats.scores.detach(),
-            stats.kl_sums.detach(),
-            stats.lengths.detach(),
-            rewards,
-            group_ids,
-            process_group,
-            counts,
+        scores, kl_sums, lengths, all_rewards, all_ids, all_prefs = (
+            distributed.gather_response_stats(
+                stats.scores.detach(),
+                stats.kl_sums.detach(),
+                stats.lengths.detach(),
+                rewards,
+                group_ids,
+                process_group,
+                counts,
+                preferences=preferences,
+            )
         )
     full, _ = _plan(
-        ResponseStats(scores, kl_sums, lengths), all_rewards, all_ids, options_or_none, multiplier
+        ResponseStats(scores, kl_sums, lengths),
+        all_rewards,
+        all_ids,
+        options_or_none,
+        multiplier,
+        preferences=all_prefs,
     )
     rank = dist.get_rank(process_group)
     offset = sum(counts[:rank])

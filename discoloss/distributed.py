@@ -2,7 +2,9 @@
 
 A question's responses may land on different ranks. DisCO only needs five numbers per response
 to form its groups (score, KL sum, token count, reward, group id), so each rank contributes a
-(B_r, 5) float64 payload and every rank computes the same global loss. Token-level tensors are
+(B_r, 5) float64 payload and every rank computes the same global loss (DRPO with explicit
+preferences: a sixth column, the preference; its default length preference needs only the
+token count). Token-level tensors are
 never communicated: traffic is O(sum_r B_r), not O(B * T * world) as in the published code.
 
 Collectives per forward call, in this order, on ``process_group``:
@@ -10,7 +12,8 @@ Collectives per forward call, in this order, on ``process_group``:
 1. ``all_gather`` of a fixed-size int64 *header* per rank (:data:`HEADER_WORDS` words): the
    local response count, the outcome of the rank's checks, and its resolved options;
 2. ``all_gather`` of the payload, padded to the largest count ((max_count, 5) float64 per
-   rank), only when every rank's header says that everything is in order.
+   rank, 6 columns with DRPO's explicit preferences), only when every rank's header says that
+   everything is in order.
 
 None in backward. Reading the headers is the one host sync (it was needed anyway for the
 counts). Every rank must call the loss the same number of times (as for any collective).
@@ -52,7 +55,7 @@ from discoloss.options import DiscoOptions
 
 __all__ = ["gather_response_stats"]
 
-#: Columns of the per-response payload.
+#: Columns of the per-response payload (then "preference" when DRPO's preferences are given).
 PAYLOAD_COLUMNS = ("score", "kl_sum", "length", "reward", "group_id")
 
 #: Options compared across ranks, in header order: (name, choices) for string options,
@@ -70,7 +73,10 @@ OPTION_FIELDS: tuple[tuple[str, tuple[str, ...] | None], ...] = (
     ("cvar_alpha", None),
     ("margin", None),
     ("clip_eps", None),
+    ("lam", None),
+    ("max_length", None),  # NO_MAX_LENGTH when None
     ("validate", ("False", "True")),
+    ("preferences", ("None", "a tensor")),  # whether DRPO's preferences were passed
     ("multiplier", None),  # the Lagrange multiplier's value; NO_MULTIPLIER when there is none
 )
 #: Bytes of a rank's error message carried in its header (longer messages are cut).
@@ -87,6 +93,7 @@ HEADER_WORDS = _VALUES + len(VALUE_CHECK_KEYS)
 #: Exception types a rank's failed check can carry (index = header code - 1).
 _ERROR_TYPES: tuple[type[Exception], ...] = (ValueError, TypeError)
 NO_MULTIPLIER = -(2**63)
+NO_MAX_LENGTH = -1
 
 
 def _float_word(x: float) -> int:
@@ -97,13 +104,18 @@ def _word_float(w: int) -> float:
     return float(struct.unpack("<d", struct.pack("<q", int(w)))[0])
 
 
-def options_words(options: DiscoOptions, validate: bool) -> list[int]:
+def options_words(options: DiscoOptions, validate: bool, preferences: bool = False) -> list[int]:
     """The resolved options as int64 words (without the multiplier, which lives on the device):
-    the fingerprint compared across ranks. Bit-exact: equal words iff equal options."""
+    the fingerprint compared across ranks. Bit-exact: equal words iff equal options.
+    ``preferences``: whether DRPO's preferences tensor was passed (it changes the payload)."""
     words = []
     for name, choices in OPTION_FIELDS[:-1]:
         if name == "validate":
             words.append(int(bool(validate)))
+        elif name == "preferences":
+            words.append(int(bool(preferences)))
+        elif name == "max_length":
+            words.append(NO_MAX_LENGTH if options.max_length is None else options.max_length)
         elif name == "tau":
             words.append(_float_word(options.tau_value))
         elif choices is None:
@@ -119,8 +131,10 @@ def _option_text(name: str, word: int) -> str:
         return (
             "None" if word == NO_MULTIPLIER else f"LagrangeMultiplier(value={_word_float(word)!r})"
         )
+    if name == "max_length":
+        return "None" if word == NO_MAX_LENGTH else str(word)
     if choices is not None:
-        return choices[word] if name == "validate" else repr(choices[word])
+        return choices[word] if name in ("validate", "preferences") else repr(choices[word])
     return repr(_word_float(word))
 
 
@@ -141,9 +155,11 @@ def build_header(
     multiplier: LagrangeMultiplier | None,
     checks: Sequence[Check | ValueCheck],
     device: torch.device,
+    preferences: bool = False,
 ) -> Tensor:
     """This rank's (HEADER_WORDS,) int64 header. Host-known words go in one host-to-device
-    copy; the value checks' first failures and the multiplier are device tensors (no sync)."""
+    copy; the value checks' first failures and the multiplier are device tensors (no sync).
+    ``preferences``: whether DRPO's preferences were passed (compared across ranks)."""
     host = [0] * _MULTIPLIER
     host[_COUNT] = count
     if failure is not None:
@@ -155,7 +171,7 @@ def build_header(
         host[_MESSAGE:_MULTIPLIER] = list(struct.unpack(f"<{MESSAGE_BYTES // 8}q", padded))
     if options is not None:
         host[_OPTIONS_OK] = 1
-        host[_OPTIONS:_MESSAGE] = options_words(options, validate)
+        host[_OPTIONS:_MESSAGE] = options_words(options, validate, preferences)
     head = torch.tensor(host, dtype=torch.int64, device=device)
     use_multiplier = failure is None and options is not None and options.constraint == "lagrangian"
     value_checks = [c for c in checks if isinstance(c, ValueCheck)]
@@ -279,27 +295,31 @@ def gather_response_stats(
     group_ids: Tensor,
     group: Any,
     counts: list[int] | None = None,
-) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    *,
+    preferences: Tensor | None = None,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor | None]:
     """Concatenate per-response scalars of every rank, in rank order.
 
     ``counts``: every rank's response count, from :func:`decide_across_ranks` (then this is
     the payload gather alone); None gathers a header first, with no options to compare.
     Scores and KL sums keep their autograd connection to the local inputs (see the module
     docstring for the gradient scale). Group ids travel bit-exactly (int64 reinterpreted as
-    float64), so any int64 id is preserved. Returned float tensors are float64.
+    float64), so any int64 id is preserved. ``preferences`` (DRPO's, optional; every rank
+    must pass them or none) travel as a sixth column and come back last (None when not
+    given). Returned float tensors are float64.
     """
     require_initialised()
     f = torch.float64
-    payload = torch.stack(
-        [
-            scores.to(f),
-            kl_sums.to(f),
-            lengths.to(f),
-            rewards.to(f),
-            group_ids.to(torch.int64).view(f),
-        ],
-        dim=1,
-    )
+    columns = [
+        scores.to(f),
+        kl_sums.to(f),
+        lengths.to(f),
+        rewards.to(f),
+        group_ids.to(torch.int64).view(f),
+    ]
+    if preferences is not None:
+        columns.append(preferences.detach().to(f))
+    payload = torch.stack(columns, dim=1)
     if counts is None:
         header = build_header(
             count=payload.shape[0],
@@ -314,4 +334,5 @@ def gather_response_stats(
     rank = dist.get_rank(group)
     full: Tensor = _GatherRows.apply(payload, group, counts, rank)  # type: ignore[no-untyped-call]
     ids = full[:, 4].detach().contiguous().view(torch.int64)
-    return full[:, 0], full[:, 1], full[:, 2], full[:, 3], ids
+    prefs = None if preferences is None else full[:, 5].detach()
+    return full[:, 0], full[:, 1], full[:, 2], full[:, 3], ids, prefs

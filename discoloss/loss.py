@@ -22,11 +22,14 @@ from discoloss.constraints import LagrangeMultiplier, constraint_penalty
 from discoloss.kl import kl_row_sums
 from discoloss.objectives import (
     DiscriminativeTerms,
+    check_preferences,
     check_response_inputs,
     dense_group_ids,
     discriminative_terms,
     objective_checks,
     positive_labels,
+    positive_preferences,
+    preference_checks,
     reward_checks,
 )
 from discoloss.options import DiscoOptions
@@ -92,6 +95,7 @@ def loss_metrics(
         "mean_pos_score": torch.where(positive, s, 0.0).sum() / n_pos.clamp_min(1.0),
         "mean_neg_score": torch.where(positive, 0.0, s).sum() / n_neg.clamp_min(1.0),
         "effective_negatives": terms.effective_negatives,
+        "effective_positives": terms.effective_positives,
         "mean_response_length": lengths.detach().to(f).mean(),
     }
 
@@ -107,9 +111,11 @@ def loss_from_stats(
     multiplier: LagrangeMultiplier | None = None,
     num_groups: Tensor | None = None,
     num_tokens: Tensor | None = None,
+    preferences: Tensor | None = None,
 ) -> tuple[DiscoOutput, DiscriminativeTerms]:
     """DisCO from per-response scalars (scores, KL sums, token counts): shared by the local,
-    the cross-rank and the micro-batch paths.
+    the cross-rank and the micro-batch paths. ``preferences``: DRPO's, when given explicitly
+    (else the default length preference is formed from ``lengths``).
 
     With ``num_tokens`` (tokens of a larger batch this one is a piece of), ``kl`` is this
     piece's additive share sum_i kl_sums_i / num_tokens and the penalty is the piece's token
@@ -127,6 +133,8 @@ def loss_from_stats(
         num_groups=num_groups,
         cvar_alpha=o.cvar_alpha,
         margin=o.margin,
+        preferences=positive_preferences(o, preferences, lengths),
+        lam=o.lam,
     )
 
     def penalty_of(kl: Tensor) -> Tensor:
@@ -240,17 +248,19 @@ def local_stats(
     options: DiscoOptions,
     validate: bool,
     allow_empty: bool,
+    preferences: Tensor | None = None,
 ) -> LocalStats:
     """Metadata checks (raise), the token pass, and the value checks (returned, not run)."""
     log_probs, old_log_probs, mask = check_token_inputs(
         log_probs, old_log_probs, mask, allow_empty=allow_empty
     )
     check_response_inputs(rewards, group_ids, ("log_probs", log_probs), allow_empty=allow_empty)
+    check_preferences(preferences, options, ("log_probs", log_probs), allow_empty=allow_empty)
     sums, checks = token_sums(
         log_probs, old_log_probs, mask, need_ratio=options.needs_ratio, validate=validate
     )
     if validate:
-        checks += reward_checks(rewards)
+        checks += reward_checks(rewards) + preference_checks(preferences)
     scores = response_scores(sums, log_probs, old_log_probs, mask, rewards, options)
     kl_sums = kl_row_sums(sums, options.kl_estimator)
     if validate:
@@ -278,6 +288,9 @@ def disco_loss(
     cvar_alpha: float = 0.5,
     margin: float = 1.0,
     clip_eps: float = 0.2,
+    lam: float = 0.1,
+    max_length: int | None = None,
+    preferences: Tensor | None = None,
     validate: bool = True,
     num_groups: int | Tensor | None = None,
     num_tokens: int | Tensor | None = None,
@@ -294,7 +307,23 @@ def disco_loss(
     with J the discriminative objective of :func:`discriminative_objective` over the sequence
     scores of :func:`sequence_scores`, and the KL the token mean of :func:`kl_divergence`.
     The defaults are DisCO as published; the other options are its ablations
-    (:mod:`discoloss.constraints`, and the table of ablation variants in the documentation).
+    (:mod:`discoloss.constraints`, and the table of ablation variants in the documentation)
+    and DRPO (Li, Chen, Lin, Yang, "DRPO: Efficient Reasoning via Decoupled Reward Policy
+    Optimization", arXiv 2510.04474), ``objective="drpo"``, which averages each question's
+    positives under an optimized positive distribution, proportional to the sampling policy
+    times :math:`e^{\mathrm{pref}/\lambda}`; with samples of the sampling policy its
+    estimate is a softmax over the sampled positives, and the question's objective is
+
+    .. math::
+
+        J_q = \sum_{i\in P_q} v_i\, s_i
+            - \tau \log\frac{1}{|N_q|}\sum_{j\in N_q} e^{s_j/\tau},\qquad
+        v_i = \frac{e^{\mathrm{pref}_i/\lambda}}{\sum_{k\in P_q} e^{\mathrm{pref}_k/\lambda}},
+        \qquad \mathrm{pref}_i = 1 - \frac{|o_i|}{\mathrm{max\_length}}
+
+    The weights v depend on the responses' lengths (or given preferences) only, never on
+    theta: the length signal is normalised among a question's correct answers and never
+    pushes one of them down; the negatives' term is DisCO's.
 
     Args:
       log_probs: (B, T) token log-probs under the current policy. The only input that receives
@@ -307,7 +336,10 @@ def disco_loss(
       score: ``"log_likelihood"``, ``"likelihood_ratio"``, or ``"clipped_ratio"`` (GRPO's
         clipped surrogate, for the clipping-vs-constraint ablation; uses ``clip_eps``).
       objective: ``"disco"`` (KL-DRO log-mean-exp over negatives), ``"disco_b"`` (mean),
-        ``"cvar"`` (mean of the hardest ``cvar_alpha`` fraction of negatives),
+        ``"drpo"`` (DRPO, Li et al., arXiv 2510.04474: DisCO whose positives are averaged
+        with the weights ``v = softmax_{P_q}(pref / lam)`` of a preference, by default the
+        length reward ``1 - |o_i| / max_length``; see below), ``"cvar"`` (mean of the
+        hardest ``cvar_alpha`` fraction of negatives),
         ``"disco_2way"`` (DRO over negatives and, soft-min, over positives),
         ``"auc_sq_hinge"`` / ``"auc_logistic"`` (pairwise AUC surrogates over a question's
         positive-negative pairs; ``margin`` / ``tau``; O(B^2) memory).
@@ -325,6 +357,16 @@ def disco_loss(
       cvar_alpha: fraction of hardest negatives for ``"cvar"``, in (0, 1]; 1 is DisCO-b.
       margin: margin of ``"auc_sq_hinge"``, >= 0.
       clip_eps: clip range of ``"clipped_ratio"``, in (0, 1).
+      lam: DRPO's temperature lambda, > 0 (0.1 in the paper's scripts). The positives'
+        weights are ``softmax(pref / lam)`` over each question's positives: lam -> inf gives
+        DisCO, lam -> 0 all weight on the preferred positive(s).
+      max_length: DRPO's length scale in tokens (the engine's maximum response length), for
+        the default preference ``1 - |o_i| / max_length`` (``|o_i|`` = the response's token count
+        in ``mask``). Only ``max_length * lam`` matters: a response that is that many tokens
+        shorter gets e times the weight. Required by ``"drpo"`` unless ``preferences`` is given.
+      preferences: (B,) real tensor, DRPO's per-response preference in place of the length
+        reward (any values: only differences between a question's positives matter; no
+        gradient). Only with ``objective="drpo"``.
       validate: check values (non-finite inputs, empty responses, mask values, the values of
         tensor counts and counts smaller than this batch holds, results that overflow the
         computation dtype) with one host sync. With ``validate=False`` the loss issues no host
@@ -347,7 +389,8 @@ def disco_loss(
         inputs). Only per-response scalars are exchanged, never token tensors: exactly two
         ``all_gather`` calls per forward (a fixed-size header per rank with its response
         count, the outcome of its checks and its resolved options; then a (max_count, 5)
-        float64 payload of score, KL sum, token count, reward and group id), none in
+        float64 payload of score, KL sum, token count, reward and group id, and DRPO's
+        preference as a sixth column when ``preferences`` is given), none in
         backward, and one host sync to read the headers. Loss, objective, kl, penalty and
         metrics are global and identical on every rank; the gradient of each rank's local
         log-probs is scaled by the world size so that the usual DDP/FSDP gradient averaging
@@ -365,7 +408,8 @@ def disco_loss(
       (share of positive responses), ``mean_pos_score``, ``mean_neg_score``,
       ``effective_negatives`` (mean over groups with signal of 1/sum q_j^2 for the normalised
       weights q on a group's negatives: ``|N_q|`` for DisCO-b, fewer when DRO focuses on hard
-      negatives) and ``mean_response_length``.
+      negatives), ``effective_positives`` (the same on the positives: ``|P_q|`` except for
+      DRPO and the two-way and pairwise variants) and ``mean_response_length``.
 
     Raises:
       ValueError: (or TypeError) naming the argument, for bad shapes, dtypes, devices, options
@@ -386,12 +430,15 @@ def disco_loss(
         cvar_alpha=cvar_alpha,
         margin=margin,
         clip_eps=clip_eps,
+        lam=lam,
+        max_length=max_length,
     )
     if process_group is None:
         options = resolve_options(settings, multiplier)
         stats = local_stats(
-            log_probs, old_log_probs, mask, rewards, group_ids, options, validate, False
-        )
+            log_probs, old_log_probs, mask, rewards, group_ids, options, validate, False,
+            preferences,
+        )  # fmt: skip
         options.check_dtype(stats.scores.dtype)
         checks = stats.checks
         groups_t = tokens_t = None
@@ -411,6 +458,7 @@ def disco_loss(
             multiplier=multiplier,
             num_groups=groups_t,
             num_tokens=tokens_t,
+            preferences=preferences,
         )
         if validate:
             # Counts of a larger batch hold at least what this piece holds (its groups with
@@ -443,8 +491,9 @@ def disco_loss(
                     "cross-rank mode already normalises by the global counts"
                 )
             stats_or_none = local_stats(
-                log_probs, old_log_probs, mask, rewards, group_ids, options_or_none, validate, True
-            )
+                log_probs, old_log_probs, mask, rewards, group_ids, options_or_none, validate, True,
+                preferences,
+            )  # fmt: skip
             options_or_none.check_dtype(torch.float64)  # the gathered scalars are float64
         except (ValueError, TypeError) as exc:
             failure = exc
@@ -456,14 +505,25 @@ def disco_loss(
             multiplier=multiplier,
             checks=() if stats_or_none is None else stats_or_none.checks,
             device=distributed.comm_device(process_group, log_probs),
+            preferences=preferences is not None,
         )
         counts = distributed.decide_across_ranks(header, failure, process_group)
         assert options_or_none is not None and stats_or_none is not None  # else raised above
         options, stats = options_or_none, stats_or_none
-        scores, kl_sums, lengths, rewards, group_ids = distributed.gather_response_stats(
-            stats.scores, stats.kl_sums, stats.lengths, rewards, group_ids, process_group, counts
-        )
+        scores, kl_sums, lengths, rewards, group_ids, preferences = (
+            distributed.gather_response_stats(
+                stats.scores, stats.kl_sums, stats.lengths, rewards, group_ids, process_group,
+                counts, preferences=preferences,
+            )
+        )  # fmt: skip
     output, _ = loss_from_stats(
-        scores, kl_sums, lengths, rewards, group_ids, options=options, multiplier=multiplier
+        scores,
+        kl_sums,
+        lengths,
+        rewards,
+        group_ids,
+        options=options,
+        multiplier=multiplier,
+        preferences=preferences,
     )
     return output

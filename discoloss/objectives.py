@@ -5,6 +5,8 @@ eq. 8 and 10)::
 
     DisCO-b:  J_q = mean_{i in P_q} s_i - mean_{j in N_q} s_j
     DisCO:    J_q = mean_{i in P_q} s_i - tau * log( mean_{j in N_q} exp(s_j / tau) )
+    DRPO:     J_q = sum_{i in P_q} v_i s_i - tau * log( mean_{j in N_q} exp(s_j / tau) ),
+              v_i = softmax_{k in P_q}(pref_k / lam)_i                   (arXiv 2510.04474)
 
 J = sum_q J_q / G, where G counts all distinct questions of the batch (``normalize="all"``, as
 the published code does) or only those with both a positive and a negative (``"valid"``).
@@ -14,8 +16,11 @@ The gradient is a per-response weighted sum of score gradients (DESIGN.md sectio
 grad J = sum_i w_i grad s_i, with::
 
     w_i = 1 / (|P_q| G)                               i in P_q
+    w_i = v_i / G                                     i in P_q, DRPO
     w_j = -1 / (|N_q| G)                              j in N_q, DisCO-b
-    w_j = -softmax_{k in N_q}(s_k / tau)_j / G        j in N_q, DisCO
+    w_j = -softmax_{k in N_q}(s_k / tau)_j / G        j in N_q, DisCO and DRPO
+
+DRPO's v depend on the preferences alone (never on the scores): they carry no gradient.
 
 All group operations are index/scatter ops over buffers of size B: ragged groups in any order,
 no Python loop, no sort-and-view, no host sync.
@@ -82,6 +87,8 @@ class DiscriminativeTerms(NamedTuple):
     num_groups, num_valid: 0-d counts; denom: 0-d normaliser G (float).
     effective_negatives: 0-d, mean over groups with signal of 1 / sum_j q_j^2, where q are the
       normalised weights on the group's negatives (|N_q| for DisCO-b).
+    effective_positives: 0-d, the same for the normalised weights on the group's positives
+      (|P_q| for DisCO, fewer when DRPO's preferences concentrate the weight).
     """
 
     objective: Tensor
@@ -94,6 +101,7 @@ class DiscriminativeTerms(NamedTuple):
     num_valid: Tensor
     denom: Tensor
     effective_negatives: Tensor
+    effective_positives: Tensor
 
 
 class GroupAggregate(NamedTuple):
@@ -109,6 +117,24 @@ def group_mean(scores: Tensor, member: Tensor, dense: Tensor, count: Tensor) -> 
     inv = 1.0 / count.clamp_min(1.0)
     term = zeros.index_add(0, dense, torch.where(member, scores, 0.0)) * inv
     return GroupAggregate(term, torch.where(member, inv[dense], 0.0))
+
+
+def group_softmax_mean(
+    scores: Tensor, member: Tensor, dense: Tensor, count: Tensor, logits: Tensor
+) -> GroupAggregate:
+    """sum_{i in group, member} v_i s_i with v = softmax of the (detached) logits over the
+    group's members: a weighted mean whose weights carry no gradient; q = v. Stable: the
+    logits are shifted by their per-group max, which cancels in v."""
+    z = logits.detach()
+    zmax = torch.full_like(count, -math.inf).scatter_reduce(
+        0, dense, torch.where(member, z, -math.inf), "amax", include_self=True
+    )
+    zmax = torch.where(count > 0, zmax, 0.0)
+    e = torch.exp(torch.where(member, z - zmax[dense], -math.inf))
+    total = torch.zeros_like(count).index_add(0, dense, e)
+    v = e / torch.where(count > 0, total, 1.0)[dense]
+    term = torch.zeros_like(count).index_add(0, dense, v * scores)
+    return GroupAggregate(term, v)
 
 
 def group_log_mean_exp(
@@ -197,11 +223,15 @@ def discriminative_terms(
     num_groups: Tensor | None = None,
     cvar_alpha: float = 0.5,
     margin: float = 1.0,
+    preferences: Tensor | None = None,
+    lam: float = 0.1,
 ) -> DiscriminativeTerms:
     """Core of the objective; inputs already validated.
 
     ``num_groups`` overrides the normaliser G with a count from a larger batch, so that pieces
-    of a batch (each holding whole groups) add up to the batch objective.
+    of a batch (each holding whole groups) add up to the batch objective. ``preferences``
+    (B,): DRPO's per-response preference (required by ``objective="drpo"``, see
+    :func:`positive_preferences`).
     """
     f = scores.dtype
     dense = index.dense
@@ -242,11 +272,19 @@ def discriminative_terms(
         weights = (w / denom).detach()
         q = torch.where(negative, -w, 0.0)
         q = q / torch.zeros_like(n_neg).index_add(0, dense, q)[dense].clamp_min(torch.finfo(f).tiny)
+        q_pos = torch.where(positive, w, 0.0)
+        q_pos = q_pos / torch.zeros_like(n_pos).index_add(0, dense, q_pos)[dense].clamp_min(
+            torch.finfo(f).tiny
+        )
     else:
         if objective == "disco_2way":
             # soft-min over positives: -tau * log mean exp(-s / tau)
             agg = group_log_mean_exp(-scores, positive, dense, n_pos, tau)
             pos = GroupAggregate(-agg.term, agg.q)
+        elif objective == "drpo":
+            if preferences is None:
+                raise ValueError(NEEDS_PREFERENCES)
+            pos = group_softmax_mean(scores, positive, dense, n_pos, preferences.to(f) / lam)
         else:
             pos = group_mean(scores, positive, dense, n_pos)
         if objective == "disco_b":
@@ -259,11 +297,16 @@ def discriminative_terms(
         w = torch.where(positive, pos.q, -neg.q)
         weights = (torch.where(valid[dense], w, 0.0) / denom).detach()
         q = neg.q
+        q_pos = pos.q
 
     obj = per_group.sum() / denom
-    sq = zeros.index_add(0, dense, q * q)
-    ess = torch.where(valid, 1.0 / sq.clamp_min(torch.finfo(f).tiny), 0.0).sum()
-    effective_negatives = (ess / num_valid.clamp_min(1).to(f)).detach()
+
+    def effective(qs: Tensor) -> Tensor:
+        sq = zeros.index_add(0, dense, qs * qs)
+        ess = torch.where(valid, 1.0 / sq.clamp_min(torch.finfo(f).tiny), 0.0).sum()
+        return (ess / num_valid.clamp_min(1).to(f)).detach()
+
+    effective_negatives = effective(q)
     return DiscriminativeTerms(
         objective=obj,
         weights=weights,
@@ -275,6 +318,7 @@ def discriminative_terms(
         num_valid=num_valid,
         denom=denom,
         effective_negatives=effective_negatives,
+        effective_positives=effective(q_pos),
     )
 
 
@@ -304,16 +348,70 @@ def reward_checks(rewards: Tensor) -> list[Check | ValueCheck]:
     return [ValueCheck("rewards", ~rewards.isfinite())]
 
 
+NEEDS_PREFERENCES = (
+    "objective='drpo' needs preferences (B,), or max_length for the default length "
+    "preference 1 - |o_i| / max_length (the engine's maximum response length in tokens)"
+)
+
+
+def check_preferences(
+    preferences: Tensor | None,
+    options: DiscoOptions,
+    batch: tuple[str, Tensor],
+    *,
+    allow_empty: bool = False,
+    default_available: bool = True,
+) -> None:
+    """Metadata checks of DRPO's preference argument against a (B, ...) tensor ``batch[1]``:
+    a (B,) real tensor for ``objective="drpo"`` (or None when the default length preference
+    can be formed: ``max_length`` given and ``default_available``), None otherwise."""
+    if preferences is None:
+        if options.objective == "drpo" and (options.max_length is None or not default_available):
+            raise ValueError(NEEDS_PREFERENCES)
+        return
+    if options.objective != "drpo":
+        raise ValueError(
+            f"preferences apply to objective='drpo' only; got objective={options.objective!r}"
+        )
+    check_tensor("preferences", preferences, ndim=1, kind="real")
+    names = (batch[0], "preferences")
+    check_batch(names, (batch[1], preferences), allow_empty=allow_empty)
+    check_device(names, (batch[1], preferences))
+
+
+def preference_checks(preferences: Tensor | None) -> list[Check | ValueCheck]:
+    if preferences is None or not preferences.dtype.is_floating_point:
+        return []
+    return [ValueCheck("preferences", ~preferences.isfinite())]
+
+
+def positive_preferences(
+    options: DiscoOptions, preferences: Tensor | None, lengths: Tensor
+) -> Tensor | None:
+    """DRPO's per-response preference: ``preferences`` when given, else the length reward of
+    arXiv 2510.04474, 1 - lengths / max_length; None for the other objectives."""
+    if options.objective != "drpo":
+        return None
+    if preferences is not None:
+        return preferences.to(lengths.dtype)
+    if options.max_length is None:
+        raise ValueError(NEEDS_PREFERENCES)
+    return 1.0 - lengths / options.max_length
+
+
 def _prepare(
     scores: Tensor,
     rewards: Tensor,
     group_ids: Tensor,
     validate: bool,
+    preferences: Tensor | None,
     **options: Any,
 ) -> DiscriminativeTerms:
     o = DiscoOptions(**options)
     check_tensor("scores", scores, ndim=1, kind="float")
     check_response_inputs(rewards, group_ids, ("scores", scores))
+    # scores carry no lengths: DRPO needs its preferences here
+    check_preferences(preferences, o, ("scores", scores), default_available=False)
     s = scores if scores.dtype == torch.float64 else scores.float()
     o.check_dtype(s.dtype)
     terms = discriminative_terms(
@@ -325,9 +423,11 @@ def _prepare(
         normalize=o.normalize,
         cvar_alpha=o.cvar_alpha,
         margin=o.margin,
+        preferences=preferences,
+        lam=o.lam,
     )
     if validate:
-        checks = reward_checks(rewards)
+        checks = reward_checks(rewards) + preference_checks(preferences)
         sd = scores.detach()
         checks.append(
             (
@@ -367,6 +467,8 @@ def discriminative_objective(
     normalize: Normalize = "all",
     cvar_alpha: float = 0.5,
     margin: float = 1.0,
+    lam: float = 0.1,
+    preferences: Tensor | None = None,
     validate: bool = True,
 ) -> Tensor:
     r"""DisCO's discriminative objective J (to be maximised), arXiv 2505.12366 eq. 8 / 10.
@@ -379,6 +481,9 @@ def discriminative_objective(
         J = \frac{1}{G}\sum_q \Big[\overline{s}_{P_q} - \overline{s}_{N_q}\Big]
         \quad(\text{DisCO-b})
 
+    and DRPO (arXiv 2510.04474) replaces the positives' mean of DisCO by
+    :math:`\sum_{i\in P_q} v_i s_i`, :math:`v = \mathrm{softmax}_{P_q}(\mathrm{pref}/\lambda)`.
+
     The log-mean-exp is computed exactly and stably (shifted by the per-group max), so the
     returned value is the objective itself.
 
@@ -387,15 +492,19 @@ def discriminative_objective(
       rewards: (B,) rewards; a response is positive iff reward > ``threshold``.
       group_ids: (B,) integer tensor: the question each response answers. Any order, any
         values, any group sizes.
-      objective: ``"disco"`` (log-mean-exp over negatives), ``"disco_b"`` (mean), or one of
-        the ablation variants ``"cvar"``, ``"disco_2way"``, ``"auc_sq_hinge"``,
-        ``"auc_logistic"`` (see :func:`discoloss.disco_loss`).
+      objective: ``"disco"`` (log-mean-exp over negatives), ``"disco_b"`` (mean), ``"drpo"``
+        (DisCO with preference-weighted positives), or one of the ablation variants
+        ``"cvar"``, ``"disco_2way"``, ``"auc_sq_hinge"``, ``"auc_logistic"`` (see
+        :func:`discoloss.disco_loss`).
       tau: temperature of the log-mean-exp, > 0 (unused by ``"disco_b"``).
       threshold: reward threshold of the positive label.
       normalize: ``"all"`` divides by the number of distinct groups, ``"valid"`` by the number
         of groups with at least one positive and one negative.
       cvar_alpha: fraction of hardest negatives of ``"cvar"``, in (0, 1].
       margin: margin of ``"auc_sq_hinge"``.
+      lam: DRPO's temperature lambda of the positives' softmax, > 0.
+      preferences: (B,) DRPO's per-response preferences (required by ``"drpo"`` here, e.g.
+        ``1 - lengths / max_length``; only the positives' values matter). No gradient.
       validate: check values (one host sync).
 
     Returns:
@@ -406,12 +515,14 @@ def discriminative_objective(
         rewards,
         group_ids,
         validate,
+        preferences,
         objective=objective,
         tau=tau,
         threshold=threshold,
         normalize=normalize,
         cvar_alpha=cvar_alpha,
         margin=margin,
+        lam=lam,
     ).objective
 
 
@@ -426,20 +537,22 @@ def discriminative_weights(
     normalize: Normalize = "all",
     cvar_alpha: float = 0.5,
     margin: float = 1.0,
+    lam: float = 0.1,
+    preferences: Tensor | None = None,
     validate: bool = True,
 ) -> Tensor:
     r"""Per-response discriminative weights :math:`w = \partial J / \partial s` (no gradient).
 
     .. math::
 
-        w_i = \frac{1}{|P_q|\,G}\ (i\in P_q),\qquad
+        w_i = \frac{1}{|P_q|\,G}\ \Big(i\in P_q;\ \text{DRPO}:\ \frac{v_i}{G}\Big),\qquad
         w_j = -\frac{1}{G}\,\frac{e^{s_j/\tau}}{\sum_{k\in N_q} e^{s_k/\tau}}\ (j\in N_q,
         \text{DisCO}),\qquad w_j = -\frac{1}{|N_q|\,G}\ (\text{DisCO-b})
 
     and 0 for responses of questions without signal. Per question with signal the positive
-    weights sum to +1/G and the negative ones to -1/G: no difficulty bias. Given w, any subset
-    of the responses contributes ``(w * s).sum()`` to the gradient of J, which is how DisCO is
-    split across micro-batches (see :mod:`discoloss.accumulation`).
+    weights sum to +1/G and the negative ones to -1/G (DRPO too): no difficulty bias. Given w,
+    any subset of the responses contributes ``(w * s).sum()`` to the gradient of J, which is
+    how DisCO is split across micro-batches (see :mod:`discoloss.accumulation`).
 
     Same arguments as :func:`discriminative_objective`. Returns a (B,) detached tensor.
     """
@@ -448,10 +561,12 @@ def discriminative_weights(
         rewards,
         group_ids,
         validate,
+        preferences,
         objective=objective,
         tau=tau,
         threshold=threshold,
         normalize=normalize,
         cvar_alpha=cvar_alpha,
         margin=margin,
+        lam=lam,
     ).weights

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, fields
+from numbers import Integral
 from typing import Any
 
 import torch
@@ -31,8 +32,10 @@ class DiscoOptions:
     """Options of :func:`discoloss.disco_loss` (same names and defaults).
 
     ``tau=None`` resolves to 10 for ``score="log_likelihood"`` and 1 otherwise; read the
-    resolved value from :attr:`tau_value`. Construction raises ValueError / TypeError naming
-    the option for a bad value.
+    resolved value from :attr:`tau_value`. ``lam`` and ``max_length`` belong to
+    ``objective="drpo"`` (validated whatever the objective, used by DRPO only; the default
+    length preference needs ``max_length``, see :func:`discoloss.disco_loss`). Construction
+    raises ValueError / TypeError naming the option for a bad value.
     """
 
     score: str = "log_likelihood"
@@ -47,6 +50,8 @@ class DiscoOptions:
     cvar_alpha: float = 0.5
     margin: float = 1.0
     clip_eps: float = 0.2
+    lam: float = 0.1
+    max_length: int | None = None
 
     def __post_init__(self) -> None:
         check_option("score", self.score, SCORES)
@@ -69,6 +74,17 @@ class DiscoOptions:
         if eps >= 1.0:
             raise ValueError(f"clip_eps must be in (0, 1), got {self.clip_eps!r}")
         object.__setattr__(self, "clip_eps", eps)
+        object.__setattr__(self, "lam", check_number("lam", self.lam, positive=True))
+        if self.max_length is not None:
+            n = self.max_length
+            if isinstance(n, bool) or not isinstance(n, Integral):
+                raise TypeError(
+                    f"max_length must be an int (the maximum response length in tokens) or "
+                    f"None, got {type(n).__name__}"
+                )
+            if n < 1:
+                raise ValueError(f"max_length must be >= 1, got {n!r}")
+            object.__setattr__(self, "max_length", int(n))
 
     def check_dtype(self, dtype: torch.dtype) -> None:
         """Raise ValueError naming the option, the dtype and the usable range if a value,
@@ -84,7 +100,7 @@ class DiscoOptions:
         Overflow that depends on the data is left to the value checks.
         """
         fi = torch.finfo(dtype)
-        if self.objective in ("disco", "disco_2way", "auc_logistic"):
+        if self.objective in ("disco", "drpo", "disco_2way", "auc_logistic"):
             low, high = scale_range(dtype)
             why = "the objective divides scores by tau"
             check_in_dtype_range("tau", self.tau_value, dtype, low, high, why)

@@ -11,18 +11,28 @@ unchanged, so installing it is harmless for other runs.
   advantages/returns empty.
 * ``ActorPPOTrainer.__init__``: replaces ``actor_loss_fn`` by :class:`DiscoPolicyLoss` shaped like
   the installed ``PolicyLoss``'s output tuple (detected by calling it once).
-* ``ActorPPOTrainer.ppo_train``: serves the replay buffer through :class:`GroupedMicroBatches`:
-  questions are shuffled as units and packed ``train.micro_batch_size / n`` per micro-batch, so
-  OpenRLHF's ``DataLoader(shuffle=True)`` only permutes whole-question micro-batches.
-* ``ppo_actor.iter_grad_accum_global_norm``: the same optimizer-step windows as OpenRLHF's, plus
-  the DisCO normalisers of each window (questions and tokens over all DP ranks: one all-reduce of
-  three numbers per optimizer step, next to OpenRLHF's own, outside the loss).
-* ``ActorPPOTrainer.training_step``: binds the micro-batch's question ids, rewards and scales to
-  the loss, then runs OpenRLHF's own step (backward, optimizer, entropy/KL terms, metrics).
+* ``ActorPPOTrainer.ppo_train``: serves the replay buffer through a view for the duration of the
+  call. With ``--algo.disco.weights current`` or ``sampling`` (planned weights,
+  :mod:`.minibatch`): question by question in an order shared by the ranks, cut into
+  optimizer steps of any micro-batch size (:class:`~.minibatch.PlannedReplay`), or handed to
+  OpenRLHF's dynamic batching in that order (:class:`~.minibatch.PlannedDynamicReplay`). With
+  ``micro_batch``: micro-batches of whole questions (:class:`GroupedMicroBatches`).
+* ``ppo_actor.iter_grad_accum_global_norm`` (OpenRLHF's optimizer-step windows, non-dynamic
+  batching): planned weights: runs the view's windows, the same on every rank, through
+  OpenRLHF's function; ``micro_batch``: adds the DisCO normalisers of each window (questions and
+  tokens over all DP ranks: one all-reduce of three numbers per optimizer step, outside the loss).
+* ``ActorPPOTrainer.training_step``: planned weights: at the first micro-batch of an optimizer
+  step, plans the step's mini-batch (stats, one ``plan_minibatch`` over the DP group; see
+  :mod:`.minibatch`); then binds the micro-batch's question ids, rewards, weights or normalisers
+  and scale to the loss, runs OpenRLHF's own step (backward, optimizer, entropy/KL terms,
+  metrics), and after the last micro-batch of an optimizer step updates the Lagrange multiplier.
+
+The extension points are private OpenRLHF code (there is no public one): the methods above, the
+replay buffer's ``items``/``collate_fn``/``setup_dynamic_batch`` and the actor's forward.
 
 With ``--algo.disco.constraint lagrangian`` the loss owns a
 :class:`~discoloss.constraints.LagrangeMultiplier` (one per actor process). After each
-optimizer-step window the window wrapper sums the step's KL shares over the DP ranks (one
+optimizer step the training-step wrapper sums the step's KL shares over the DP ranks (one
 all-reduce of one number per optimizer step, outside the loss) and updates the multiplier once,
 identically on every rank. Its state is saved next to the actor's DeepSpeed checkpoint, in the
 tag's folder (``<ckpt.path>/_actor/<tag>/discoloss_lagrange_rank<r>.pt``, written by a wrapper of
@@ -49,9 +59,25 @@ from typing import Any
 
 import torch
 
-from discoloss.constraints import LagrangeMultiplier
-from discoloss.adapters.openrlhf.loss import DiscoMicroBatch, DiscoPolicyLoss, policy_loss_outputs
+from discoloss.adapters.openrlhf.loss import (
+    DiscoMicroBatch,
+    DiscoPolicyLoss,
+    policy_loss_outputs,
+    stop_together,
+)
+from discoloss.adapters.openrlhf.minibatch import (
+    BATCH_ATTR,
+    GROUP_KEY,
+    PlannedDynamicReplay,
+    PlannedReplay,
+    Window,
+    collate_micro_batch,
+    item_group,
+    mix_seed,
+    plan_window,
+)
 from discoloss.adapters.openrlhf.settings import ESTIMATOR, DiscoSettings, settings_from_args
+from discoloss.constraints import LagrangeMultiplier
 
 __all__ = [
     "GROUP_KEY",
@@ -61,12 +87,6 @@ __all__ = [
     "is_disco",
 ]
 
-#: Key of ``experience.info`` carrying each sample's question id from the experience maker to
-#: the actor.
-GROUP_KEY = "disco_group_id"
-#: Attribute set on a collated micro-batch ``Experience``: a dict moved by ``to_device``.
-BATCH_ATTR = "disco"
-
 EXPERIENCE_MAKER = "openrlhf.trainer.ppo_utils.experience_maker"
 PPO_ACTOR = "openrlhf.trainer.ray.ppo_actor"
 
@@ -75,9 +95,10 @@ _MARK = "__discoloss_original__"
 #: File of the Lagrange multiplier's state in a checkpoint tag's folder (one per rank).
 MULTIPLIER_FILE = "discoloss_lagrange_rank{rank}.pt"
 
-#: The DisCO loss of the ``ppo_train`` running in this context (read by the window wrapper).
-_ACTIVE_LOSS: contextvars.ContextVar[DiscoPolicyLoss | None] = contextvars.ContextVar(
-    "discoloss_active_loss", default=None)
+#: The replay-buffer view of the patched ``ppo_train`` running in this context (read by the
+#: window wrapper).
+_ACTIVE_VIEW: contextvars.ContextVar[Any] = contextvars.ContextVar(
+    "discoloss_active_view", default=None)
 _lock = threading.RLock()
 _patched: set[str] = set()
 
@@ -85,7 +106,7 @@ _patched: set[str] = set()
 def is_disco(args: Any) -> bool:
     algo = getattr(args, "algo", None)
     advantage = getattr(algo, "advantage", None)
-    return getattr(advantage, "estimator", None) == ESTIMATOR
+    return bool(getattr(advantage, "estimator", None) == ESTIMATOR)
 
 
 def _wrap(owner: Any, name: str, make: Callable[[Callable[..., Any]], Callable[..., Any]]) -> None:
@@ -130,7 +151,8 @@ def disco_experiences(experiences: list[Any], args: Any, apply_length_penalties:
         raise ValueError(f"--rollout.n_samples_per_prompt: the rollout has {total} samples, not a "
                          f"multiple of n={n}; DisCO needs every question's n responses")
     rewards = torch.empty(total, dtype=torch.float32)
-    rewards[torch.tensor(index)] = torch.cat([exp.rewards.float().reshape(-1) for exp in experiences])
+    rewards[torch.tensor(index)] = torch.cat(
+        [exp.rewards.float().reshape(-1) for exp in experiences])
     group_std = rewards.view(-1, n).std(-1)
     for exp in experiences:
         ids = torch.tensor([int(i) for i in exp.index], dtype=torch.long) // n
@@ -168,7 +190,8 @@ def _patch_experience_maker(module: ModuleType) -> None:
 
 
 class GroupedMicroBatches(torch.utils.data.Dataset):  # type: ignore[type-arg]
-    """The replay buffer seen as a list of micro-batches of whole questions.
+    """The replay buffer seen as a list of micro-batches of whole questions
+    (``--algo.disco.weights micro_batch``).
 
     ``ppo_train`` builds ``DataLoader(buffer, batch_size=buffer.sample_batch_size,
     shuffle=..., collate_fn=buffer.collate_fn)``; with this view ``sample_batch_size`` is 1 and
@@ -182,7 +205,7 @@ class GroupedMicroBatches(torch.utils.data.Dataset):  # type: ignore[type-arg]
     def __init__(self, buffer: Any, *, micro_batch_size: int, n_samples_per_prompt: int) -> None:
         self.buffer = buffer
         self.micro_batches = group_micro_batches(
-            [_item_group(item) for item in buffer.items],
+            [item_group(item) for item in buffer.items],
             micro_batch_size=micro_batch_size,
             n_samples_per_prompt=n_samples_per_prompt,
         )
@@ -195,29 +218,12 @@ class GroupedMicroBatches(torch.utils.data.Dataset):  # type: ignore[type-arg]
 
     def collate_fn(self, batch: list[list[Any]]) -> Any:
         (items,) = batch
-        experience = self.buffer.collate_fn(items)
-        ids = experience.info.pop(GROUP_KEY)
-        group_ids = ids if isinstance(ids, torch.Tensor) else torch.stack(
-            [torch.as_tensor(i) for i in ids])
-        setattr(experience, BATCH_ATTR, {"group_ids": group_ids.reshape(-1).long()})
-        return experience
+        return collate_micro_batch(self.buffer, items)
 
     def __getattr__(self, name: str) -> Any:
         if name == "buffer":
             raise AttributeError(name)
         return getattr(self.buffer, name)
-
-
-def _item_group(item: Any) -> int:
-    try:
-        value = item.info[GROUP_KEY]
-    except (KeyError, TypeError):
-        raise RuntimeError(
-            "discoloss: a replay-buffer sample has no question id (experience.info"
-            f"[{GROUP_KEY!r}]); the experiences were not made with the DisCO estimator in this "
-            "process tree (is the worker setup hook installed in the trainer actor?)"
-        ) from None
-    return int(value)
 
 
 def group_micro_batches(group_of: list[int], *, micro_batch_size: int, n_samples_per_prompt: int
@@ -238,10 +244,11 @@ def group_micro_batches(group_of: list[int], *, micro_batch_size: int, n_samples
     for g, idx in members.items():
         if len(idx) != n:
             raise RuntimeError(
-                f"discoloss: question {g} has {len(idx)} of its n={n} responses on this actor rank; "
-                "its responses were split across ranks. This happens with a partial last rollout "
-                "batch (make the number of prompts a multiple of --rollout.batch_size) or a layout "
-                "that does not deal whole questions to the ranks"
+                f"discoloss: question {g} has {len(idx)} of its n={n} responses on this actor "
+                "rank; its responses were split across ranks, which --algo.disco.weights "
+                "micro_batch cannot train on (current and sampling can). This happens with a "
+                "partial last rollout batch (make the number of prompts a multiple of "
+                "--rollout.batch_size) or a layout that does not deal whole questions to the ranks"
             )
     if len(group_of) % micro_batch_size:
         raise RuntimeError(
@@ -279,48 +286,63 @@ def _window_counts(experience: Any, mask: torch.Tensor, settings: DiscoSettings
     return float(num), float(valid), float(mask.sum())
 
 
+def _device() -> torch.device:
+    return (torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available()
+            else torch.device("cpu"))
+
+
+def _ds_accumulation(trainer: Any) -> int:
+    """DeepSpeed's gradient accumulation steps, the divisor of every backward loss: OpenRLHF's
+    ``accumulated_gradient``, or 1 with dynamic batching (OpenRLHF then configures DeepSpeed with
+    one micro-batch per step and steps the optimizer itself at each window's end)."""
+    if trainer.args.train.dynamic_batch_enable:
+        return 1
+    return max(int(trainer.strategy.accumulated_gradient), 1)
+
+
 def disco_windows(original: Callable[..., Iterator[Any]], data_iter: Iterable[Any], strategy: Any,
                   accumulated_gradient: int, mask_fn: Callable[[Any], torch.Tensor]
                   ) -> Iterator[Any]:
-    """OpenRLHF's optimizer-step windows, each micro-batch given its DisCO scales.
+    """OpenRLHF's optimizer-step windows (non-dynamic batching), for DisCO.
 
-    Groups ``data_iter`` into windows of ``gas`` micro-batches exactly as
-    ``iter_grad_accum_global_norm`` does (DeepSpeed's accumulation boundaries), sums the window's
-    questions and tokens over the DP ranks and gives every micro-batch the window's normalisers
-    G_W, T_W and the scale gas * dp (see :mod:`discoloss.adapters.openrlhf.loss`); then yields
-    what OpenRLHF's function yields. With a Lagrange multiplier, once the window's micro-batches
-    have run (the optimizer step is done), updates it with the step's global KL
-    (:func:`update_multiplier`).
+    Planned weights (the running ``ppo_train`` serves a :class:`~.minibatch.PlannedReplay`):
+    ``data_iter`` yields one slot per optimizer step; the k-th slot runs the k-th window of the
+    view's epoch (the same on every rank), whose micro-batches go through OpenRLHF's function
+    (its normalisers of the entropy and KL-loss terms). The plan itself is made by the
+    training-step wrapper at the window's first micro-batch.
+
+    Whole questions per micro-batch (``micro_batch``): groups ``data_iter`` into windows of
+    ``gas`` micro-batches exactly as ``iter_grad_accum_global_norm`` does (DeepSpeed's
+    accumulation boundaries), sums the window's questions and tokens over the DP ranks and gives
+    every micro-batch the window's normalisers G_W, T_W and the scale gas * dp (see
+    :mod:`discoloss.adapters.openrlhf.loss`); then yields what OpenRLHF's function yields.
     """
-    settings = settings_from_args(strategy.args)
-    loss_fn = _ACTIVE_LOSS.get()
-    multiplier = loss_fn.multiplier if loss_fn is not None else None
-    if settings.constraint == "lagrangian" and (loss_fn is None or multiplier is None):
-        raise RuntimeError("discoloss: constraint=lagrangian needs the DisCO loss of the running "
-                           "ActorPPOTrainer.ppo_train (the patched one)")
+    view = _ACTIVE_VIEW.get()
     gas = max(int(accumulated_gradient), 1)
+    if isinstance(view, PlannedReplay):
+        for _slot, step in zip(data_iter, view.epoch_windows()):
+            yield from original(iter(step.micro_batches), strategy, gas, mask_fn)
+        return
+
+    settings = settings_from_args(strategy.args)
     group, dp = _dp_group_and_size(strategy)
 
     def emit(window: list[Any]) -> Iterator[Any]:
         counts = [_window_counts(exp, mask_fn(exp), settings) for exp in window]
-        device = (torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available()
-                  else torch.device("cpu"))
         totals = torch.tensor([sum(c[i] for c in counts) for i in range(3)], dtype=torch.float64,
-                              device=device)
+                              device=_device())
         if group is not None or dp > 1:
             torch.distributed.all_reduce(totals, group=group)
         # 0-d tensors on the loss device: nothing is read back to the host
         num_groups = totals[0 if settings.normalize == "all" else 1].clamp_min(1.0)
         num_tokens = totals[2].clamp_min(1.0)
-        for exp in window:
+        for k, exp in enumerate(window):
             batch = getattr(exp, BATCH_ATTR)
             batch["num_groups"] = num_groups
             batch["num_tokens"] = num_tokens
             batch["scale"] = float(gas * dp)
+            batch["last"] = k == len(window) - 1
         yield from original(iter(window), strategy, gas, mask_fn)
-        if loss_fn is not None and multiplier is not None:
-            update_multiplier(multiplier, loss_fn.take_step_kl(), delta=settings.delta,
-                              group=group, dp=dp, device=device)
 
     window: list[Any] = []
     for item in data_iter:
@@ -422,6 +444,77 @@ def _attach_checkpointing(trainer: Any, loss_fn: DiscoPolicyLoss) -> None:
     strategy.save_ckpt = save_ckpt_with_multiplier
 
 
+def replay_view(trainer: Any, buffer: Any) -> Any:
+    """The view of the replay buffer that the patched ``ppo_train`` serves (see the module
+    docstring); the question order of planned views is seeded by ``--train.seed`` and the number
+    of ``ppo_train`` calls so far, the same on every rank."""
+    args = trainer.args
+    settings = settings_from_args(args)
+    if not settings.planned:
+        return GroupedMicroBatches(
+            buffer,
+            micro_batch_size=int(trainer.micro_train_batch_size),
+            n_samples_per_prompt=int(args.rollout.n_samples_per_prompt),
+        )
+    calls = getattr(trainer, "_discoloss_ppo_calls", 0)
+    trainer._discoloss_ppo_calls = calls + 1
+    seed = mix_seed(int(getattr(getattr(args, "train", None), "seed", 0) or 0), calls)
+    if args.train.dynamic_batch_enable:
+        return PlannedDynamicReplay(buffer, seed=seed)
+    return PlannedReplay(buffer, micro_batch_size=int(trainer.micro_train_batch_size),
+                         accumulated_gradient=int(trainer.strategy.accumulated_gradient),
+                         seed=seed)
+
+
+def current_log_probs(trainer: Any, experience: Any, device: torch.device) -> torch.Tensor:
+    """The micro-batch's action log-probs at the current parameters, as OpenRLHF's actor
+    computes the old log-probs (``PolicyModelActor.forward``: eval mode, no grad) with the
+    inputs of ``training_step``'s forward."""
+    actor = trainer.actor
+    mm_inputs: dict[str, Any] = {}
+    if getattr(experience, "mm_train_inputs", None) and getattr(actor, "is_vlm", False):
+        from openrlhf.utils.vlm_utils import merge_mm_train_inputs
+
+        mm_inputs = merge_mm_train_inputs(experience.mm_train_inputs, device)
+    was_training = actor.training
+    actor.eval()
+    try:
+        with torch.no_grad():
+            log_probs: torch.Tensor = actor(
+                experience.sequences.to(device),
+                experience.action_mask.to(device),
+                attention_mask=experience.attention_mask.to(device),
+                ring_attn_group=trainer.strategy.ring_attn_group,
+                **mm_inputs,
+            )
+    finally:
+        actor.train(was_training)
+    return log_probs
+
+
+def plan_step(trainer: Any, window: Window, *, dp_group: Any, dp_size: int) -> None:
+    """Plan the optimizer step ``window`` belongs to (collective over the DP group): stats at
+    the current parameters with ``--algo.disco.weights current`` (free on the first step of a
+    ``ppo_train`` call, where the old log-probs are the actor's own at these parameters), at the
+    sampling policy with ``sampling``; then :func:`~.minibatch.plan_window`."""
+    loss_fn: DiscoPolicyLoss = trainer.actor_loss_fn
+    settings = loss_fn.settings
+    device = _device()
+    use_old = settings.weights == "sampling" or window.theta_old
+
+    def forward(experience: Any) -> torch.Tensor:
+        return current_log_probs(trainer, experience, device)
+
+    def agree(bad: torch.Tensor, explain: Callable[[], Exception]) -> None:
+        stop_together(bad, explain, group=dp_group, dp_size=dp_size)
+
+    group = None
+    if dp_size > 1:
+        group = dp_group if dp_group is not None else torch.distributed.group.WORLD
+    plan_window(window, settings, device=device, forward=None if use_old else forward,
+                multiplier=loss_fn.multiplier, stop_together=agree, process_group=group)
+
+
 def _patch_ppo_actor(module: ModuleType) -> None:
     cls = module.ActorPPOTrainer
 
@@ -440,21 +533,18 @@ def _patch_ppo_actor(module: ModuleType) -> None:
             if not is_disco(self.args):
                 return original(self, *args, **kwargs)
             buffer = self.replay_buffer
-            self.replay_buffer = GroupedMicroBatches(
-                buffer,
-                micro_batch_size=int(self.micro_train_batch_size),
-                n_samples_per_prompt=int(self.args.rollout.n_samples_per_prompt),
-            )
-            loss_fn = (self.actor_loss_fn if isinstance(self.actor_loss_fn, DiscoPolicyLoss)
-                       else None)
-            if loss_fn is not None:
-                loss_fn.take_step_kl()  # nothing left over from an interrupted step
-            token = _ACTIVE_LOSS.set(loss_fn)
+            view = replay_view(self, buffer)
+            self.replay_buffer = view
+            if isinstance(self.actor_loss_fn, DiscoPolicyLoss):
+                self.actor_loss_fn.take_step_kl()  # nothing left over from an interrupted step
+            token = _ACTIVE_VIEW.set(view)
             try:
                 return original(self, *args, **kwargs)
             finally:
-                _ACTIVE_LOSS.reset(token)
+                _ACTIVE_VIEW.reset(token)
                 self.replay_buffer = buffer
+                if isinstance(view, PlannedDynamicReplay):
+                    view.close()
 
         return ppo_train
 
@@ -462,30 +552,46 @@ def _patch_ppo_actor(module: ModuleType) -> None:
         def training_step(self: Any, experience: Any, *args: Any, **kwargs: Any) -> Any:
             if not is_disco(self.args):
                 return original(self, experience, *args, **kwargs)
-            batch = getattr(experience, BATCH_ATTR, None)
-            if not batch or "scale" not in batch:
+            loss_fn = self.actor_loss_fn
+            if not isinstance(loss_fn, DiscoPolicyLoss):
+                raise RuntimeError("discoloss: actor_loss_fn is not the DisCO loss; the trainer "
+                                   "was constructed before the adapter was installed")
+            batch: dict[str, Any] = getattr(experience, BATCH_ATTR, None) or {}
+            planned = "window" in batch
+            if not (planned or "scale" in batch):
                 raise RuntimeError(
                     "discoloss: this micro-batch was not formed by the DisCO adapter "
                     "(no question ids / scales); ActorPPOTrainer.ppo_train must be the patched one"
                 )
-            if not isinstance(self.actor_loss_fn, DiscoPolicyLoss):
-                raise RuntimeError("discoloss: actor_loss_fn is not the DisCO loss; the trainer was "
-                                   "constructed before the adapter was installed")
             dp_group, dp_size = _dp_group_and_size(self.strategy)
-            self.actor_loss_fn.bind(DiscoMicroBatch(
-                group_ids=batch["group_ids"],
-                rewards=experience.rewards,
-                num_groups=batch["num_groups"],
-                num_tokens=batch["num_tokens"],
-                scale=batch["scale"],
-                info=experience.info,
-                dp_group=dp_group,
-                dp_size=dp_size,
-            ))
+            if planned:
+                window: Window = batch["window"]
+                if window.plans is None:  # the optimizer step's first micro-batch: plan it
+                    plan_step(self, window, dp_group=dp_group, dp_size=dp_size)
+                assert window.plans is not None
+                plan = window.plans[batch["position"]]
+                bound = DiscoMicroBatch(
+                    group_ids=batch["group_ids"], rewards=experience.rewards,
+                    scale=float(_ds_accumulation(self) * dp_size), info=experience.info,
+                    dp_group=dp_group, dp_size=dp_size, plan=plan, rows=batch["rows"])
+                last = plan.last
+            else:
+                bound = DiscoMicroBatch(
+                    group_ids=batch["group_ids"], rewards=experience.rewards,
+                    scale=batch["scale"], info=experience.info, dp_group=dp_group,
+                    dp_size=dp_size, num_groups=batch["num_groups"],
+                    num_tokens=batch["num_tokens"])
+                last = bool(batch.get("last", False))
+            loss_fn.bind(bound)
             try:
-                return original(self, experience, *args, **kwargs)
+                status = original(self, experience, *args, **kwargs)
             finally:
-                self.actor_loss_fn.unbind()
+                loss_fn.unbind()
+            if last and loss_fn.multiplier is not None:  # the optimizer step is done
+                update_multiplier(loss_fn.multiplier, loss_fn.take_step_kl(),
+                                  delta=loss_fn.settings.delta, group=dp_group, dp=dp_size,
+                                  device=_device())
+            return status
 
         return training_step
 

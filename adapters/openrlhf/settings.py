@@ -7,25 +7,30 @@ The DisCO options are those of :func:`discoloss.disco_loss` and are validated by
 :class:`discoloss.options.DiscoOptions` (same names, defaults, ranges and messages); the adapter
 only names the flag, ``--algo.disco.<name>``, in every message. One option is the adapter's
 own: ``--algo.disco.lagrangian_lr``, the dual step size of the Lagrange multiplier that
-``--algo.disco.constraint lagrangian`` keeps per actor process (see :mod:`.patch`).
+``--algo.disco.constraint lagrangian`` keeps per actor process (see :mod:`.patch`), and
+``--algo.disco.weights``, where the per-response weights of a mini-batch come from (see
+:mod:`.minibatch`).
 """
 
 from __future__ import annotations
 
 import argparse
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal, get_args
 
-from discoloss._checks import check_number
+from discoloss._checks import check_number, check_option
 from discoloss._types import CONSTRAINTS, KL_ESTIMATORS, NORMALIZES, OBJECTIVES, SCORES
 from discoloss.options import DiscoOptions
 
 __all__ = [
+    "DEFAULT_WEIGHTS",
     "ESTIMATOR",
     "LOSS_OPTION_NAMES",
     "OPTION_NAMES",
     "DiscoSettings",
     "LayoutError",
+    "WEIGHTS",
+    "Weights",
     "add_disco_arguments",
     "check_for_openrlhf",
     "check_layout",
@@ -35,11 +40,22 @@ __all__ = [
 #: Value of ``--algo.advantage.estimator`` that selects DisCO.
 ESTIMATOR = "disco"
 
-#: Prefix of the DisCO flags (``--algo.disco.tau`` ...); the parsed values land in ``args.algo.disco``.
+#: Prefix of the DisCO flags (``--algo.disco.tau`` ...); the parsed values land in
+#: ``args.algo.disco``.
 PREFIX = "algo.disco."
 
 #: The options of :func:`discoloss.disco_loss` (from the core).
 LOSS_OPTION_NAMES: tuple[str, ...] = DiscoOptions.names()
+
+#: Where the per-response weights of a mini-batch come from (``--algo.disco.weights``):
+#: ``current``: stats at the current parameters (one no-grad forward per mini-batch, except the
+#: first of a PPO step), exact at any layout; ``sampling``: stats at the sampling policy (the old
+#: log-probs, no extra pass); ``micro_batch``: whole questions per micro-batch, DisCO per
+#: micro-batch (the layout rules of the first release).
+Weights = Literal["current", "sampling", "micro_batch"]
+WEIGHTS: tuple[str, ...] = get_args(Weights)
+#: The default of ``--algo.disco.weights``: exact at every mini-batch and any layout.
+DEFAULT_WEIGHTS: Weights = "current"
 
 
 @dataclass(frozen=True)
@@ -47,20 +63,30 @@ class DiscoSettings(DiscoOptions):
     """The validated options of :func:`discoloss.disco_loss` (the core's
     :class:`~discoloss.options.DiscoOptions`: score, objective, tau, delta, beta, kl_estimator,
     threshold, normalize, constraint, cvar_alpha, margin, clip_eps), with its names and defaults,
-    plus the adapter's ``lagrangian_lr``.
+    plus the adapter's ``lagrangian_lr`` and ``weights``.
 
     ``tau=None`` resolves to 10 for ``log_likelihood`` and 1 otherwise. ``lagrangian_lr`` (> 0)
     is the dual step size eta of :class:`discoloss.constraints.LagrangeMultiplier`, used with
     ``constraint="lagrangian"``: lambda <- max(0, lambda + eta * (KL_W - delta)) once per
-    optimizer step, KL_W the step's global KL.
+    optimizer step, KL_W the step's global KL. ``weights`` (``--algo.disco.weights``) is
+    ``current``, ``sampling`` or ``micro_batch``: where the per-response weights of each
+    mini-batch come from (see the OpenRLHF guide).
     """
 
     lagrangian_lr: float = 1e3
+    weights: str = DEFAULT_WEIGHTS
 
     def __post_init__(self) -> None:
         super().__post_init__()
         object.__setattr__(self, "lagrangian_lr",
                            check_number("lagrangian_lr", self.lagrangian_lr, positive=True))
+        check_option("weights", self.weights, WEIGHTS)
+
+    @property
+    def planned(self) -> bool:
+        """Whether the weights are planned per mini-batch (``current`` or ``sampling``), so that
+        micro-batches may hold any part of a question."""
+        return self.weights != "micro_batch"
 
     def loss_kwargs(self) -> dict[str, Any]:
         """Keyword arguments for :func:`discoloss.disco_loss` (without ``multiplier``, which
@@ -68,7 +94,8 @@ class DiscoSettings(DiscoOptions):
         return {name: getattr(self, name) for name in LOSS_OPTION_NAMES}
 
 
-#: The ``--algo.disco.*`` options: those of :func:`discoloss.disco_loss` and ``lagrangian_lr``.
+#: The ``--algo.disco.*`` options: those of :func:`discoloss.disco_loss`, ``lagrangian_lr`` and
+#: ``weights``.
 OPTION_NAMES: tuple[str, ...] = DiscoSettings.names()
 
 
@@ -79,6 +106,7 @@ _CHOICES: dict[str, tuple[str, ...]] = {
     "kl_estimator": KL_ESTIMATORS,
     "normalize": NORMALIZES,
     "constraint": CONSTRAINTS,
+    "weights": WEIGHTS,
 }
 
 _HELP: dict[str, str] = {
@@ -103,6 +131,10 @@ _HELP: dict[str, str] = {
     "lagrangian_lr": "constraint lagrangian: dual step size eta of the multiplier, > 0; after "
     "every optimizer step lambda <- max(0, lambda + eta * (KL - delta)) with the step's KL over "
     "all ranks",
+    "weights": "where the per-response weights of each mini-batch (optimizer step) come from: "
+    "current (one no-grad forward per mini-batch, except the first of a PPO step; exact at any "
+    "micro-batch size), sampling (the old log-probs, no extra pass; exact for disco_b and on the "
+    "first mini-batch) or micro_batch (whole questions per micro-batch, DisCO per micro-batch)",
 }
 
 
@@ -180,7 +212,7 @@ def settings_from_args(args: Any) -> DiscoSettings:
 
 
 class LayoutError(ValueError):
-    """A training layout that cannot keep every question's responses together."""
+    """A training layout DisCO cannot train with (the message names the flag)."""
 
     def __init__(self, flag: str, message: str) -> None:
         super().__init__(f"{flag}: {message}")
@@ -202,11 +234,16 @@ def _get(args: Any, dotted: str, default: Any = None) -> Any:
 def check_layout(args: Any) -> None:
     """Raise :class:`LayoutError` (naming the flag) for settings DisCO cannot train with.
 
-    DisCO needs every question's n responses in one actor micro-batch. With OpenRLHF's layout
-    (a rollout of ``rollout.batch_size * n`` samples, prompt-major; contiguous chunks of
-    ``rollout.micro_batch_size`` samples dealt to the DP ranks in order; ``train.batch_size``
-    samples per optimizer step, ``train.micro_batch_size`` per micro-batch and rank) that holds when
-    every count below is a multiple of n and every step is full.
+    OpenRLHF's layout: a rollout of ``rollout.batch_size * n`` samples, prompt-major; contiguous
+    chunks of ``rollout.micro_batch_size`` samples dealt to the DP ranks in order (with
+    ``train.dynamic_batch_enable``: length-balanced chunks); ``train.batch_size`` samples per
+    optimizer step (mini-batch), ``train.micro_batch_size`` per micro-batch and rank.
+
+    With ``--algo.disco.weights current`` or ``sampling`` (planned weights) a micro-batch may
+    hold any part of a question: what remains is that every optimizer step is a full mini-batch
+    with the same number of micro-batches on every rank. With ``micro_batch`` every micro-batch
+    must hold whole questions: the micro-batch size must be a multiple of n (with the rules
+    above, every rank then receives whole questions) and dynamic batching is refused.
     """
     n = int(_get(args, "rollout.n_samples_per_prompt", 1))
     rollout_batch = int(_get(args, "rollout.batch_size"))
@@ -216,26 +253,32 @@ def check_layout(args: Any) -> None:
     ring = int(_get(args, "ds.ring_attn_size", 1) or 1)
     tp = int(_get(args, "ds.tensor_parallel_size", 1) or 1)
     world = int(_get(args, "actor.num_nodes", 1)) * int(_get(args, "actor.num_gpus_per_node", 1))
+    dynamic = bool(_get(args, "train.dynamic_batch_enable", False))
+    whole_questions = not settings_from_args(args).planned
 
     if n < 2:
         raise LayoutError("--rollout.n_samples_per_prompt",
                           f"DisCO compares the responses of a question: needs >= 2, got {n}")
-    if _get(args, "train.dynamic_batch_enable", False):
+    if dynamic and whole_questions:
         raise LayoutError("--train.dynamic_batch_enable",
                           "dynamic batching re-partitions samples by length and splits questions "
-                          "across micro-batches; not supported with DisCO")
+                          "across micro-batches; with --algo.disco.weights micro_batch every "
+                          "micro-batch must hold whole questions (use --algo.disco.weights "
+                          "current or sampling)")
     if ring > 1:
         raise LayoutError("--ds.ring_attn_size", f"ring attention is not supported with DisCO "
                           f"yet (got {ring})")
     if tp > 1:
         raise LayoutError("--ds.tensor_parallel_size", f"DeepSpeed tensor parallelism is not "
                           f"supported with DisCO yet (got {tp})")
-    if train_micro % n:
+    if whole_questions and train_micro % n:
         raise LayoutError("--train.micro_batch_size",
                           f"must be a multiple of --rollout.n_samples_per_prompt={n} so that every "
-                          f"micro-batch holds whole questions (got {train_micro})")
+                          f"micro-batch holds whole questions with --algo.disco.weights "
+                          f"micro_batch (got {train_micro}; --algo.disco.weights current or "
+                          f"sampling take any micro-batch size)")
     dp = world
-    if train_batch % (train_micro * dp):
+    if not dynamic and train_batch % (train_micro * dp):
         raise LayoutError("--train.batch_size",
                           f"must be a multiple of --train.micro_batch_size x data-parallel ranks "
                           f"= {train_micro} x {dp} (got {train_batch})")
@@ -243,19 +286,20 @@ def check_layout(args: Any) -> None:
     if samples % train_batch:
         raise LayoutError("--train.batch_size",
                           f"must divide --rollout.batch_size x --rollout.n_samples_per_prompt = "
-                          f"{samples} so that every optimizer step is full (got {train_batch})")
-    if samples % (rollout_micro * dp) or (samples // dp) % n:
+                          f"{samples} so that every optimizer step is a full mini-batch (got "
+                          f"{train_batch})")
+    if not dynamic and samples % (rollout_micro * dp):
         raise LayoutError("--rollout.micro_batch_size",
                           f"OpenRLHF deals contiguous chunks of --rollout.micro_batch_size samples "
                           f"to the {dp} actor ranks: {samples} samples must split into equal "
-                          f"per-rank shares of whole questions (got {rollout_micro})")
+                          f"per-rank shares (got {rollout_micro})")
 
     kl_coef = float(_get(args, "algo.kl.init_coef", 0.0) or 0.0)
     if kl_coef > 0 and not _get(args, "algo.kl.use_loss", False):
         raise LayoutError("--algo.kl.init_coef",
-                          f"a reference-KL reward shaping ({kl_coef}) does not apply to DisCO, which "
-                          "labels whole responses by their reward: pass --algo.kl.init_coef 0 (no "
-                          "reference model, as published) or add --algo.kl.use_loss to add "
+                          f"a reference-KL reward shaping ({kl_coef}) does not apply to DisCO, "
+                          "which labels whole responses by their reward: pass --algo.kl.init_coef "
+                          "0 (no reference model, as published) or add --algo.kl.use_loss to add "
                           "OpenRLHF's reference-KL loss term")
     if _get(args, "actor.policy_loss_type", "ppo") != "ppo":
         raise LayoutError("--actor.policy_loss_type",

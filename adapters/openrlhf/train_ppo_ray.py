@@ -5,7 +5,7 @@ additions, active only with ``--algo.advantage.estimator disco``:
 
 * the parser accepts ``disco`` as an estimator and the ``--algo.disco.*`` options (shown by
   ``--help``), and rejects bad values (checked by the core's ``DiscoOptions``) and layouts
-  that cannot keep a question's responses in one micro-batch, naming the flag, before anything
+  DisCO cannot train with (:func:`~.settings.check_layout`), naming the flag, before anything
   starts;
 * OpenRLHF's ``ray.init`` gets ``runtime_env["worker_process_setup_hook"]`` so that the adapter
   is installed in every Ray worker (where the trainers run);

@@ -33,7 +33,13 @@ from trl import GRPOConfig
 from discoloss._checks import check_number
 from discoloss.options import DiscoOptions
 
-__all__ = ["DisCOConfig", "GRPO_ONLY_OPTIONS"]
+__all__ = ["DEFAULT_WEIGHTS", "GRPO_ONLY_OPTIONS", "DisCOConfig", "WeightsSource"]
+
+#: Where the per-completion weights of an optimizer step come from (``DisCOConfig.weights``).
+WeightsSource = Literal["current", "sampling", "micro_batch"]
+
+#: The default of ``DisCOConfig.weights`` (see the TRL guide for the measurements behind it).
+DEFAULT_WEIGHTS: WeightsSource = "current"
 
 #: GRPOConfig fields that only act on GRPO's loss or rewards and that DisCO cannot honour: each
 #: must keep its GRPOConfig default. Value: why.
@@ -94,11 +100,24 @@ class DisCOConfig(GRPOConfig):
         table of ablation variants in the discoloss documentation).
       allow_reference_kl: allow ``beta`` (GRPOConfig's KL-to-reference coefficient) to be
         non-zero; its term is then added to the DisCO loss as in GRPO.
+      weights: where the per-completion weights ``dJ/ds_i`` (and the penalty's slope) of an
+        optimizer step come from. The mini-batch they are planned over is the whole
+        generation batch (whole prompts, all processes). ``"current"`` (default): per-completion
+        statistics at the step's current parameters, from one no-grad forward pass over the
+        generation batch (skipped at the first optimizer step of a generation batch, where the
+        sampling log-probs already are the current ones); the applied gradient is exactly that
+        of ``disco_loss`` on the generation batch at the current parameters, squared hinge
+        included. ``"sampling"``: statistics at the sampling policy, no extra pass; exact for
+        ``objective="disco_b"`` and at the first optimizer step of a generation batch, a
+        linearisation afterwards, with a per-micro-batch approximation of the penalty.
+        ``"micro_batch"`` (whole prompts per micro-batch) is refused: TRL shuffles completions
+        across micro-batches.
 
     Raises ``ValueError`` at construction for fewer than 2 generations per prompt, a non-zero
     ``beta`` without ``allow_reference_kl``, ``steps_per_generation`` not a multiple of
     ``gradient_accumulation_steps``, a changed GRPO-only option, vLLM importance-sampling
-    correction, or an invalid DisCO option.
+    correction, ``weights`` other than ``"current"`` or ``"sampling"``, or an invalid DisCO
+    option.
     """
 
     score: Literal["log_likelihood", "likelihood_ratio", "clipped_ratio"] = field(
@@ -169,6 +188,16 @@ class DisCOConfig(GRPOConfig):
         default=False,
         metadata={"help": "Allow a non-zero `beta` (GRPO's KL-to-reference coefficient)."},
     )
+    weights: WeightsSource = field(
+        default=DEFAULT_WEIGHTS,
+        metadata={
+            "help": "Where the per-completion weights of an optimizer step come from: 'current' "
+            "(stats at the current parameters, one no-grad forward pass per optimizer step "
+            "after the first of a generation batch; exact) or 'sampling' (stats at the sampling "
+            "policy, no extra pass; exact for disco_b and at the first optimizer step of a "
+            "generation batch). 'micro_batch' is not supported in TRL."
+        },
+    )
 
     def __post_init__(self) -> None:
         # Before GRPOConfig's own checks, so that the DisCO reason is the one reported.
@@ -204,8 +233,8 @@ class DisCOConfig(GRPOConfig):
         if self.steps_per_generation % self.gradient_accumulation_steps != 0:
             raise ValueError(
                 f"steps_per_generation={self.steps_per_generation} must be a multiple of "
-                f"gradient_accumulation_steps={self.gradient_accumulation_steps}: DisCO computes "
-                "its weights once per generation batch, so an optimizer step must not mix "
+                f"gradient_accumulation_steps={self.gradient_accumulation_steps}: DisCO plans "
+                "its weights over a whole generation batch, so an optimizer step must not mix "
                 "completions of two generation batches"
             )
 
@@ -236,3 +265,17 @@ class DisCOConfig(GRPOConfig):
                     message = field_name + message[len(core) :]
             raise type(err)(message) from None
         check_number("lagrangian_lr", self.lagrangian_lr, positive=True)
+        if self.weights == "micro_batch":
+            raise ValueError(
+                "weights='micro_batch' is not supported by DisCOTrainer: it plans each "
+                "micro-batch on its own and needs every completion of a prompt in the same "
+                "micro-batch, but TRL shuffles each process's generation batch before splitting "
+                "it into micro-batches (and a prompt's completions may sit on several "
+                "processes), so no micro-batch holds whole prompts. Use weights='current' "
+                "(exact at every optimizer step) or weights='sampling' (no extra forward pass)"
+            )
+        if self.weights not in ("current", "sampling"):
+            raise ValueError(
+                f"weights={self.weights!r} is not a valid option; expected 'current' or "
+                "'sampling' ('micro_batch' is not supported by DisCOTrainer)"
+            )

@@ -27,7 +27,7 @@ try:
     from ._register import register
     from .encoding import broadcast_codes, decode_codes, encode_codes
     from .estimator import compute_disco_advantage
-    from .layout import check_config, group_balanced_order
+    from .layout import check_config, group_balanced_order, mini_batch_balanced_order
     from .loss import compute_policy_loss_disco
 
     register()
@@ -52,6 +52,7 @@ __all__ = [
     "decode_codes",
     "encode_codes",
     "group_balanced_order",
+    "mini_batch_balanced_order",
     "options_from_mapping",
     "register",
 ]

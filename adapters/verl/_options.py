@@ -12,7 +12,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal, get_args
 
 from discoloss.options import DiscoOptions
 
@@ -24,8 +24,17 @@ NAME = "disco"
 #: The DisCO options, exactly those of :func:`discoloss.disco_loss` (from the core).
 CORE_OPTION_NAMES: tuple[str, ...] = DiscoOptions.names()
 #: Settings that only the verl adapter has.
-ADAPTER_OPTION_NAMES: tuple[str, ...] = ("validate", "lagrangian_lr")
+ADAPTER_OPTION_NAMES: tuple[str, ...] = ("weights", "validate", "lagrangian_lr")
 OPTION_NAMES: tuple[str, ...] = CORE_OPTION_NAMES + ADAPTER_OPTION_NAMES
+
+#: Where the per-response weights of a mini-batch come from (``policy_loss.weights``):
+#: ``current`` (stats at the current parameters: exact at any layout), ``sampling`` (stats at
+#: the sampling policy, no extra forward pass) or ``micro_batch`` (whole questions per
+#: micro-batch, each micro-batch its own DisCO loss).
+Weights = Literal["current", "sampling", "micro_batch"]
+WEIGHTS: tuple[str, ...] = get_args(Weights)
+#: The default of ``policy_loss.weights``.
+DEFAULT_WEIGHTS: Weights = "current"
 
 
 class DiscoConfigError(ValueError):
@@ -40,6 +49,15 @@ class DiscoLayoutError(DiscoConfigError):
 class VerlDiscoOptions:
     """The validated options of a DisCO run under verl.
 
+    weights: where the per-response weights of each mini-batch come from (adapter-only
+      setting). ``current``: one plan per mini-batch from per-response stats at the current
+      parameters (a no-grad forward pass over the mini-batch, skipped on the first mini-batch of
+      a step where the old log-probs give them), gathered over the data-parallel ranks; exact at
+      any layout, squared hinge included. ``sampling``: the same plan from the stats at the
+      sampling policy (the old log-probs, no extra pass); exact for ``disco_b`` and on the first
+      mini-batch of a step, an approximation afterwards; penalties that are not linear in the
+      KL are applied per micro-batch. ``micro_batch``: every micro-batch holds whole questions
+      and computes its own DisCO loss (the layout rules of ``discoloss.adapters.verl.layout``).
     disco: the core's :class:`discoloss.options.DiscoOptions` (score, objective, tau, delta,
       beta, kl_estimator, threshold, normalize, constraint, cvar_alpha, margin, clip_eps), passed
       to :func:`discoloss.disco_loss` unchanged.
@@ -54,8 +72,15 @@ class VerlDiscoOptions:
     """
 
     disco: DiscoOptions = field(default_factory=DiscoOptions)
+    weights: Weights = DEFAULT_WEIGHTS
     validate: bool = True
     lagrangian_lr: float = 1e3
+
+    @property
+    def planned(self) -> bool:
+        """True when one plan per mini-batch gives the weights (``weights`` is not
+        ``micro_batch``): any micro-batch layout is exact."""
+        return self.weights != "micro_batch"
 
 
 def _core_error(error: ValueError | TypeError) -> DiscoConfigError:
@@ -83,6 +108,12 @@ def options_from_mapping(node: Mapping[str, Any] | Any) -> VerlDiscoOptions:
         disco = DiscoOptions(**{k: v for k, v in given.items() if v is not missing})
     except (ValueError, TypeError) as error:
         raise _core_error(error) from error
+    weights = get("weights", DEFAULT_WEIGHTS)
+    if weights not in WEIGHTS:
+        raise DiscoConfigError(
+            f"{POLICY_LOSS_PATH}.weights={weights!r} is not a valid option; expected one of "
+            f"{', '.join(repr(w) for w in WEIGHTS)}"
+        )
     validate = get("validate", True)
     if not isinstance(validate, bool):
         raise DiscoConfigError(
@@ -97,19 +128,22 @@ def options_from_mapping(node: Mapping[str, Any] | Any) -> VerlDiscoOptions:
         raise DiscoConfigError(
             f"{POLICY_LOSS_PATH}.lagrangian_lr: expected a finite number > 0, got {lr!r}"
         )
-    return VerlDiscoOptions(disco=disco, validate=validate, lagrangian_lr=float(lr))
+    return VerlDiscoOptions(
+        disco=disco, weights=weights, validate=validate, lagrangian_lr=float(lr)
+    )
 
 
 def check_for_verl(options: VerlDiscoOptions) -> VerlDiscoOptions:
     """Options that are valid for :func:`discoloss.disco_loss` but cannot run correctly under
     verl are refused here, in the driver."""
     o = options.disco
-    if o.normalize != "all":
+    if o.normalize != "all" and not options.planned:
         raise DiscoConfigError(
-            f"{POLICY_LOSS_PATH}.normalize={o.normalize!r} is not supported with verl: the "
-            "number of questions with signal in a mini-batch is only known after all of its "
-            "micro-batches have run (verl back-propagates each micro-batch at once), so the "
-            "per-micro-batch losses could not add up to the mini-batch objective. Use "
-            "normalize=all (the published normalisation)."
+            f"{POLICY_LOSS_PATH}.normalize={o.normalize!r} is not supported with "
+            "weights=micro_batch: the number of questions with signal in a mini-batch is only "
+            "known after all of its micro-batches have run (verl back-propagates each "
+            "micro-batch at once), so the per-micro-batch losses could not add up to the "
+            "mini-batch objective. Use weights=current or weights=sampling (the mini-batch's "
+            "plan knows the count), or normalize=all (the published normalisation)."
         )
     return options

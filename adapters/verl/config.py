@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 from verl.workers.config import PolicyLossConfig
 
-from ._options import NAME, check_for_verl, options_from_mapping
+from ._options import DEFAULT_WEIGHTS, NAME, check_for_verl, options_from_mapping
 
 __all__ = ["DiscoPolicyLossConfig", "TARGET"]
 
@@ -27,8 +27,8 @@ class DiscoPolicyLossConfig(PolicyLossConfig):
     Same names and defaults as ``disco_loss`` (validated by the core's
     :class:`discoloss.options.DiscoOptions`): score, objective, tau, delta, beta, kl_estimator,
     threshold, normalize, constraint, cvar_alpha, margin, clip_eps; plus the adapter's
-    ``validate`` and ``lagrangian_lr``. A test checks that these fields are exactly the core's
-    option names plus the adapter's.
+    ``weights``, ``validate`` and ``lagrangian_lr``. A test checks that these fields are
+    exactly the core's option names plus the adapter's.
     """
 
     loss_mode: str = NAME
@@ -44,6 +44,7 @@ class DiscoPolicyLossConfig(PolicyLossConfig):
     cvar_alpha: float = 0.5
     margin: float = 1.0
     clip_eps: float = 0.2
+    weights: str = DEFAULT_WEIGHTS
     validate: bool = True
     lagrangian_lr: float = 1e3
 

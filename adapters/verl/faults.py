@@ -36,6 +36,7 @@ KINDS = (
     "advantages without DisCO codes",
     "a question split across micro-batches",
     "a non-finite log_prob/old_log_prob at a response token",
+    "micro-batch rows that do not match the mini-batch's plan",
 )
 
 

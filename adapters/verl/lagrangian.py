@@ -8,12 +8,15 @@ mini-batch, ``TrainingWorker.train_batch``):
    ``dp * (N_m/N) * lambda * (KL_m - delta)``, which adds up over micro-batches and ranks to
    lambda * (KL - delta) of the mini-batch, value and gradient (linear in KL; the factor dp
    undoes verl's averaging of the gradients over the data-parallel ranks);
-2. each loss adds its detached KL share (N_m/N) KL_m to a per-process accumulator (a tensor
-   add: no host sync, no collective in the loss path);
-3. after the optimizer step the adapter's wrapper of ``train_batch`` (:mod:`._hooks`) sums the
+2. ``weights=micro_batch``: each loss adds its detached KL share (N_m/N) KL_m to a per-process
+   accumulator (a tensor add: no host sync, no collective in the loss path); after the
+   optimizer step the adapter's wrapper of ``train_batch`` (:mod:`._hooks`) sums the
    accumulators over the data-parallel group (one all-reduce, outside the loss): that is the
    mini-batch's global KL = sum over ranks and micro-batches of the shares, identical on every
-   rank; the multiplier takes ONE dual-ascent step
+   rank. ``weights=current/sampling``: the mini-batch's KL comes from its plan
+   (:func:`discoloss.adapters.verl.planning.finish`: the plan's KL at the current parameters,
+   or the training pass's shares, already summed over the group), passed as ``kl``;
+3. the multiplier takes ONE dual-ascent step
    lambda <- max(0, lambda + lagrangian_lr * (KL - delta)).
    A non-finite KL (verl then skips the optimizer step) leaves lambda unchanged.
 
@@ -89,22 +92,32 @@ def record_kl_share(kl_share: Tensor) -> None:
     _STATE.pending = kl if _STATE.pending is None else _STATE.pending + kl.to(_STATE.pending)
 
 
-def finish_step(*, delta: float, group: Any = None, device: Any = None) -> Tensor | None:
-    """After an optimizer step: the global KL of the step (the pending shares summed over
-    ``group``, the data-parallel process group; None = no all-reduce, one process), one
-    multiplier update with it, the accumulator cleared. Every rank of ``group`` must call it
-    (it holds the one collective). Returns the global KL (0-d float64), or None when this
-    process has no multiplier yet (no DisCO loss ran)."""
+def finish_step(
+    *, delta: float, group: Any = None, device: Any = None, kl: float | Tensor | None = None
+) -> Tensor | None:
+    """After an optimizer step: the global KL of the step (``kl`` when the caller knows it on
+    every rank, else the pending shares summed over ``group``, the data-parallel process group;
+    None = no all-reduce, one process), one multiplier update with it, the accumulator
+    cleared. Without ``kl`` every rank of ``group`` must call it (it holds the one collective).
+    Returns the global KL (0-d float64), or None when this process has no multiplier yet (no
+    DisCO loss ran)."""
     m = _STATE.multiplier
     pending, _STATE.pending = _STATE.pending, None
     if m is None:
         return None
+    if kl is not None:
+        return _update(m, torch.as_tensor(kl, dtype=torch.float64, device=device), delta)
     if pending is None:
         pending = torch.zeros((), dtype=torch.float64, device=device)
-    kl = pending.clone()
+    total = pending.clone()
     dist = torch.distributed
     if group is not None and dist.is_available() and dist.is_initialized():
-        dist.all_reduce(kl, op=dist.ReduceOp.SUM, group=group)
+        dist.all_reduce(total, op=dist.ReduceOp.SUM, group=group)
+    return _update(m, total, delta)
+
+
+def _update(m: LagrangeMultiplier, kl: Tensor, delta: float) -> Tensor:
+    """One dual-ascent step with the step's global KL; a non-finite KL leaves lambda as is."""
     old = m.value.to(kl.device)
     new = m.update(kl, delta=delta)
     m.value = torch.where(torch.isfinite(kl), new, old)

@@ -1,7 +1,22 @@
-"""Layout rules: every question must reach the DisCO loss whole.
+"""Layout rules: what DisCO needs from the way verl orders and splits a batch.
 
-The objective of a question needs the scores of all of its responses at the current policy,
-and verl back-propagates each micro-batch at once, so each of the ``rollout.n`` responses of a
+``weights=current`` and ``weights=sampling`` (:mod:`.planning`): one plan per mini-batch gives
+every response its weight, so any micro-batch layout is exact: micro-batches of any size
+(1 included), verl's token-based dynamic batching and padding-free packing, questions split
+across micro-batches, data-parallel ranks and even mini-batches (``actor.shuffle``), verl's
+synthetic padding samples (weight 0). What the adapter still does, for the objective rather
+than for exactness: each mini-batch is made of whole questions whenever the batch allows it
+(a question's negatives are only contrasted with its positives inside one mini-batch), with
+its responses spread over the DP ranks balancing the workload
+(:func:`mini_batch_balanced_order`, replacing verl's ``_balance_batch`` in the v1 trainer).
+What still holds: ``ppo_mini_batch_size * rollout.n`` a multiple of the actor's DP size and
+``ppo_micro_batch_size_per_gpu`` a divisor of the per-GPU mini-batch (verl's own rules,
+checked at startup with a clear message); ``weights=current`` not with Megatron pipeline
+parallelism (the stats forward's log-probs live on the last stage only).
+
+``weights=micro_batch``: every question must reach the DisCO loss whole. The objective of a
+question needs the scores of all of its responses at the current policy, and verl
+back-propagates each micro-batch at once, so each of the ``rollout.n`` responses of a
 question must sit in the same micro-batch (hence the same DP rank and mini-batch). What verl
 0.9.1 does to the order of a batch, and what the adapter does about it:
 
@@ -35,7 +50,13 @@ from ._options import (
     options_from_mapping,
 )
 
-__all__ = ["DiscoLayoutError", "check_config", "group_balanced_order", "uses_disco"]
+__all__ = [
+    "DiscoLayoutError",
+    "check_config",
+    "group_balanced_order",
+    "mini_batch_balanced_order",
+    "uses_disco",
+]
 
 
 def _sel(config: Any, path: str, default: Any = None) -> Any:
@@ -124,12 +145,20 @@ def check_config(config: Any) -> VerlDiscoOptions | None:
             "algorithm.rollout_correction.rollout_is: DisCO has no importance-weight correction; "
             "set it to null"
         )
+    mini = _sel(config, actor + "ppo_mini_batch_size")
+    dp = _actor_dp_size(config)
+    dynamic = bool(_sel(config, actor + "use_dynamic_bsz", False))
+    micro = _sel(config, actor + "ppo_micro_batch_size_per_gpu")
+    if options.planned:
+        return _check_planned(config, options, n=n, mini=mini, dp=dp, dynamic=dynamic, micro=micro)
+
+    hint = f" (or set {POLICY_LOSS_PATH}.weights=current, which allows it)"
     if _sel(config, actor + "shuffle", False):
         raise DiscoConfigError(
-            f"{actor}shuffle=true would split questions across mini-batches: set it to false"
+            f"{actor}shuffle=true would split questions across mini-batches with "
+            f"weights=micro_batch: set it to false{hint}"
         )
 
-    mini = _sel(config, actor + "ppo_mini_batch_size")
     train = _sel(config, "data.train_batch_size")
     if isinstance(mini, int) and isinstance(train, int) and train % mini:
         raise DiscoConfigError(
@@ -137,42 +166,82 @@ def check_config(config: Any) -> VerlDiscoOptions | None:
             f"{actor}ppo_mini_batch_size={mini}: "
             "the last mini-batch would need synthetic padding samples that do not form questions"
         )
-    dp = _actor_dp_size(config)
     if dp and isinstance(mini, int) and mini % dp:
         raise DiscoConfigError(
             f"{actor}ppo_mini_batch_size={mini} (questions) is not a multiple of the actor's "
             f"data-parallel size {dp}: each rank must receive whole questions of every "
-            "mini-batch; change ppo_mini_batch_size or the number of GPUs"
+            f"mini-batch with weights=micro_batch; change ppo_mini_batch_size or the number of "
+            f"GPUs{hint}"
         )
 
-    dynamic = bool(_sel(config, actor + "use_dynamic_bsz", False))
     v1 = bool(_sel(config, "trainer.use_v1", True))
     if not dynamic:
-        micro = _sel(config, actor + "ppo_micro_batch_size_per_gpu")
         if isinstance(micro, int) and micro % n:
             raise DiscoConfigError(
                 f"{actor}ppo_micro_batch_size_per_gpu={micro} is not a multiple of "
-                f"actor_rollout_ref.rollout.n={n}: micro-batches would split questions; use a "
-                f"multiple of {n} (or use_dynamic_bsz=true, which keeps questions whole)"
+                f"actor_rollout_ref.rollout.n={n}: micro-batches would split questions with "
+                f"weights=micro_batch; use a multiple of {n} (or use_dynamic_bsz=true, which "
+                f"keeps questions whole){hint}"
             )
-        if isinstance(micro, int) and dp and isinstance(mini, int) and (mini * n // dp) % micro:
-            raise DiscoConfigError(
-                f"{actor}ppo_micro_batch_size_per_gpu={micro} does not divide the per-GPU "
-                f"mini-batch of {mini * n // dp} responses (ppo_mini_batch_size * rollout.n / dp)"
-            )
+        _check_micro_divides(mini=mini, n=n, dp=dp, micro=micro)
     if not v1:
         if _sel(config, "trainer.balance_batch", True):
             raise DiscoConfigError(
                 "trainer.balance_batch=true reorders responses across DP ranks by length and "
                 "splits questions in the legacy trainer (trainer.use_v1=false): set "
                 "trainer.balance_batch=false, or use the default v1 trainer, where the adapter "
-                "balances whole questions"
+                f"balances whole questions{hint}"
             )
         if dynamic:
             raise DiscoConfigError(
                 f"{actor}use_dynamic_bsz=true splits questions in the legacy trainer "
-                "(trainer.use_v1=false): set it to false, or use the default v1 trainer"
+                f"(trainer.use_v1=false): set it to false, or use the default v1 trainer{hint}"
             )
+    return options
+
+
+def _check_micro_divides(*, mini: Any, n: int, dp: int | None, micro: Any) -> None:
+    """verl's own rule, checked at startup: fixed micro-batches divide the per-GPU mini-batch
+    (verl would stop with an assertion inside the first actor update)."""
+    if isinstance(micro, int) and dp and isinstance(mini, int) and (mini * n // dp) % micro:
+        raise DiscoConfigError(
+            f"actor_rollout_ref.actor.ppo_micro_batch_size_per_gpu={micro} does not divide the "
+            f"per-GPU mini-batch of {mini * n // dp} responses "
+            "(ppo_mini_batch_size * rollout.n / dp)"
+        )
+
+
+def _check_planned(
+    config: Any,
+    options: VerlDiscoOptions,
+    *,
+    n: int,
+    mini: Any,
+    dp: int | None,
+    dynamic: bool,
+    micro: Any,
+) -> VerlDiscoOptions:
+    """The rules that remain with ``weights=current/sampling``: verl's own (mini-batch and
+    micro-batch sizes), and the stats forward's reach."""
+    actor = "actor_rollout_ref.actor."
+    if dp and isinstance(mini, int) and (mini * n) % dp:
+        raise DiscoConfigError(
+            f"{actor}ppo_mini_batch_size * actor_rollout_ref.rollout.n = {mini * n} responses "
+            f"is not a multiple of the actor's data-parallel size {dp}: verl splits each "
+            "mini-batch into equal parts per rank; change ppo_mini_batch_size or the number of "
+            "GPUs"
+        )
+    if not dynamic:
+        _check_micro_divides(mini=mini, n=n, dp=dp, micro=micro)
+    strategy = _sel(config, actor + "strategy", "fsdp")
+    pp = _sel(config, actor + "megatron.pipeline_model_parallel_size", 1) or 1
+    if options.weights == "current" and strategy == "megatron" and pp > 1:
+        raise DiscoConfigError(
+            f"{POLICY_LOSS_PATH}.weights=current with Megatron pipeline parallelism "
+            f"({actor}megatron.pipeline_model_parallel_size={pp}) is not supported: the "
+            "current-parameter stats come from a forward pass whose log-probs only the last "
+            "pipeline stage holds. Use weights=sampling or weights=micro_batch"
+        )
     return options
 
 
@@ -236,5 +305,64 @@ def group_balanced_order(
         for r, part in enumerate(parts):
             for gi in part:
                 per_rank[r].extend(block[gi])
+    order = [i for rank in per_rank for i in rank]
+    return order, per_rank
+
+
+def mini_batch_balanced_order(
+    uids: Sequence[Any],
+    seq_lens: Sequence[int],
+    *,
+    dp_size: int,
+    mini_batch_size: int,
+) -> tuple[list[int], list[list[int]]]:
+    """Balancing for ``weights=current/sampling``: whole questions per mini-batch, any split
+    across ranks.
+
+    The responses of each question (same uid) are put next to each other, questions in order
+    of first appearance, and cut into consecutive mini-batches of ``mini_batch_size``
+    responses (whole questions when every question has ``rollout.n`` responses; otherwise a
+    question may straddle two mini-batches, which is exact, only the objective is then formed
+    over the responses each mini-batch holds). Each mini-batch's responses are spread over
+    the ``dp_size`` ranks in equal numbers balancing the attention workload with verl's own
+    Karmarkar-Karp partitioner (responses, not questions: a finer balance than whole questions
+    per rank). Rank r's chunk is its share of mini-batch 0, then of mini-batch 1, ... as verl's
+    contiguous dispatch and per-rank mini-batch slicing expect.
+
+    Returns:
+      (order, partitions): the new order of the responses (indices into the input) and, per
+      rank, the response indices it receives (for verl's balance metrics).
+    """
+    import torch
+    from verl.utils.seqlen_balancing import calculate_workload, get_seqlen_balanced_partitions
+
+    if len(uids) != len(seq_lens):
+        raise ValueError(f"uids and seq_lens differ in length: {len(uids)} != {len(seq_lens)}")
+    if mini_batch_size < 1 or mini_batch_size % dp_size:
+        raise DiscoLayoutError(
+            f"a mini-batch of {mini_batch_size} responses (ppo_mini_batch_size * rollout.n) "
+            f"does not split into equal parts over the actor's {dp_size} data-parallel ranks"
+        )
+    if len(uids) % mini_batch_size:
+        raise DiscoLayoutError(
+            f"the batch holds {len(uids)} responses, not a multiple of the mini-batch size "
+            f"{mini_batch_size} (verl pads the batch to it before balancing)"
+        )
+    members: dict[Any, list[int]] = {}
+    for i, uid in enumerate(uids):
+        members.setdefault(uid, []).append(i)
+    flat = [i for idx in members.values() for i in idx]
+    work = calculate_workload(torch.tensor(list(seq_lens), dtype=torch.int64)).tolist()
+    per_rank: list[list[int]] = [[] for _ in range(dp_size)]
+    for start in range(0, len(flat), mini_batch_size):
+        block = flat[start : start + mini_batch_size]
+        if dp_size == 1:
+            parts = [list(range(len(block)))]
+        else:
+            parts = get_seqlen_balanced_partitions(
+                [work[i] for i in block], k_partitions=dp_size, equal_size=True
+            )
+        for r, part in enumerate(parts):
+            per_rank[r].extend(block[j] for j in sorted(part))
     order = [i for rank in per_rank for i in rank]
     return order, per_rank

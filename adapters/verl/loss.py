@@ -1,6 +1,17 @@
 r"""The DisCO policy loss as verl calls it: once per micro-batch, inside ``ppo_loss``.
 
-How verl 0.9 combines micro-batch losses (``verl/workers/utils/losses.py::ppo_loss`` and the
+**weights=current / sampling** (:mod:`.planning`): inside the adapter's wrapper of verl's
+``TrainingWorker.train_batch`` the mini-batch has been planned before its first micro-batch:
+each row's ``advantages`` hold its position in the plan, and the loss returns
+``dp * (-sum_i w_i s_i + kappa * (its KL share))`` with the rows' weights
+(:func:`discoloss.adapters.verl.planning.micro_batch_loss`): any micro-batch layout is exact,
+questions may be split across micro-batches and ranks. The mini-batch's metrics are computed
+once by the wrapper; the loss returns only ``multiplier`` (``constraint=lagrangian``).
+Without a plan (the loss called outside a training pass, e.g. directly) the loss works as
+with ``weights=micro_batch``, below.
+
+**weights=micro_batch** (whole questions per micro-batch). How verl 0.9 combines micro-batch
+losses (``verl/workers/utils/losses.py::ppo_loss`` and the
 engines' ``forward_backward_batch``): every micro-batch loss is back-propagated at once, the
 gradients accumulate over a rank's micro-batches and are *averaged* over the ``dp_size``
 data-parallel ranks (FSDP/DDP), and ``ppo_loss`` never rescales what the policy loss returns.
@@ -59,7 +70,7 @@ from torch import Tensor
 
 from discoloss import disco_loss
 
-from . import faults, lagrangian
+from . import faults, lagrangian, planning
 from ._options import (
     DiscoConfigError,
     DiscoLayoutError,
@@ -143,6 +154,10 @@ def compute_policy_loss_disco(
         zero = log_prob.sum() * 0.0
         return zero, {}
 
+    plan = planning.active() if opts.planned else None
+    if plan is not None:
+        return _planned_loss(plan, opts, log_prob, old_log_prob, advantages, mask, dp)
+
     dec = decode_codes(advantages, mask, check=opts.validate)
     f = torch.float32
     n_loc = dec.lengths.sum().to(f)
@@ -204,7 +219,7 @@ def compute_policy_loss_disco(
 
     if opts.validate:
         finite = torch.isfinite(out.loss.detach()) & torch.isfinite(out.kl.detach())
-        flags = torch.stack([dec.consistent, n_split == 0, finite])
+        flags = torch.stack([dec.consistent, n_split == 0, finite, torch.ones_like(finite)])
         if faults.is_deferring():
             # Inside a verl worker: no raise on this rank alone (the other ranks would wait in
             # the gradient reduction). A failed check makes this loss NaN, so that verl skips
@@ -245,6 +260,40 @@ def compute_policy_loss_disco(
     return loss, {METRIC_PREFIX + k: v.detach() for k, v in metrics.items()}
 
 
+def _planned_loss(
+    plan: planning.Plan,
+    opts: VerlDiscoOptions,
+    log_prob: Tensor,
+    old_log_prob: Tensor,
+    advantages: Tensor,
+    mask: Tensor,
+    dp: int,
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """The micro-batch's share of its mini-batch's planned loss (weights=current/sampling)."""
+    loss, out, matches = planning.micro_batch_loss(
+        plan, log_prob, old_log_prob, mask, advantages, dp_size=dp
+    )
+    if opts.validate:
+        finite = torch.isfinite(out.loss.detach())
+        ok = torch.ones_like(finite)
+        flags = torch.stack([ok, ok, finite, matches.to(finite.device)])
+        if faults.is_deferring():
+            faults.record(flags, lambda: _fault_message(flags, None, None, 0, mask.shape[0]))
+            loss = _poisoned(loss, log_prob, mask, bad=~flags.all())
+        else:
+            flags = flags.cpu()  # the one host sync (direct call, one process)
+            if not bool(flags.all()):
+                raise DiscoLayoutError(_fault_message(flags, None, None, 0, mask.shape[0]))
+    else:
+        loss = _poisoned(loss, log_prob, mask, bad=~matches.to(loss.device))
+    metrics: dict[str, Tensor] = {}
+    if plan.multiplier is not None:
+        metrics["multiplier"] = plan.multiplier.value.detach().to(
+            device=log_prob.device, dtype=torch.float32
+        )
+    return loss, {METRIC_PREFIX + k: v for k, v in metrics.items()}
+
+
 def _poisoned(loss: Tensor, log_prob: Tensor, mask: Tensor, *, bad: Tensor) -> Tensor:
     """``loss`` unchanged, or NaN with a NaN gradient at every response token when ``bad``
     (0-d bool tensor, no host sync). Scaling the loss by NaN is not enough: where the loss does
@@ -254,8 +303,10 @@ def _poisoned(loss: Tensor, log_prob: Tensor, mask: Tensor, *, bad: Tensor) -> T
     return loss + coef * torch.where(mask, log_prob, 0.0).sum().to(loss.dtype)
 
 
-def _fault_message(flags: Tensor, dec: Any, split_rows: Tensor, n: int, rows: int) -> str | None:
-    consistent, whole, finite = (bool(x) for x in flags.tolist())
+def _fault_message(
+    flags: Tensor, dec: Any, split_rows: Tensor | None, n: int, rows: int
+) -> str | None:
+    consistent, whole, finite, matches = (bool(x) for x in flags.tolist())
     if not consistent:
         return (
             "advantages do not carry DisCO codes (each response's label and question, written "
@@ -264,6 +315,7 @@ def _fault_message(flags: Tensor, dec: Any, split_rows: Tensor, n: int, rows: in
             "advantages"
         )
     if not whole:
+        assert split_rows is not None
         first = int(split_rows.nonzero()[0, 0])
         count = int((dec.group == dec.group[first]).sum())
         return (
@@ -271,8 +323,15 @@ def _fault_message(flags: Tensor, dec: Any, split_rows: Tensor, n: int, rows: in
             f"question with {count} of its {n} (rollout.n) responses in this micro-batch of "
             f"{rows} rows. DisCO needs every question whole in one micro-batch. Keep "
             "actor.shuffle=false, ppo_micro_batch_size_per_gpu a multiple of rollout.n, and let "
-            "the adapter balance the batch (see the adapter README, layout rules)"
+            "the adapter balance the batch (see the verl guide, layout rules), or use "
+            "actor_rollout_ref.actor.policy_loss.weights=current, which needs none of this"
         )
     if not finite:
         return "log_prob/old_log_prob: non-finite value at a response token of this micro-batch"
+    if not matches:
+        return (
+            f"a row of this micro-batch of {rows} rows does not carry a position in the "
+            "mini-batch's plan, or its number of response tokens differs from the plan's (the "
+            "advantages were changed after the plan, or the plan belongs to another mini-batch)"
+        )
     return None

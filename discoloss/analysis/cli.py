@@ -33,8 +33,9 @@ def build_parser() -> argparse.ArgumentParser:
         prog="discoloss analyze",
         description=(
             "Difficulty-bias report of a rollout dump: per-question accuracy, questions without "
-            "signal, negative/positive imbalance, and the weight GRPO, Dr. GRPO, DAPO and DisCO "
-            "put on each question."
+            "signal, negative/positive imbalance, and the weight GRPO, Dr. GRPO, DAPO, DisCO and "
+            "DRPO put on each question (with response lengths, also DRPO's weights within a "
+            "question's correct answers)."
         ),
         epilog=(
             "PATH: a verl trainer.rollout_data_dir (the latest <step>.jsonl is read unless "
@@ -55,6 +56,15 @@ def build_parser() -> argparse.ArgumentParser:
         "--prompt-column", help="prompt text to group by when there is no group column (default: "
         "input, prompt or question)"
     )  # fmt: skip
+    p.add_argument(
+        "--length-column", help="response lengths for DRPO: token counts, or a text column "
+        "whose characters are counted (default: response_length, length or num_tokens, if any)"
+    )  # fmt: skip
+    p.add_argument(
+        "--max-length", type=int, help="DRPO's length scale, the engine's maximum response "
+        "length (default: the longest response of the dump)"
+    )  # fmt: skip
+    p.add_argument("--lam", type=float, default=0.1, help="DRPO's lambda (default: 0.1)")
     p.add_argument("--step", help="step to analyse (a number, or 'all'); default: the latest")
     p.add_argument(
         "--format", dest="file_format", choices=("auto", "jsonl", "parquet"), default="auto"
@@ -115,6 +125,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             step=args.step,
             file_format=args.file_format,
             keep_uid_suffix=args.keep_uid_suffix,
+            length_column=args.length_column,
         )
     except RolloutError as exc:
         return _error(str(exc))
@@ -125,11 +136,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     index = {name: i for i, name in enumerate(names)}
     group_ids = torch.tensor([index[g] for g in rollouts.groups], dtype=torch.long)
     rewards = torch.tensor(rollouts.rewards, dtype=torch.float64)
+    lengths = None
+    length_source = ""
+    if rollouts.lengths is not None:
+        lengths = torch.tensor(rollouts.lengths, dtype=torch.float64)
+        unit = rollouts.source.get("length_unit", "tokens")
+        column = rollouts.source["columns"]["length"]
+        length_source = f"column {column!r}" + (
+            " (characters of the text, not tokens)" if unit == "characters" else ""
+        )
+    elif args.max_length is not None:
+        return _error("--max-length needs response lengths (--length-column)")
     try:
         report = difficulty_report(
             rewards, group_ids, threshold=args.threshold, methods=methods,
             bins=args.bins, binarize=args.binarize, std_unbiased=not args.population_std,
-            eps=args.eps, group_names=names,
+            eps=args.eps, group_names=names, lengths=lengths, max_length=args.max_length,
+            lam=args.lam, length_source=length_source,
         )  # fmt: skip
     except (ValueError, TypeError) as exc:
         return _error(str(exc))

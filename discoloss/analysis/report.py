@@ -29,9 +29,10 @@ from discoloss.analysis.weights import (
     implied_weights,
 )
 from discoloss.baselines import group_advantages
-from discoloss.objectives import discriminative_weights
+from discoloss.objectives import dense_group_ids, discriminative_weights
+from discoloss.options import DiscoOptions
 
-__all__ = ["DifficultyReport", "difficulty_report"]
+__all__ = ["DifficultyReport", "PositiveWeights", "difficulty_report"]
 
 #: Accuracy rows of the table: exact k/n values when every group has the same size up to this.
 _MAX_EXACT_ROWS = 32
@@ -41,6 +42,7 @@ _LABELS = {
     "dapo": "DAPO",
     "disco": "DisCO",
     "disco_b": "DisCO-b",
+    "drpo": "DRPO",
 }
 _STYLE = {  # colour, line style, marker
     "grpo": ("tab:blue", "-", "o"),
@@ -48,6 +50,7 @@ _STYLE = {  # colour, line style, marker
     "dapo": ("tab:green", (0, (4, 2)), "^"),
     "disco": ("tab:red", "-", "D"),
     "disco_b": ("tab:purple", (0, (1, 2)), "v"),
+    "drpo": ("tab:brown", (0, (6, 2, 1, 2)), "P"),
 }
 
 
@@ -64,6 +67,44 @@ class AccuracyRow:
 
 
 @dataclass(frozen=True)
+class PositiveWeights:
+    """DRPO's weights within each question's correct answers (arXiv 2510.04474), from the
+    responses' lengths: v = softmax(pref / lam) over the correct answers of a question with
+    signal, pref = 1 - length / max_length.
+
+    Per question (the report's order; 0 or nan for questions without signal):
+    ``num_positives`` (correct answers), ``effective_positives`` (1 / sum v^2: the number of
+    correct answers DRPO effectively learns from; ``num_positives`` for DisCO),
+    ``mean_positive_length`` (plain mean length of the correct answers, DisCO's weighting) and
+    ``weighted_positive_length`` (sum v_i length_i, DRPO's weighting).
+    """
+
+    lam: float
+    max_length: int
+    max_length_source: str
+    length_source: str
+    num_positives: Tensor
+    effective_positives: Tensor
+    mean_positive_length: Tensor
+    weighted_positive_length: Tensor
+
+    def summary(self) -> dict[str, float]:
+        """Means over the questions with signal (nan when there is none)."""
+        signal = self.effective_positives > 0
+        if not bool(signal.any()):
+            nan = math.nan
+            return dict.fromkeys(
+                ("positives", "effective_positives", "mean_length", "weighted_length"), nan
+            )
+        return {
+            "positives": float(self.num_positives[signal].to(torch.float64).mean()),
+            "effective_positives": float(self.effective_positives[signal].mean()),
+            "mean_length": float(self.mean_positive_length[signal].mean()),
+            "weighted_length": float(self.weighted_positive_length[signal].mean()),
+        }
+
+
+@dataclass(frozen=True)
 class DifficultyReport:
     """Per-question accuracies and weights of a batch, with summaries.
 
@@ -74,7 +115,8 @@ class DifficultyReport:
     ``frac_with_signal``, the negative-to-positive imbalance over questions with signal
     (``imbalance_mean`` / ``imbalance_median`` of ``|N|/|P|``, ``frac_more_negatives``,
     ``negatives_per_positive`` pooled), the accuracy histogram (``hist_edges``, ``hist_counts``)
-    and ``rows``, the table's accuracy buckets.
+    and ``rows``, the table's accuracy buckets. ``positive_weights``: DRPO's weights within
+    each question's correct answers, when the responses' lengths were given.
     """
 
     threshold: float
@@ -101,6 +143,7 @@ class DifficultyReport:
     eps: float
     std_unbiased: bool
     group_names: list[str] | None = field(default=None)
+    positive_weights: PositiveWeights | None = field(default=None)
 
     @property
     def num_questions(self) -> int:
@@ -148,6 +191,14 @@ class DifficultyReport:
             "  weight: G x positive mass per question (DisCO = 1 on every question with signal); "
             "share: % of the method's total weight"
         )
+        if self.positive_weights is not None:
+            lines.append("")
+            lines.extend(self._positive_lines(self.positive_weights))
+        elif "drpo" in self.methods:
+            lines.append(
+                "  DRPO: 1 per question with signal, like DisCO; its weights within a question's "
+                "correct answers need the responses' lengths (--length-column)"
+            )
         if per_question:
             lines.append("")
             lines.extend(self._question_table(max_rows))
@@ -178,12 +229,40 @@ class DifficultyReport:
         out.append(total)
         return out
 
+    @staticmethod
+    def _positive_lines(pw: PositiveWeights) -> list[str]:
+        s = pw.summary()
+        scale = pw.lam * pw.max_length
+        out = [
+            f"DRPO within a question's correct answers: v = softmax((1 - length / max_length) "
+            f"/ lam), lam = {pw.lam:g}, max_length = {pw.max_length} ({pw.max_length_source}); "
+            f"lengths: {pw.length_source}",
+            f"  an answer shorter than another by lam x max_length = {scale:.4g} gets e = 2.72 "
+            "times its weight",
+        ]
+        if math.isnan(s["positives"]):
+            out.append("  no question with signal")
+            return out
+        change = (s["weighted_length"] / s["mean_length"] - 1.0) if s["mean_length"] > 0 else 0.0
+        out.append(
+            f"  questions with signal: {s['positives']:.2f} correct answers on average, "
+            f"{s['effective_positives']:.2f} effective under DRPO's weights (1 / sum v^2)"
+        )
+        out.append(
+            f"  length of the correct answers: mean {s['mean_length']:.1f} (DisCO's weighting), "
+            f"DRPO-weighted {s['weighted_length']:.1f} ({100.0 * change:+.1f}%)"
+        )
+        return out
+
     def _question_table(self, max_rows: int | None) -> list[str]:
         names = self._names()
         width = min(max((len(n) for n in names), default=8), 40)
+        pw = self.positive_weights
         head = f"{'question':<{width}} {'n':>4} {'accuracy':>8}"
         for m in self.methods:
             head += f" {_LABELS[m]:>9}"
+        if pw is not None:
+            head += f" {'DRPO eff.pos':>12} {'len mean':>9} {'len DRPO':>9}"
         out = [head, "-" * len(head)]
         order = sorted(range(self.num_questions), key=lambda i: float(self.accuracy[i]))
         shown = order if max_rows is None else order[:max_rows]
@@ -192,6 +271,12 @@ class DifficultyReport:
             line = f"{name:<{width}} {int(self.size[i]):>4} {float(self.accuracy[i]):>8.3f}"
             for m in self.methods:
                 line += f" {float(self.weights[m][i]):>9.4f}"
+            if pw is not None:
+                line += (
+                    f" {float(pw.effective_positives[i]):>12.2f}"
+                    f" {float(pw.mean_positive_length[i]):>9.1f}"
+                    f" {float(pw.weighted_positive_length[i]):>9.1f}"
+                )
             out.append(line)
         if len(shown) < len(order):
             out.append(f"... {len(order) - len(shown)} more questions")
@@ -245,6 +330,15 @@ class DifficultyReport:
                 for r in self.rows
             ],
         }
+        pw = self.positive_weights
+        if pw is not None:
+            out["drpo_positive_weights"] = {
+                "lam": pw.lam,
+                "max_length": pw.max_length,
+                "max_length_source": pw.max_length_source,
+                "length_source": pw.length_source,
+                **{k: _finite_or_none(v) for k, v in pw.summary().items()},
+            }
         if per_question:
             names = self._names()
             out["questions"] = [
@@ -256,6 +350,15 @@ class DifficultyReport:
                 }
                 for i in range(self.num_questions)
             ]
+            if pw is not None:
+                for i, q in enumerate(out["questions"]):
+                    q["drpo"] = {
+                        "effective_positives": float(pw.effective_positives[i]),
+                        "mean_positive_length": _finite_or_none(float(pw.mean_positive_length[i])),
+                        "weighted_positive_length": _finite_or_none(
+                            float(pw.weighted_positive_length[i])
+                        ),
+                    }
         return out
 
     # ------------------------------------------------------------------ plot
@@ -345,6 +448,8 @@ def _method_weights(
     binarize: bool,
     std_unbiased: bool,
     eps: float,
+    preferences: Tensor,
+    lam: float,
 ) -> dict[str, Tensor]:
     """Run each method's estimator on the batch and measure its weight per question."""
     labels = (rewards > threshold).to(torch.float64)
@@ -362,10 +467,11 @@ def _method_weights(
         else:
             # DisCO's weight per question does not depend on the scores: equal scores suffice.
             scores = torch.zeros(rewards.shape[0], dtype=torch.float64, device=rewards.device)
-            objective = cast(Literal["disco", "disco_b"], m)
+            objective = cast(Literal["disco", "disco_b", "drpo"], m)
             adv = discriminative_weights(
-                scores, rewards, group_ids, objective=objective, threshold=threshold, validate=False
-            )
+                scores, rewards, group_ids, objective=objective, threshold=threshold,
+                validate=False, lam=lam, preferences=preferences if m == "drpo" else None,
+            )  # fmt: skip
             kind = "weights"
         iw = implied_weights(adv, rewards, group_ids, kind=kind, threshold=threshold)
         out[m] = iw.weight.cpu()
@@ -413,6 +519,71 @@ def _rows(
     return rows, edges, counts
 
 
+def _lengths(
+    lengths: Tensor | None, rewards: Tensor, max_length: int | None
+) -> tuple[Tensor | None, int, str]:
+    """Validated float64 CPU lengths (or None), DRPO's max_length and where it comes from."""
+    if lengths is None:
+        if max_length is not None:
+            raise ValueError("max_length needs lengths (DRPO's length preference)")
+        return None, 1, ""
+    check_tensor("lengths", lengths, ndim=1, kind="real")
+    check_batch(("rewards", "lengths"), (rewards, lengths))
+    lens = lengths.detach().cpu().to(torch.float64)
+    if not bool((lens.isfinite() & (lens >= 0)).all()):
+        raise ValueError("lengths must be finite and >= 0 (response token counts)")
+    if max_length is None:
+        longest = int(math.ceil(float(lens.max())))
+        return lens, max(longest, 1), "the longest response of the batch"
+    value = DiscoOptions(max_length=max_length).max_length
+    assert value is not None
+    return lens, value, "given"
+
+
+def _positive_weights(
+    rewards: Tensor,
+    group_ids: Tensor,
+    lengths: Tensor,
+    preferences: Tensor,
+    *,
+    threshold: float,
+    lam: float,
+    max_length: int,
+    max_length_source: str,
+    length_source: str,
+) -> PositiveWeights:
+    """DRPO's v per response (its weights times the number of questions G), per question."""
+    scores = torch.zeros_like(rewards)
+    w = discriminative_weights(
+        scores, rewards, group_ids, objective="drpo", threshold=threshold, lam=lam,
+        preferences=preferences, validate=False,
+    )  # fmt: skip
+    index = dense_group_ids(group_ids)
+    q = int(index.num_groups)
+    d = index.dense
+    positive = rewards > threshold
+    v = torch.where(positive, w * q, 0.0)
+    zeros = torch.zeros(rewards.shape[0], dtype=torch.float64)
+    n_pos = zeros.index_add(0, d, positive.to(torch.float64))[:q]
+    mass = zeros.index_add(0, d, v)[:q]
+    signal = mass > 0
+    sq = zeros.index_add(0, d, v * v)[:q]
+    effective = torch.where(signal, 1.0 / sq.clamp_min(1e-300), 0.0)
+    total_len = zeros.index_add(0, d, torch.where(positive, lengths, 0.0))[:q]
+    mean_len = torch.where(signal, total_len / n_pos.clamp_min(1.0), math.nan)
+    weighted = torch.where(signal, zeros.index_add(0, d, v * lengths)[:q], math.nan)
+    return PositiveWeights(
+        lam=lam,
+        max_length=max_length,
+        max_length_source=max_length_source,
+        length_source=length_source,
+        num_positives=n_pos.to(torch.int64),
+        effective_positives=effective,
+        mean_positive_length=mean_len,
+        weighted_positive_length=weighted,
+    )
+
+
 def difficulty_report(
     rewards: Tensor,
     group_ids: Tensor,
@@ -424,6 +595,10 @@ def difficulty_report(
     std_unbiased: bool = True,
     eps: float = 1e-6,
     group_names: Sequence[str] | None = None,
+    lengths: Tensor | None = None,
+    max_length: int | None = None,
+    lam: float = 0.1,
+    length_source: str = "given",
 ) -> DifficultyReport:
     """Difficulty analysis of one batch of rollouts (no log-probs needed).
 
@@ -441,13 +616,21 @@ def difficulty_report(
       group_ids: (B,) integer group ids (any order, ragged groups).
       threshold: reward threshold of a correct answer (DisCO's positive label).
       methods: methods to include, any of ``"grpo"``, ``"dr_grpo"``, ``"dapo"``, ``"disco"``,
-        ``"disco_b"``.
+        ``"disco_b"``, ``"drpo"``.
       bins: histogram bins of the accuracy when groups differ in size (or exceed 32 responses);
         otherwise the exact accuracies k/n are used.
       binarize: feed the GRPO-family estimators the 0/1 labels instead of the raw rewards (only
         matters for non-binary rewards).
       std_unbiased, eps: the GRPO std convention (verl: True, 1e-6; TRL: True, 1e-4).
       group_names: optional display name of each distinct group id, in ascending id order.
+      lengths: optional (B,) response lengths (tokens): DRPO's weights within each question's
+        correct answers (:class:`PositiveWeights`, ``positive_weights`` of the report) with
+        the length preference ``1 - length / max_length``. Without them DRPO's per-question
+        weight (1 per question with signal) is still reported.
+      max_length: DRPO's length scale (the engine's maximum response length); default: the
+        longest response of the batch.
+      lam: DRPO's temperature, > 0.
+      length_source: how the lengths were measured, for the report's text.
 
     Returns:
       :class:`DifficultyReport` (tensors on the CPU).
@@ -478,10 +661,14 @@ def difficulty_report(
     if r.dtype.is_floating_point and not bool(r.isfinite().all()):
         raise ValueError("rewards: every reward must be finite to be labelled correct or not")
     r = r.to(torch.float64)
+    lam = check_number("lam", lam, positive=True)
+    lens, max_len, max_len_source = _lengths(lengths, r, max_length)
+    preferences = torch.zeros_like(r) if lens is None else 1.0 - lens / max_len
 
     weights = _method_weights(
-        r, g, methods, threshold=threshold, binarize=binarize, std_unbiased=std_unbiased, eps=eps
-    )
+        r, g, methods, threshold=threshold, binarize=binarize, std_unbiased=std_unbiased, eps=eps,
+        preferences=preferences, lam=lam,
+    )  # fmt: skip
     base = implied_weights(torch.zeros_like(r), r, g, threshold=threshold)
     acc, size = base.accuracy, base.size
     q = acc.numel()
@@ -525,4 +712,17 @@ def difficulty_report(
         eps=eps,
         std_unbiased=std_unbiased,
         group_names=list(group_names) if group_names is not None else None,
+        positive_weights=None
+        if lens is None
+        else _positive_weights(
+            r,
+            g,
+            lens,
+            preferences,
+            threshold=threshold,
+            lam=lam,
+            max_length=max_len,
+            max_length_source=max_len_source,
+            length_source=length_source,
+        ),  # fmt: skip
     )

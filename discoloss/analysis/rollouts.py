@@ -16,7 +16,9 @@ per response (``RayPPOTrainer._log_rollout_data`` / ``_dump_generations``):
 
 A plain table (JSONL or Parquet) needs a reward column and a group column (or a prompt column
 to group by); names are detected from common choices or given explicitly. When a ``step``
-column is present, groups never span steps.
+column is present, groups never span steps. An optional length column (response token counts,
+or a text column whose character count stands in for them) feeds DRPO's weights within a
+question's correct answers; verl's dumps carry none unless the reward function adds one.
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ __all__ = ["RolloutError", "Rollouts", "load_rollouts"]
 REWARD_COLUMNS = ("score", "reward", "rewards", "acc")
 GROUP_COLUMNS = ("uid", "group_id", "group", "prompt_id", "question_id")
 PROMPT_COLUMNS = ("input", "prompt", "question")
+LENGTH_COLUMNS = ("response_length", "length", "num_tokens")
 STEP_COLUMN = "step"
 _VERL_KEY = re.compile(r"^(?P<uid>.+)_(?P<session>\d+)_(?P<index>\d+)$")
 FileFormat = Literal["auto", "jsonl", "parquet"]
@@ -52,11 +55,14 @@ class Rollouts:
     groups: one hashable key per response (strings; with a step column, ``(step, key)``
       tuples rendered as ``"<step>/<key>"``).
     source: what was read and how (files, columns, steps), for the report.
+    lengths: one response length per response (tokens, or characters of a text column: see
+      ``source["length_unit"]``), or None when the dump has no length column.
     """
 
     rewards: list[float]
     groups: list[str]
     source: dict[str, Any] = field(default_factory=dict)
+    lengths: list[float] | None = None
 
 
 def _files(path: Path, step: str | None) -> tuple[list[Path], str | None]:
@@ -238,6 +244,19 @@ def _reward(value: Any, where: str, column: str) -> float:
     )
 
 
+def _length(value: Any, where: str, column: str) -> tuple[float, str]:
+    """A response length and its unit: a count (tokens) or a text (its characters)."""
+    if isinstance(value, str):
+        return float(len(value)), "characters"
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        v = float(value)
+        if math.isfinite(v) and v >= 0:
+            return v, "tokens"
+    raise RolloutError(
+        f"{where}: length {value!r} in column {column!r} is not a count >= 0 (or a text)"
+    )
+
+
 def load_rollouts(
     path: str | Path,
     *,
@@ -247,6 +266,7 @@ def load_rollouts(
     step: str | int | None = None,
     file_format: FileFormat = "auto",
     keep_uid_suffix: bool = False,
+    length_column: str | None = None,
 ) -> Rollouts:
     """Read the rewards and groups of a rollout dump.
 
@@ -264,6 +284,8 @@ def load_rollouts(
       file_format: ``"auto"`` (Parquet by content, whatever the file's name; else by suffix;
         else JSONL), ``"jsonl"`` or ``"parquet"``.
       keep_uid_suffix: do not strip verl's ``_<session>_<index>`` suffix from ``uid`` values.
+      length_column: response lengths (token counts; a text column counts its characters);
+        default the first of response_length, length, num_tokens, if any.
 
     Raises:
       RolloutError: missing file, unreadable rows, missing columns, or rewards that are not
@@ -275,6 +297,8 @@ def load_rollouts(
     files, file_step = _files(path, step_s)
     rewards: list[float] = []
     groups: list[str] = []
+    lengths: list[float] | None = []
+    units: set[str] = set()
     columns_used: dict[str, str] = {}
     grouping = ""
     steps_seen: set[str] = set()
@@ -288,8 +312,9 @@ def load_rollouts(
         else:
             available = _parquet_columns(f)
         r_col, g_col, p_col = _columns(f, available, reward_column, group_column, prompt_column)
+        l_col = _pick(available, length_column, LENGTH_COLUMNS, "--length-column")
         if fmt == "parquet":
-            wanted = [c for c in (r_col, g_col, p_col, STEP_COLUMN) if c in available]
+            wanted = [c for c in (r_col, g_col, p_col, l_col, STEP_COLUMN) if c in available]
             rows, numbers = _read_parquet(f, wanted)
         if not rows:
             raise RolloutError(f"{f}: no rows")
@@ -300,6 +325,7 @@ def load_rollouts(
         has_step = STEP_COLUMN in available
         keys: list[str] = []
         kept_rewards: list[float] = []
+        kept_lengths: list[float] = []
         row_steps: list[str] = []
         for row, number in zip(rows, numbers):
             where = f"{f}:{number}" if fmt == "jsonl" else f"{f} row {number}"
@@ -311,6 +337,12 @@ def load_rollouts(
             if step_s not in (None, "all") and file_step is None and has_step and s != step_s:
                 continue
             kept_rewards.append(_reward(row[r_col], where, r_col))
+            if l_col is not None:
+                if l_col not in row:
+                    raise RolloutError(f"{where}: missing length column {l_col!r}")
+                value, unit = _length(row[l_col], where, l_col)
+                kept_lengths.append(value)
+                units.add(unit)
             keys.append(str(row[key_col]))
             row_steps.append(s)
         if not kept_rewards:
@@ -325,7 +357,13 @@ def load_rollouts(
             how += ", within each step"
         rewards.extend(kept_rewards)
         groups.extend(keys)
+        if l_col is None or lengths is None:
+            lengths = None
+        else:
+            lengths.extend(kept_lengths)
         columns_used = {"reward": r_col, "group": key_col}
+        if l_col is not None:
+            columns_used["length"] = l_col
         grouping = how
     source = {
         "path": str(path),
@@ -338,4 +376,10 @@ def load_rollouts(
         or ([file_step] if file_step is not None else []),
         "rows": len(rewards),
     }
-    return Rollouts(rewards, groups, source)
+    if lengths is not None:
+        if len(units) > 1:
+            raise RolloutError(f"{path}: the length column mixes counts and texts")
+        source["length_unit"] = units.pop() if units else "tokens"
+    elif "length" in columns_used:  # a file without the column: no lengths at all
+        del columns_used["length"]
+    return Rollouts(rewards, groups, source, lengths)

@@ -20,6 +20,8 @@ dapo       sqrt(p (1 - p))                 as grpo (same advantage); the token-l
                                            weights each response by its length / mean length
 disco      1                               1
 disco_b    1                               1
+drpo       1                               1; within the question, softmax(pref / lam) over its
+                                           correct answers (arXiv 2510.04474)
 =========  ==============================  =====================================================
 
 (every weight is 0 at p = 0 and p = 1: no positive or no negative, no signal). Derivation for
@@ -35,7 +37,8 @@ the std an implementation computes, p (1-p) for Dr. GRPO's sigma = 1. DAPO uses 
 lengths its omega is GRPO's; with unequal lengths long responses count more (pass ``lengths`` to
 :func:`implied_weights`). With DAPO run without the std its omega is Dr. GRPO's, up to that same
 length factor. DisCO's positive weights sum to 1/G per question whatever p is (DESIGN.md
-section 2): omega = 1.
+section 2): omega = 1. So do DRPO's, whose preference (by default the length reward) only
+moves weight between a question's correct answers: omega = 1.
 
 The measured counterpart is :func:`implied_weights`: G times the positive mass of the
 coefficients c_i per question. For DisCO's weights (``normalize="all"``) it is exactly 1 on
@@ -64,7 +67,7 @@ from discoloss.objectives import dense_group_ids, positive_labels, reward_checks
 __all__ = ["METHODS", "ImpliedWeights", "Method", "difficulty_weight", "implied_weights"]
 
 #: The methods whose per-question weights the analysis computes.
-Method = Literal["grpo", "dr_grpo", "dapo", "disco", "disco_b"]
+Method = Literal["grpo", "dr_grpo", "dapo", "disco", "disco_b", "drpo"]
 #: The values of :data:`Method`, in order.
 METHODS: tuple[str, ...] = get_args(Method)
 WeightKind = Literal["advantages", "weights"]
@@ -75,7 +78,7 @@ def _finite_n(p: Tensor, method: str, n: int, std_unbiased: bool, eps: float) ->
     """omega_n(p) at empirical accuracy p of a group of n responses."""
     q = p * (1.0 - p)
     signal = (p > 0) & (p < 1)
-    if method in ("disco", "disco_b"):
+    if method in ("disco", "disco_b", "drpo"):
         w = torch.ones_like(p)
     elif method == "dr_grpo":
         w = q
@@ -91,7 +94,7 @@ def _finite_n(p: Tensor, method: str, n: int, std_unbiased: bool, eps: float) ->
 def _population(p: Tensor, method: str) -> Tensor:
     q = p * (1.0 - p)
     signal = (p > 0) & (p < 1)
-    if method in ("disco", "disco_b"):
+    if method in ("disco", "disco_b", "drpo"):
         w = torch.ones_like(p)
     elif method == "dr_grpo":
         w = q
@@ -148,12 +151,13 @@ def difficulty_weight(
     Three variants (see the module docstring for the derivation):
 
     * ``n=None``: the population formula of the paper (arXiv 2505.12366, section 3):
-      :math:`\sqrt{p(1-p)}` (grpo, dapo), :math:`p(1-p)` (dr_grpo), 1 (disco, disco_b).
+      :math:`\sqrt{p(1-p)}` (grpo, dapo), :math:`p(1-p)` (dr_grpo), 1 (disco, disco_b,
+      drpo).
     * ``n`` given: what an implementation computes on a group of n responses whose empirical
       accuracy is p = k/n. For grpo / dapo the std is the sample std, so
       :math:`\omega_n(p) = p(1-p) / (\sqrt{\tfrac{n}{n-1}p(1-p)} + \mathrm{eps})`
-      (``std_unbiased=False``: without the n/(n-1)). Dr. GRPO and DisCO have no finite-n
-      correction. This is exactly what :func:`implied_weights` measures on groups of n.
+      (``std_unbiased=False``: without the n/(n-1)). Dr. GRPO, DisCO and DRPO have no
+      finite-n correction. This is exactly what :func:`implied_weights` measures on groups of n.
     * ``n`` given and ``expected=True``: p is the question's true accuracy and the weight is
       averaged over the k ~ Binomial(n, p) correct answers a group of n draws:
       :math:`\sum_k \binom{n}{k} p^k (1-p)^{n-k}\,\omega_n(k/n)`. This is the weight of the
@@ -165,7 +169,8 @@ def difficulty_weight(
 
     Args:
       p: accuracy in [0, 1]: a Python number or a tensor / sequence of them.
-      method: ``"grpo"``, ``"dr_grpo"``, ``"dapo"``, ``"disco"`` or ``"disco_b"``.
+      method: ``"grpo"``, ``"dr_grpo"``, ``"dapo"``, ``"disco"``, ``"disco_b"`` or
+        ``"drpo"``.
       n: group size (responses per question), >= 1, for the finite-n variants.
       expected: average over Binomial(n, p) group outcomes (needs ``n``).
       std_unbiased: Bessel-corrected std (verl, TRL) in the finite-n GRPO / DAPO weight.

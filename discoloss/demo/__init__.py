@@ -6,6 +6,9 @@ binary verifier with each loss, from the same checkpoint, with the same budget a
 
 Modules: :mod:`~discoloss.demo.task` (data, tokenizer, verifier), :mod:`~discoloss.demo.model`
 (model, packing, log-probs, sampling), :mod:`~discoloss.demo.train` (warm-up, RL loop,
-evaluation), :mod:`~discoloss.demo.report` (table, plots, JSON), :mod:`~discoloss.demo.cli`.
+evaluation), :mod:`~discoloss.demo.report` (table, plots, JSON), :mod:`~discoloss.demo.cli`
+(the command), :mod:`~discoloss.demo.sweep` (learning-rate sweep) and
+:mod:`~discoloss.demo.workers` (worker processes, progress bars and CPU time, shared by the
+last two).
 Needs the ``demo`` extra (transformers, matplotlib, tqdm), imported only here.
 """

@@ -3,6 +3,7 @@
     discoloss demo                      # default run (~7 min on 2 CPU cores, nothing cached)
     discoloss demo --quick              # DisCO vs GRPO, small budget (~3 min; ~30 s once cached)
     discoloss demo --methods disco,grpo --steps 30 --seed 1 --out runs/a
+    discoloss demo --length --seeds 3   # DRPO vs DisCO vs length-penalised GRPO
 
 Writes into ``--out``: ``table.md`` (also printed), ``results.json`` (every number) and the
 PNG plots of :func:`discoloss.demo.report.write_plots`.
@@ -21,11 +22,15 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
+from discoloss.demo.workers import cpu_seconds, parallel_map, progress_factory
+
 __all__ = ["Preset", "build_parser", "main", "run"]
 
 DEFAULT_METHODS = ("disco", "grpo", "dr_grpo", "dapo")
 #: ``--quick`` compares DisCO with GRPO only: one RL run per worker process on 2 cores.
 QUICK_METHODS = ("disco", "grpo")
+#: ``--length``: DRPO against DisCO and GRPO with a length-penalised reward.
+LENGTH_METHODS = ("drpo", "disco", "grpo_lp")
 #: RL learning rate per method (AdamW), chosen by ``--sweep-lr 3e-5,1e-4,3e-4`` on the
 #: validation split: 1e-4 for every method (see docs/demo.md).
 DEFAULT_LRS: tuple[tuple[str, float], ...] = (
@@ -35,6 +40,8 @@ DEFAULT_LRS: tuple[tuple[str, float], ...] = (
     ("dr_grpo", 1e-4),
     ("grpo", 1e-4),
 )
+#: The length setting's methods run at the rate of DisCO and GRPO (not swept separately).
+LENGTH_LRS: tuple[tuple[str, float], ...] = (*DEFAULT_LRS, ("drpo", 1e-4), ("grpo_lp", 1e-4))
 
 
 def _configs() -> tuple[Any, Any, Any, Any]:
@@ -57,7 +64,7 @@ class Preset:
     lrs: tuple[tuple[str, float], ...] = ()
 
     def lr(self, method: str) -> float:
-        return dict(self.lrs).get(method, self.rl.lr)
+        return float(dict(self.lrs).get(method, self.rl.lr))
 
 
 def default_warmup_threads() -> int:
@@ -112,7 +119,28 @@ def _presets() -> dict[str, Preset]:
         rl=replace(default.rl, steps=300, eval_every=50),
         lrs=default.lrs,
     )
-    return {"default": default, "quick": quick, "long": long}
+    # The length setting: the same arithmetic (the default run's first warm-up stage, shared
+    # through the cache), then a second stage on demonstrations of which half carry 1 to 6
+    # filler tokens ("=") after their digits, which the verifier ignores: correct answers of
+    # different lengths with the same content, as a reasoning model's overlong answers (see
+    # docs/demo.md).
+    length_task = replace(default.task, filler=6)
+    length_warmup = replace(default.warmup, habit=0.0, filler=0.5, filler_max=6)
+    length = Preset(
+        task=length_task, model=default.model, warmup=length_warmup, rl=default.rl,
+        lrs=LENGTH_LRS,
+    )  # fmt: skip
+    length_quick = Preset(
+        task=replace(length_task, test_per_bucket=200), model=default.model,
+        warmup=length_warmup, rl=quick.rl, lrs=LENGTH_LRS,
+    )  # fmt: skip
+    return {
+        "default": default,
+        "quick": quick,
+        "long": long,
+        "length": length,
+        "length_quick": length_quick,
+    }
 
 
 def _default_cache_dir() -> Path:
@@ -235,7 +263,8 @@ def build_parser() -> argparse.ArgumentParser:
         type=_methods,
         default=None,
         help="comma-separated losses to compare, from disco, disco_b, grpo, "
-        "dr_grpo, dapo (default: disco,grpo,dr_grpo,dapo; --quick: disco,grpo)",
+        "dr_grpo, dapo, drpo, grpo_lp (default: disco,grpo,dr_grpo,dapo; --quick: disco,grpo; "
+        "--length: drpo,disco,grpo_lp)",
     )
     p.add_argument(
         "--steps",
@@ -270,6 +299,15 @@ def build_parser() -> argparse.ArgumentParser:
         help="long RL run (300 steps, evaluations every 50) for the entropy and KL "
         "trajectories; about 10 minutes of CPU time per method (about 20 minutes for the four "
         "on 2 idle cores)",
+    )
+    p.add_argument(
+        "--length",
+        action="store_true",
+        help="the length setting: half of the warm-up's demonstrations carry 1 to 6 filler "
+        "tokens that the verifier ignores, so correct answers differ in length; compares DRPO, "
+        "DisCO and GRPO with a length-penalised reward and writes length.md and length.png "
+        "(held-out pass@1 and the mean length of the correct answers); with --quick, the quick "
+        "budget",
     )
     p.add_argument(
         "--cache-dir",
@@ -370,63 +408,6 @@ def _param_vector(model: Any) -> Any:
     import torch
 
     return torch.cat([p.detach().reshape(-1).clone() for p in model.parameters()])
-
-
-def progress_factory(progress: bool) -> Any:
-    """A tqdm constructor writing to stderr, or None without progress bars."""
-    if not progress:
-        return None
-    from functools import partial
-
-    from tqdm.auto import tqdm
-
-    return partial(tqdm, file=sys.stderr, dynamic_ncols=True, leave=True)
-
-
-def cpu_seconds() -> float:
-    """CPU time of this process and of its finished worker processes."""
-    import resource
-
-    children = resource.getrusage(resource.RUSAGE_CHILDREN)
-    return time.process_time() + children.ru_utime + children.ru_stime
-
-
-def _init_worker(threads: int) -> None:
-    import torch
-
-    torch.set_num_threads(threads)
-
-
-def parallel_map(
-    fn: Any,
-    calls: Sequence[dict[str, Any]],
-    *,
-    jobs: int,
-    threads: int,
-    bar: Any = None,
-    desc: str = "",
-) -> list[Any]:
-    """``[fn(**kw) for kw in calls]``, in up to ``jobs`` spawned worker processes (each with
-    ``threads`` torch threads) when ``jobs > 1``; results in the order of ``calls``. Every call
-    is seeded, so the results do not depend on ``jobs``. ``bar``: a tqdm-like factory for a
-    progress bar over the finished calls (worker processes show none of their own)."""
-    if jobs <= 1 or len(calls) <= 1:
-        return [fn(**kw) for kw in calls]
-    import multiprocessing
-    from concurrent.futures import ProcessPoolExecutor, as_completed
-
-    with ProcessPoolExecutor(
-        max_workers=min(jobs, len(calls)),
-        mp_context=multiprocessing.get_context("spawn"),
-        initializer=_init_worker,
-        initargs=(threads,),
-    ) as pool:
-        futures = [pool.submit(fn, **kw) for kw in calls]
-        if bar is not None:
-            with bar(total=len(futures), desc=desc) as done:
-                for _ in as_completed(futures):
-                    done.update(1)
-        return [f.result() for f in futures]
 
 
 def _start(
@@ -703,6 +684,9 @@ def run(
     }
     table = report.table_markdown(results)
     (out / "table.md").write_text(table + "\n")
+    if preset.task.filler:
+        (out / "length.md").write_text(report.length_table_markdown(results) + "\n")
+        report.write_length_plot(results, out)
     plot_results = results
     if len(runs) > 1:
         plot_results = {**results, "methods": _pooled(results["per_seed"], histories)}
@@ -729,7 +713,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise _Error("--no-cache and --cache-dir exclude each other")
         if args.quick and args.long:
             raise _Error("--quick and --long exclude each other")
-        preset = _presets()["quick" if args.quick else "long" if args.long else "default"]
+        if args.length and args.long:
+            raise _Error("--length and --long exclude each other")
+        name = "quick" if args.quick else "long" if args.long else "default"
+        if args.length:
+            name = "length_quick" if args.quick else "length"
+        preset = _presets()[name]
         rl = preset.rl
         if args.steps is not None:
             rl = replace(rl, steps=args.steps)
@@ -764,7 +753,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     command = "discoloss demo " + " ".join(args_list)
     common: dict[str, Any] = dict(
-        methods=args.methods or (QUICK_METHODS if args.quick else DEFAULT_METHODS),
+        methods=args.methods
+        or (LENGTH_METHODS if args.length else QUICK_METHODS if args.quick else DEFAULT_METHODS),
         seed=args.seed,
         out=args.out,
         cache_dir=cache_dir,
@@ -781,6 +771,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     results = run(preset, seeds=args.seeds, **common)
     print((args.out / "table.md").read_text())
+    if args.length:
+        print((args.out / "length.md").read_text())
     t = results["timing"]
     print(
         f"wall time {t['total_seconds']:.0f} s (warm-up "
@@ -788,5 +780,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         + "); results in "
         + str(args.out)
         + ": table.md, results.json, reward.png, entropy.png, kl.png, heldout.png, weights.png"
+        + (", length.md, length.png" if args.length else "")
     )
     return 0

@@ -16,17 +16,20 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 __all__ = [
+    "length_rows",
+    "length_table_markdown",
     "mean_interval",
     "seed_interval",
     "summary_rows",
     "table_markdown",
     "wilson",
     "write_json",
+    "write_length_plot",
     "write_plots",
 ]
 
@@ -39,7 +42,12 @@ COLORS = {
     "grpo": "#D55E00",
     "dr_grpo": "#E69F00",
     "dapo": "#009E73",
+    "drpo": "#CC79A7",
+    "grpo_lp": "#B8860B",
 }
+#: The analysis' closed form of each method's question weight (GRPO's for its length-penalised
+#: variant, whose advantages are GRPO's).
+_WEIGHT_FORM = {"grpo_lp": "grpo"}
 
 
 def wilson(k: float, n: int, z: float = Z95) -> tuple[float, float]:
@@ -402,7 +410,7 @@ def write_plots(results: Mapping[str, Any], out: Path) -> list[Path]:
             alpha=0.7,
             label=f"{hist['label']} (last batch)",
         )
-        curve = difficulty_weight(grid, m, n=None)
+        curve = difficulty_weight(grid, _WEIGHT_FORM.get(m, m), n=None)
         ax.plot(grid, curve.tolist(), color=c, lw=1, ls="--", alpha=0.8)
     ax.set_xlabel(f"question accuracy p in the batch (k correct of n = {n})")
     ax.set_ylabel("question weight omega_q")
@@ -415,3 +423,202 @@ def write_plots(results: Mapping[str, Any], out: Path) -> list[Path]:
     plt.close(fig)
     paths.append(p)
     return paths
+
+
+# --------------------------------------------------------------------- the length setting
+
+
+def _correct_length(e: Mapping[str, Any]) -> tuple[float, float, int]:
+    """(mean length of the correct sampled answers, share of them with a filler, their number)
+    from an EvalResult as dict (nan without a correct answer)."""
+    n = sum(int(v) for v in e.get("correct_n", {}).values())
+    if n == 0:
+        return math.nan, math.nan, 0
+    total = sum(int(v) for v in e["correct_length_sum"].values())
+    filler = sum(int(v) for v in e["correct_filler"].values())
+    return total / n, filler / n, n
+
+
+def length_rows(results: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """Per method (and the warm-up start): held-out pass@1 and the mean length of the correct
+    answers, per seed and their mean with a 95% interval across seeds (2 or more seeds), and
+    their changes from the same seed's warm-up (paired: the seeds' warm-ups differ much more
+    than the methods do)."""
+    buckets = results["config"]["task"]["buckets"]
+    per_seed = results.get("per_seed") or []
+    methods = ["start", *results["methods"]]
+    rows: list[dict[str, Any]] = []
+    for m in methods:
+        evals = [
+            sr["initial_eval"] if m == "start" else sr["methods"][m]["final_eval"]
+            for sr in per_seed
+        ]
+        pass1 = [_eval_numbers(e, buckets)["all"]["pass1"] for e in evals]
+        greedy = [_eval_numbers(e, buckets)["all"]["greedy"] for e in evals]
+        lengths = [_correct_length(e) for e in evals]
+        row: dict[str, Any] = {
+            "method": m,
+            "label": "warm-up checkpoint" if m == "start" else results["methods"][m]["label"],
+            "pass1": pass1,
+            "greedy": greedy,
+            "correct_length": [x[0] for x in lengths],
+            "correct_filler": [x[1] for x in lengths],
+            "correct_samples": [x[2] for x in lengths],
+        }
+        if rows:  # changes from the warm-up of the same seed
+            start = rows[0]
+            row["pass1_change"] = [a - b for a, b in zip(pass1, start["pass1"])]
+            row["correct_length_change"] = [
+                a / b - 1.0 for a, b in zip(row["correct_length"], start["correct_length"])
+            ]
+        else:
+            row["pass1_change"] = [0.0] * len(pass1)
+            row["correct_length_change"] = [0.0] * len(pass1)
+        for key in (
+            "pass1", "greedy", "correct_length", "correct_filler", "pass1_change",
+            "correct_length_change",
+        ):  # fmt: skip
+            vals = row[key]
+            row[f"{key}_mean"] = sum(vals) / len(vals)
+            row[f"{key}_ci"] = seed_interval(vals) if len(vals) >= 2 else None
+        rows.append(row)
+    return rows
+
+
+def length_table_markdown(results: Mapping[str, Any]) -> str:
+    """The length setting's table: pass@1 and the mean length of the correct answers."""
+    rows = length_rows(results)
+    seeds = [sr["seed"] for sr in results["per_seed"]]
+    multi = len(seeds) >= 2
+
+    def cell(r: Mapping[str, Any], key: str, fmt: Callable[[float], str]) -> str:
+        text = fmt(r[f"{key}_mean"])
+        if r[f"{key}_ci"] is not None:
+            lo, hi = r[f"{key}_ci"]
+            text += f" [{fmt(lo)}, {fmt(hi)}]"
+        return text
+
+    def pct(x: float) -> str:
+        return f"{100 * x:.1f}"
+
+    def signed(x: float) -> str:
+        return f"{100 * x:+.1f}"
+
+    def tok(x: float) -> str:
+        return f"{x:.2f}"
+
+    head = [
+        "method",
+        "pass@1 %",
+        "per seed",
+        "pass@1 change (points)",
+        "length of correct answers (tokens)",
+        "per seed",
+        "length change %",
+        "correct answers with filler %",
+        "greedy %",
+    ]
+    lines = ["| " + " | ".join(head) + " |", "|" + "|".join(["---"] * len(head)) + "|"]
+    for r in rows:
+        start = r["method"] == "start"
+        lines.append(
+            "| "
+            + " | ".join(
+                [
+                    r["label"],
+                    cell(r, "pass1", pct),
+                    " / ".join(pct(v) for v in r["pass1"]),
+                    "" if start else cell(r, "pass1_change", signed),
+                    cell(r, "correct_length", tok),
+                    " / ".join(tok(v) for v in r["correct_length"]),
+                    "" if start else cell(r, "correct_length_change", signed),
+                    cell(r, "correct_filler", pct),
+                    cell(r, "greedy", pct),
+                ]
+            )
+            + " |"
+        )
+    cfg = results["config"]
+    task, rl = cfg["task"], cfg["rl"]
+    lines.append("")
+    lines.append(
+        f"Held-out: {task['test_per_bucket']} questions per bucket ({len(task['buckets'])} "
+        f"buckets), {rl['eval_samples']} samples per question at temperature 1: pass@1 is "
+        "their mean reward (the verifier ignores filler tokens), the length is the mean number "
+        "of response tokens (end token included) of the correct samples. "
+        + (
+            f"Mean over {len(seeds)} seeds ({', '.join(map(str, seeds))}), 95% Student-t "
+            "intervals across seeds in brackets."
+            if multi
+            else f"Seed {seeds[0]}."
+        )
+        + " Changes: from the warm-up checkpoint of the same seed (pass@1 in points, the length "
+        "in % of the warm-up's), averaged over seeds."
+        + f" GRPO's reward: correct * (1 - {rl['length_penalty']:g} |o| / "
+        f"{task['filler'] + max(task['buckets']) + 3}); DRPO: lam = {rl['lam']:g}, max_length = "
+        f"{task['filler'] + max(task['buckets']) + 3} (the generation budget); DisCO: the "
+        "verifier's 0/1 reward."
+    )
+    return "\n".join(lines)
+
+
+def write_length_plot(results: Mapping[str, Any], out: Path) -> Path:
+    """``length.png``: the change of held-out pass@1 against the change of the mean length of
+    the correct answers from each seed's warm-up to the end of RL (one point per seed, the mean
+    with its 95% interval across seeds), and the mean length of the correct answers along RL
+    (pooled over seeds)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = length_rows(results)
+    fig, (ax, bx) = plt.subplots(1, 2, figsize=(11.0, 4.2), dpi=100)
+    for r in rows:
+        c = COLORS.get(r["method"], "k")
+        marker = "s" if r["method"] == "start" else "o"
+        xs = [100 * v for v in r["correct_length_change"]]
+        ys = [100 * v for v in r["pass1_change"]]
+        ax.scatter(xs, ys, color=c, alpha=0.45, s=18, marker=marker)
+        xerr = yerr = None
+        if r["correct_length_change_ci"] is not None and r["method"] != "start":
+            mx, my = r["correct_length_change_mean"], r["pass1_change_mean"]
+            lo, hi = r["correct_length_change_ci"]
+            xerr = [[100 * (mx - lo)], [100 * (hi - mx)]]
+            lo, hi = r["pass1_change_ci"]
+            yerr = [[100 * (my - lo)], [100 * (hi - my)]]
+        ax.errorbar(
+            [100 * r["correct_length_change_mean"]], [100 * r["pass1_change_mean"]],
+            xerr=xerr, yerr=yerr, color=c, marker=marker, ms=8, capsize=3, lw=1.5,
+            label=r["label"],
+        )  # fmt: skip
+    ax.axhline(0.0, color="k", lw=0.6, alpha=0.5)
+    ax.axvline(0.0, color="k", lw=0.6, alpha=0.5)
+    ax.set_xlabel("change of the mean length of the correct answers (%)")
+    ax.set_ylabel("change of held-out pass@1 (points)")
+    ax.set_title("from each seed's warm-up to the end of RL (points: seeds)", fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+
+    per_seed = results["per_seed"]
+    for m, hist in results["methods"].items():
+        steps = [step for step, _ in per_seed[0]["methods"][m]["evals"]]
+        ys = []
+        for j in range(len(steps)):
+            n = total = 0
+            for sr in per_seed:
+                e = sr["methods"][m]["evals"][j][1]
+                n += sum(int(v) for v in e["correct_n"].values())
+                total += sum(int(v) for v in e["correct_length_sum"].values())
+            ys.append(total / n if n else math.nan)
+        bx.plot(steps, ys, color=COLORS.get(m), marker="o", ms=3, lw=2, label=hist["label"])
+    bx.set_xlabel("RL step")
+    bx.set_ylabel("mean length of the correct answers (tokens)")
+    bx.set_title(f"held-out, pooled over {len(per_seed)} seed(s)", fontsize=10)
+    bx.grid(alpha=0.3)
+    bx.legend(fontsize=8)
+    fig.tight_layout()
+    p = out / "length.png"
+    fig.savefig(p)
+    plt.close(fig)
+    return p

@@ -39,9 +39,9 @@ def sweep(
     import torch
 
     from discoloss.demo import report
-    from discoloss.demo.cli import cpu_seconds, parallel_map, progress_factory
     from discoloss.demo.task import validation_questions
     from discoloss.demo.train import LABELS, evaluate, warmup
+    from discoloss.demo.workers import cpu_seconds, parallel_map, progress_factory
 
     bar = progress_factory(progress)
     t0 = time.perf_counter()

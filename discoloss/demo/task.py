@@ -14,6 +14,12 @@ rates) iff it is 1; so ``a+b`` and ``b+a`` are always on the same side and no te
 validation question (or its mirror) is ever trained on. The test set is fixed (independent of
 the run's seed); the training stream depends on the seed.
 
+Length setting (``discoloss demo --length``): a response may carry filler tokens (``=``)
+between its digits and the end token, which the verifier then ignores (``ignore_filler=True``):
+correct answers differ in length while saying the same thing, as a reasoning model's overlong
+answers do. The filler follows the digits, so it cannot change them: length and correctness
+are decoupled by construction.
+
 Pure Python, no tensors: the verifier is the single source of truth of the reward.
 """
 
@@ -26,6 +32,7 @@ from dataclasses import dataclass
 __all__ = [
     "BOS",
     "EOS",
+    "FILLER",
     "PAD",
     "VOCAB",
     "Question",
@@ -46,6 +53,8 @@ PAD, BOS, EOS = 0, 1, 2
 VOCAB: tuple[str, ...] = ("<pad>", "<bos>", "<eos>", *"0123456789", "+", "=")
 _ID = {s: i for i, s in enumerate(VOCAB)}
 _DIGIT_IDS = frozenset(_ID[d] for d in "0123456789")
+#: The filler token of the length setting: ``=`` repeated after the digits.
+FILLER = _ID["="]
 
 #: One unordered pair in TEST_MODULUS is held out.
 TEST_MODULUS = 8
@@ -84,10 +93,14 @@ class TaskConfig:
 
     buckets: digit counts of the larger operand, one difficulty bucket each (each >= 1).
     test_per_bucket: held-out questions per bucket (distinct, never trained on).
+    filler: the length setting: the most filler tokens a demonstration carries after its
+      digits; with ``filler > 0`` the verifier ignores filler tokens and the generation budget
+      grows by ``filler``. 0 (default): no filler.
     """
 
     buckets: tuple[int, ...] = (2, 3, 4)
     test_per_bucket: int = 300
+    filler: int = 0
 
     def __post_init__(self) -> None:
         if not self.buckets or any(not isinstance(k, int) or k < 1 for k in self.buckets):
@@ -98,6 +111,8 @@ class TaskConfig:
             raise ValueError(f"buckets: at most 9 digits, got {self.buckets!r}")
         if self.test_per_bucket < 1:
             raise ValueError(f"test_per_bucket must be >= 1, got {self.test_per_bucket}")
+        if self.filler < 0:
+            raise ValueError(f"filler must be >= 0, got {self.filler}")
         if self.test_per_bucket > _max_test_pairs(min(self.buckets)):
             raise ValueError(
                 f"test_per_bucket={self.test_per_bucket} exceeds the held-out questions of "
@@ -107,8 +122,14 @@ class TaskConfig:
     @property
     def max_answer_tokens(self) -> int:
         """Generation budget: the longest correct answer (sum digits <= larger digits + 1),
-        the end token, and one more token (room for a spurious token before the end)."""
-        return max(self.buckets) + 3
+        the end token, and one more token (room for a spurious token before the end); plus
+        ``filler`` in the length setting."""
+        return max(self.buckets) + 3 + self.filler
+
+    @property
+    def ignore_filler(self) -> bool:
+        """Whether the verifier ignores filler tokens (the length setting)."""
+        return self.filler > 0
 
     @property
     def max_prompt_tokens(self) -> int:
@@ -220,13 +241,19 @@ def encode_prompt(q: Question) -> list[int]:
     return [BOS, *(_ID[c] for c in q.prompt)]
 
 
-def encode_answer(q: Question, *, spurious: bool = False) -> list[int]:
+def encode_answer(q: Question, *, spurious: bool = False, filler: int = 0) -> list[int]:
     """The correct response: the digits of a+b, then ``<eos>``.
 
     ``spurious=True``: a flawed demonstration with a stray ``=`` before ``<eos>`` (right digits,
-    wrong format: :func:`verify` gives it 0).
+    wrong format: :func:`verify` gives it 0). ``filler``: that many filler tokens after the
+    digits (the length setting: correct with ``ignore_filler=True``).
     """
-    return [*(_ID[c] for c in q.answer), *((_ID["="],) if spurious else ()), EOS]
+    return [
+        *(_ID[c] for c in q.answer),
+        *((_ID["="],) if spurious else ()),
+        *([FILLER] * filler),
+        EOS,
+    ]
 
 
 def decode(ids: Iterable[int]) -> str:
@@ -239,29 +266,35 @@ def decode(ids: Iterable[int]) -> str:
     return "".join(out)
 
 
-def verify(q: Question, response: Sequence[int]) -> float:
+def verify(q: Question, response: Sequence[int], *, ignore_filler: bool = False) -> float:
     """Binary reward of a sampled response (token ids, as generated).
 
     1.0 iff the tokens before the first ``<eos>`` are digits spelling exactly ``a+b`` in
     decimal (no sign, no leading zeros, no other token); a response without ``<eos>`` (cut off
     at the length limit) or an empty answer gets 0.0. Tokens after the first ``<eos>`` are
-    ignored.
+    ignored. ``ignore_filler=True`` (the length setting): filler tokens before ``<eos>`` are
+    dropped first, wherever they are.
     """
     try:
         end = list(response).index(EOS)
     except ValueError:
         return 0.0
-    body = response[:end]
+    body = [t for t in response[:end] if not (ignore_filler and t == FILLER)]
     if not body or any(t not in _DIGIT_IDS for t in body):
         return 0.0
     return 1.0 if decode(body) == q.answer else 0.0
 
 
-def rewards(questions: Sequence[Question], responses: Sequence[Sequence[int]]) -> list[float]:
+def rewards(
+    questions: Sequence[Question],
+    responses: Sequence[Sequence[int]],
+    *,
+    ignore_filler: bool = False,
+) -> list[float]:
     """:func:`verify` over aligned lists."""
     if len(questions) != len(responses):
         raise ValueError(
             f"questions and responses must have the same length, got {len(questions)} and "
             f"{len(responses)}"
         )
-    return [verify(q, r) for q, r in zip(questions, responses)]
+    return [verify(q, r, ignore_filler=ignore_filler) for q, r in zip(questions, responses)]

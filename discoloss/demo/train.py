@@ -44,6 +44,7 @@ from discoloss.demo.model import (
     response_log_probs,
 )
 from discoloss.demo.task import (
+    FILLER,
     Question,
     TaskConfig,
     encode_answer,
@@ -65,8 +66,8 @@ __all__ = [
     "warmup",
 ]
 
-Method = Literal["disco", "disco_b", "grpo", "dr_grpo", "dapo"]
-METHODS: tuple[str, ...] = ("disco", "disco_b", "grpo", "dr_grpo", "dapo")
+Method = Literal["disco", "disco_b", "grpo", "dr_grpo", "dapo", "drpo", "grpo_lp"]
+METHODS: tuple[str, ...] = ("disco", "disco_b", "grpo", "dr_grpo", "dapo", "drpo", "grpo_lp")
 #: Display names.
 LABELS: dict[str, str] = {
     "disco": "DisCO",
@@ -74,6 +75,8 @@ LABELS: dict[str, str] = {
     "grpo": "GRPO",
     "dr_grpo": "Dr. GRPO",
     "dapo": "DAPO",
+    "drpo": "DRPO",
+    "grpo_lp": "GRPO + length penalty",
 }
 
 #: Version of the checkpoint format and warm-up procedure (part of the cache key): raise it
@@ -99,6 +102,10 @@ class WarmupConfig:
     habit: float = 0.0
     habit_steps: int = 0
     habit_lr: float = 1e-3
+    #: The length setting: in the second stage, the fraction ``filler`` of the demonstrations
+    #: carries 1 to ``filler_max`` filler tokens (uniform) after its digits.
+    filler: float = 0.0
+    filler_max: int = 0
     #: torch CPU threads while training. Part of the cache key: the checkpoint depends on it
     #: (matrix products split their work by thread count, so their rounding does too).
     threads: int = 1
@@ -112,12 +119,27 @@ class WarmupConfig:
             raise ValueError(f"habit_steps must be >= 0, got {self.habit_steps}")
         if not self.habit_lr > 0:
             raise ValueError(f"habit_lr must be > 0, got {self.habit_lr}")
+        if not 0.0 <= self.filler <= 1.0:
+            raise ValueError(f"filler must be in [0, 1], got {self.filler}")
+        if self.filler_max < 0 or (self.filler > 0) != (self.filler_max > 0):
+            raise ValueError(
+                f"filler_max must be >= 1 with filler > 0 and 0 without, got {self.filler_max}"
+            )
 
     def clean_stage(self) -> dict[str, Any]:
         """The first stage's settings (its cache key)."""
         d = asdict(self)
-        for k in ("habit", "habit_steps", "habit_lr"):
+        for k in ("habit", "habit_steps", "habit_lr", "filler", "filler_max"):
             d.pop(k)
+        return d
+
+    def second_stage(self) -> dict[str, Any]:
+        """Every setting (the second stage's cache key); the filler settings only when used,
+        so that the default run keeps its key."""
+        d = asdict(self)
+        if not self.filler:
+            for k in ("filler", "filler_max"):
+                d.pop(k)
         return d
 
 
@@ -138,6 +160,10 @@ class RLConfig:
     lr: float = 5e-5
     lr_warmup_steps: int = 5
     temperature: float = 1.0
+    # DRPO (the paper's lambda) and GRPO's length-penalised reward
+    # r = correct * (1 - length_penalty * |o| / max_answer_tokens)
+    lam: float = 0.1
+    length_penalty: float = 0.5
     grad_clip: float = 1.0
     eval_every: int = 10
     eval_samples: int = 4
@@ -163,6 +189,11 @@ class EvalResult(NamedTuple):
     sampled_sum: dict[int, float]
     sampled_sumsq: dict[int, float]
     n: dict[int, int]
+    #: Sampled responses that are correct: their number and the sum of their lengths (response
+    #: tokens, the end token included), and how many of them carry a filler token.
+    correct_n: dict[int, int] = {}
+    correct_length_sum: dict[int, int] = {}
+    correct_filler: dict[int, int] = {}
 
 
 @dataclass
@@ -178,6 +209,8 @@ class StepLog:
     #: Share of the sampled responses that are not digits followed by <eos> (wrong format,
     #: e.g. the warm-up's stray "="), whatever their digits.
     malformed: float = 0.0
+    #: Mean length (response tokens) of the step's correct responses (0 when none).
+    correct_length: float = 0.0
     extra: dict[str, float] = field(default_factory=dict)
 
 
@@ -189,12 +222,16 @@ def config_key(*parts: Any) -> str:
 
 
 def _answer_loss(
-    model: Any, qs: Sequence[Question], spurious: Sequence[bool] | None = None
+    model: Any,
+    qs: Sequence[Question],
+    spurious: Sequence[bool] | None = None,
+    fillers: Sequence[int] | None = None,
 ) -> Tensor:
     flags = [False] * len(qs) if spurious is None else spurious
+    pads = [0] * len(qs) if fillers is None else fillers
     batch = pack(
         [encode_prompt(q) for q in qs],
-        [encode_answer(q, spurious=f) for q, f in zip(qs, flags)],
+        [encode_answer(q, spurious=f, filler=k) for q, f, k in zip(qs, flags, pads)],
     )
     log_probs, _ = response_log_probs(model, batch)
     mask = batch.response_mask
@@ -232,6 +269,8 @@ def _supervised(
     habit: float,
     habit_rng: random.Random,
     bar: Any,
+    filler: float = 0.0,
+    filler_rng: random.Random | None = None,
 ) -> float:
     opt = torch.optim.AdamW(
         model.parameters(), lr=lr, betas=(0.9, 0.98), weight_decay=config.weight_decay
@@ -241,7 +280,14 @@ def _supervised(
     for _ in range(steps):
         qs = sample_questions(rng, config.batch_size, task)
         flags = [habit_rng.random() < habit for _ in qs] if habit > 0 else None
-        loss = _answer_loss(model, qs, flags)
+        fillers = None
+        if filler > 0:
+            assert filler_rng is not None
+            fillers = [
+                filler_rng.randint(1, config.filler_max) if filler_rng.random() < filler else 0
+                for _ in qs
+            ]
+        loss = _answer_loss(model, qs, flags, fillers)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
@@ -277,7 +323,7 @@ def warmup(
     base = ({"buckets": list(task.buckets)}, model_config)
     tail = {"seed": seed, "format": WARMUP_FORMAT}
     key1 = config_key(*base, config.clean_stage(), tail)
-    key2 = config_key(*base, config, tail)
+    key2 = config_key(*base, config.second_stage(), tail)
     path1 = None if cache_dir is None else Path(cache_dir) / f"warmup-{key1}.pt"
     path2 = None if cache_dir is None else Path(cache_dir) / f"warmup-{key2}.pt"
     model = build_model(model_config, task, seed=seed)
@@ -353,6 +399,8 @@ def _train_warmup(
         habit=config.habit,
         habit_rng=random.Random(f"{seed}:habit"),
         bar=bar,
+        filler=config.filler,
+        filler_rng=random.Random(f"{seed}:filler"),
     )
     if bar is not None:
         bar.close()
@@ -374,23 +422,33 @@ def _train_warmup(
 def evaluate(
     model: Any, questions: Sequence[Question], task: TaskConfig, *, samples: int, seed: int
 ) -> EvalResult:
-    """Greedy accuracy and sampled pass@1 (T=1, mean of ``samples`` samples) per bucket."""
+    """Greedy accuracy and sampled pass@1 (T=1, mean of ``samples`` samples) per bucket, and
+    the number and lengths of the correct samples."""
     prompts = [encode_prompt(q) for q in questions]
+    ignore = task.ignore_filler
     greedy = rewards(
-        questions, generate(model, prompts, max_new_tokens=task.max_answer_tokens, temperature=0)
+        questions,
+        generate(model, prompts, max_new_tokens=task.max_answer_tokens, temperature=0),
+        ignore_filler=ignore,
     )
     sampled = [0.0] * len(questions)
+    cn: dict[int, int] = {k: 0 for k in task.buckets}
+    cl: dict[int, int] = {k: 0 for k in task.buckets}
+    cf: dict[int, int] = {k: 0 for k in task.buckets}
     if samples > 0:
         gen = torch.Generator().manual_seed(seed)
         reps = [p for p in prompts for _ in range(samples)]
         qreps = [q for q in questions for _ in range(samples)]
-        r = rewards(
-            qreps,
-            generate(
-                model, reps, max_new_tokens=task.max_answer_tokens, temperature=1.0, generator=gen
-            ),
+        responses = generate(
+            model, reps, max_new_tokens=task.max_answer_tokens, temperature=1.0, generator=gen
         )
+        r = rewards(qreps, responses, ignore_filler=ignore)
         sampled = [sum(r[i * samples : (i + 1) * samples]) / samples for i in range(len(questions))]
+        for q, resp, ri in zip(qreps, responses, r):
+            if ri > 0.5:
+                cn[q.bucket] += 1
+                cl[q.bucket] += len(resp)
+                cf[q.bucket] += int(FILLER in resp)
     g: dict[int, int] = {k: 0 for k in task.buckets}
     s: dict[int, float] = {k: 0.0 for k in task.buckets}
     s2: dict[int, float] = {k: 0.0 for k in task.buckets}
@@ -400,7 +458,7 @@ def evaluate(
         s[q.bucket] += rs
         s2[q.bucket] += rs * rs
         n[q.bucket] += 1
-    return EvalResult(g, s, s2, n)
+    return EvalResult(g, s, s2, n, cn, cl, cf)
 
 
 def _slice(batch: Packed, rows: Tensor) -> Packed:
@@ -412,10 +470,13 @@ def _method_loss(
 ) -> Callable[[Tensor, Tensor, Tensor, Tensor, Tensor], tuple[Tensor, dict[str, Tensor]]]:
     """(log_probs, old_log_probs, mask, rewards, group_ids) -> (loss, metrics with "kl").
 
-    ``max_tokens``: the generation budget, Dr. GRPO's constant normaliser.
+    ``max_tokens``: the generation budget, Dr. GRPO's constant normaliser and DRPO's
+    ``max_length``.
     """
-    if method in ("disco", "disco_b"):
+    if method in ("disco", "disco_b", "drpo"):
         from discoloss import disco_loss
+
+        drpo = {"lam": config.lam, "max_length": max_tokens} if method == "drpo" else {}
 
         def disco(lp: Tensor, old: Tensor, m: Tensor, r: Tensor, g: Tensor) -> Any:
             out = disco_loss(
@@ -429,6 +490,7 @@ def _method_loss(
                 tau=config.tau,
                 delta=config.delta,
                 beta=config.beta,
+                **drpo,  # type: ignore[arg-type]
             )
             return out.loss, out.metrics
 
@@ -438,6 +500,14 @@ def _method_loss(
     def baseline(lp: Tensor, old: Tensor, m: Tensor, r: Tensor, g: Tensor) -> Any:
         if method == "grpo":
             out = baselines.grpo_loss(lp, old, m, r, g, clip_eps=config.clip_eps)
+        elif method == "grpo_lp":
+            shaped = length_penalised(r, m, config.length_penalty, max_tokens)
+            out = baselines.grpo_loss(lp, old, m, shaped, g, clip_eps=config.clip_eps)
+            # the failure DRPO avoids: correct answers whose advantage is negative
+            correct = r > 0.5
+            pushed = correct & (baselines.group_advantages(shaped, g) < 0)
+            share = pushed.sum() / correct.sum().clamp_min(1)
+            return out.loss, {**out.metrics, "correct_negative_advantage": share}
         elif method == "dr_grpo":
             out = baselines.dr_grpo_loss(
                 lp, old, m, r, g, clip_eps=config.clip_eps, max_tokens=max_tokens
@@ -455,6 +525,15 @@ def _method_loss(
         return out.loss, out.metrics
 
     return baseline
+
+
+def length_penalised(rewards_t: Tensor, mask: Tensor, alpha: float, max_tokens: int) -> Tensor:
+    """GRPO's length-penalised reward of the length setting: ``r * (1 - alpha * |o| / L)``
+    with L the generation budget (a correct answer always keeps more than a wrong one for
+    alpha < 1; the group normalisation can still give a long correct answer a negative
+    advantage, which is what DRPO avoids)."""
+    lengths = mask.sum(1).to(rewards_t.dtype)
+    return rewards_t * (1.0 - alpha * lengths / max_tokens)
 
 
 def question_weights(
@@ -481,7 +560,7 @@ def question_weights(
 
     m = mask.bool()
     lengths = m.sum(1).to(torch.float32)
-    if method in ("disco", "disco_b"):
+    if method in ("disco", "disco_b", "drpo"):
         scores = sequence_scores(old_log_probs, old_log_probs, m)
         w = discriminative_weights(
             scores,
@@ -489,12 +568,17 @@ def question_weights(
             group_ids,
             objective=method,  # type: ignore[arg-type]
             tau=config.tau,
+            lam=config.lam,
+            preferences=1.0 - lengths / max_tokens if method == "drpo" else None,
         )
         iw = implied_weights(w, rewards_t, group_ids, kind="weights")
     else:
-        scale: Literal["std", "none"] = "std" if method in ("grpo", "dapo") else "none"
-        adv = baselines.group_advantages(rewards_t, group_ids, scale=scale)
-        if method == "grpo":
+        scale: Literal["std", "none"] = "std" if method in ("grpo", "dapo", "grpo_lp") else "none"
+        shaped = rewards_t
+        if method == "grpo_lp":
+            shaped = length_penalised(rewards_t, m, config.length_penalty, max_tokens)
+        adv = baselines.group_advantages(shaped, group_ids, scale=scale)
+        if method in ("grpo", "grpo_lp"):
             iw = implied_weights(adv, rewards_t, group_ids)
         elif method == "dr_grpo":
             iw = implied_weights(
@@ -550,7 +634,9 @@ def rl_train(
             temperature=config.temperature,
             generator=gen,
         )
-        r = torch.tensor(rewards(qreps, responses), dtype=torch.float32)
+        r = torch.tensor(
+            rewards(qreps, responses, ignore_filler=task.ignore_filler), dtype=torch.float32
+        )
         batch = pack(prompts, responses)
         with torch.no_grad():
             old_log_probs, entropy = response_log_probs(model, batch)
@@ -597,6 +683,7 @@ def rl_train(
             response_length=float(mask.sum(1).float().mean()),
             frac_groups_with_signal=float(signal),
             malformed=sum(map(_malformed, responses)) / len(responses),
+            correct_length=_correct_length(responses, r),
             extra={k: sum(v) / len(v) for k, v in extra.items()},
         )
         steps.append(asdict(log))
@@ -628,6 +715,11 @@ def rl_train(
         "cpu_seconds": time.process_time() - c0,
         "eval_seconds": eval_seconds,
     }
+
+
+def _correct_length(responses: Sequence[Sequence[int]], r: Tensor) -> float:
+    lengths = [len(x) for x, ri in zip(responses, r.tolist()) if ri > 0.5]
+    return sum(lengths) / len(lengths) if lengths else 0.0
 
 
 def _malformed(response: Sequence[int]) -> bool:

@@ -10,10 +10,17 @@ Formulas (per question q with positives P_q = {i : r_i > threshold} and negative
     s_ll(o) = (1/|o|) sum_t log pi(o_t)             s_lr(o) = (1/|o|) sum_t exp(lp_t - old_t)
     DisCO-b:  J_q = mean_{P_q} s - mean_{N_q} s
     DisCO:    J_q = mean_{P_q} s - tau * log(mean_{N_q} exp(s / tau))
+    DRPO:     J_q = E_{o ~ P*_q}[s] - tau * log(mean_{N_q} exp(s / tau))      (arXiv 2510.04474)
+              P*_q = argmax_P E_P[pref] - lam KL(P || pi_old(. | q, correct))
+                   ∝ pi_old(o | q, correct) exp(pref(o) / lam); with the sampled positives as
+              the sample of pi_old(. | q, correct), the self-normalised importance weights
+              P*/pi_old give E_{P*}[s] ~ sum_{P_q} exp(pref_i/lam) s_i / sum_{P_q} exp(pref_k/lam)
+              pref(o) = 1 - |o| / max_length (the paper's length reward), or given
     J = sum_{q with P_q and N_q non-empty} J_q / G   (G = all questions, or those with signal)
     KL = sum_{i,t in response} k(lp - old) / #response tokens, k1(x) = -x, k3(x) = e^x - 1 - x
     penalty = beta/2 * max(KL - delta, 0)^2,  loss = -J + penalty
     w_i = dJ/ds_i: +1/(|P_q| G), -1/(|N_q| G) (DisCO-b), -softmax_{N_q}(s/tau)_j / G (DisCO)
+          DRPO: exp(pref_i/lam) / (sum_{P_q} exp(pref_k/lam) G) on positives, DisCO's otherwise
 """
 
 from __future__ import annotations
@@ -117,6 +124,24 @@ def ref_denominator(groups: Groups, normalize: str) -> int:
     raise AssertionError(normalize)
 
 
+def drpo_positive_weights(
+    pos: Sequence[int], preferences: Sequence[float], lam: float
+) -> dict[int, float]:
+    """Self-normalised importance weights of the optimized positive distribution over the
+    sampled positives: exp(pref_i / lam) / sum_k exp(pref_k / lam), in plain Python floats.
+    A common factor exp(-max pref / lam) is taken out of numerator and denominator (exact
+    algebra) so that small lam does not overflow."""
+    top = max(preferences[i] / lam for i in pos)
+    e = {i: math.exp(preferences[i] / lam - top) for i in pos}
+    z = sum(e.values())
+    return {i: e[i] / z for i in pos}
+
+
+def ref_length_preferences(mask: Sequence[Sequence[bool]], max_length: int) -> list[float]:
+    """The paper's length reward 1 - |o| / max_length, |o| counted by a loop over the mask."""
+    return [1.0 - len(response_positions(row)) / max_length for row in mask]
+
+
 def log_mean_exp(x: Tensor) -> Tensor:
     """log(mean(exp(x))) = m + log(1 + mean(exp(x - m) - 1)), m = max(x).
 
@@ -136,6 +161,8 @@ def ref_objective(
     tau: float,
     threshold: float,
     normalize: str,
+    lam: float = 0.1,
+    preferences: Sequence[float] | None = None,
 ) -> Tensor:
     groups = ref_groups(rewards, group_ids, threshold)
     total = scores.sum() * 0.0
@@ -148,6 +175,11 @@ def ref_objective(
             total = total + sp.mean() - sn.mean()
         elif objective == "disco":
             total = total + sp.mean() - tau * log_mean_exp(sn / tau)
+        elif objective == "drpo":
+            assert preferences is not None
+            v = drpo_positive_weights(groups.pos[g], preferences, lam)
+            expected_pos = sum(v[i] * scores[i] for i in groups.pos[g])
+            total = total + expected_pos - tau * log_mean_exp(sn / tau)
         else:
             raise AssertionError(objective)
     denom = ref_denominator(groups, normalize)
@@ -163,6 +195,8 @@ def ref_weights(
     tau: float,
     threshold: float,
     normalize: str,
+    lam: float = 0.1,
+    preferences: Sequence[float] | None = None,
 ) -> list[float]:
     """Closed-form dJ/ds (DESIGN.md section 2), in plain Python floats."""
     groups = ref_groups(rewards, group_ids, threshold)
@@ -171,8 +205,14 @@ def ref_weights(
     for g in groups.order:
         if not groups.has_signal(g):
             continue
-        for i in groups.pos[g]:
-            w[i] = 1.0 / (len(groups.pos[g]) * G)
+        if objective == "drpo":
+            assert preferences is not None
+            v = drpo_positive_weights(groups.pos[g], preferences, lam)
+            for i in groups.pos[g]:
+                w[i] = v[i] / G
+        else:
+            for i in groups.pos[g]:
+                w[i] = 1.0 / (len(groups.pos[g]) * G)
         neg = groups.neg[g]
         if objective == "disco_b":
             for j in neg:
@@ -195,7 +235,8 @@ def ref_effective_negatives(
     tau: float,
     threshold: float,
 ) -> float:
-    """Mean over groups with signal of 1 / sum_j q_j^2 (q: normalised weights on negatives)."""
+    """Mean over groups with signal of 1 / sum_j q_j^2 (q: normalised weights on negatives;
+    DisCO-b's are uniform, DisCO's and DRPO's the softmax of s / tau)."""
     groups = ref_groups(rewards, group_ids, threshold)
     vals = []
     for g in groups.order:
@@ -209,6 +250,31 @@ def ref_effective_negatives(
             e = [math.exp(scores[j] / tau - m) for j in neg]
             q = [x / sum(e) for x in e]
         vals.append(1.0 / sum(x * x for x in q))
+    return sum(vals) / len(vals) if vals else 0.0
+
+
+def ref_effective_positives(
+    rewards: Sequence[float],
+    group_ids: Sequence[int],
+    *,
+    objective: str,
+    threshold: float,
+    lam: float,
+    preferences: Sequence[float] | None,
+) -> float:
+    """Mean over groups with signal of 1 / sum_i v_i^2 over the positives (|P_q| unless DRPO)."""
+    groups = ref_groups(rewards, group_ids, threshold)
+    vals = []
+    for g in groups.order:
+        if not groups.has_signal(g):
+            continue
+        pos = groups.pos[g]
+        if objective == "drpo":
+            assert preferences is not None
+            v = list(drpo_positive_weights(pos, preferences, lam).values())
+        else:
+            v = [1.0 / len(pos)] * len(pos)
+        vals.append(1.0 / sum(x * x for x in v))
     return sum(vals) / len(vals) if vals else 0.0
 
 
@@ -238,8 +304,12 @@ def ref_disco(
     kl_estimator: str = "k1",
     threshold: float = 0.5,
     normalize: str = "all",
+    lam: float = 0.1,
+    max_length: int | None = None,
+    preferences: Tensor | None = None,
 ) -> RefResult:
-    """The full loss in float64 from any-dtype inputs, with its autograd gradient."""
+    """The full loss in float64 from any-dtype inputs, with its autograd gradient. DRPO's
+    preferences: given, else the length reward with ``max_length``."""
     if tau is None:
         tau = 10.0 if score == "log_likelihood" else 1.0
     lp = log_probs.detach().to(F64).clone().requires_grad_(True)
@@ -248,10 +318,19 @@ def ref_disco(
     r = [float(v) for v in rewards.tolist()]
     g = [int(v) for v in group_ids.tolist()]
 
+    if preferences is not None:
+        prefs: list[float] | None = [float(v) for v in preferences.tolist()]
+    elif objective == "drpo":
+        assert max_length is not None
+        prefs = ref_length_preferences(m, max_length)
+    else:
+        prefs = None
+
     scores = ref_scores(lp, old, m, score)
     j = ref_objective(
-        scores, r, g, objective=objective, tau=tau, threshold=threshold, normalize=normalize
-    )
+        scores, r, g, objective=objective, tau=tau, threshold=threshold, normalize=normalize,
+        lam=lam, preferences=prefs,
+    )  # fmt: skip
     kl = ref_kl(lp, old, m, kl_estimator)
     pen = ref_penalty(kl, delta, beta)
     loss = -j + pen
@@ -270,6 +349,9 @@ def ref_disco(
         "constraint_active": 1.0 if float(kl.detach()) > delta else 0.0,
         "effective_negatives": ref_effective_negatives(
             s, r, g, objective=objective, tau=tau, threshold=threshold
+        ),
+        "effective_positives": ref_effective_positives(
+            r, g, objective=objective, threshold=threshold, lam=lam, preferences=prefs
         ),
         "mean_response_length": sum(len(response_positions(row)) for row in m) / len(m),
     }

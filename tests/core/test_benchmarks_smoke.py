@@ -23,7 +23,7 @@ import pytest
 import torch
 
 from benchmarks.measure import floor_bytes, make_inputs
-from benchmarks.reference import reference_disco_loss
+from benchmarks.reference import reference_disco_loss, reference_drpo_loss
 from benchmarks.run import Row, parse_args, tables_markdown, target_lines
 from discoloss import disco_loss, sequence_scores
 
@@ -100,6 +100,67 @@ def test_reference_matches_disco_loss(objective: str, score: str, kl_shift: floa
     ref_penalty = max(1e3 * (kl - 1e-4), 0.0) * kl
     torch.testing.assert_close(ref.loss.item(), -ref.objective.item() + ref_penalty)
     torch.testing.assert_close(out.penalty.item(), 0.5 * 1e3 * max(kl - 1e-4, 0.0) ** 2)
+
+
+@pytest.mark.parametrize("kl_shift", [0.05, -0.05])
+@pytest.mark.parametrize("lam", [0.1, 0.5])
+def test_reference_drpo_matches_drpo_where_it_is_defined(kl_shift: float, lam: float) -> None:
+    """The published DRPO pattern on its domain (equal groups, rewards in {0, 1}, k1, tensors
+    exactly max_length wide): same gradient as ``objective="drpo"``, objectives apart by the
+    DRO gap of its log-mean-exp trick."""
+    lp, old, mask, rewards, ids = _batch(2, kl_shift=kl_shift)
+    width = mask.shape[-1]
+    x_ref = lp.clone().requires_grad_(True)
+    ref = reference_drpo_loss(x_ref, old, mask.double(), rewards, ids, group_size=GROUP, lam=lam)
+    ref.loss.backward()
+    x = lp.clone().requires_grad_(True)
+    out = disco_loss(x, old, mask, rewards, ids, objective="drpo", lam=lam, max_length=width)
+    out.loss.backward()
+    assert x.grad is not None and x_ref.grad is not None and x.grad.abs().max() > 0
+    torch.testing.assert_close(x_ref.grad, x.grad, rtol=1e-9, atol=1e-13)
+    torch.testing.assert_close(ref.kl, out.kl, rtol=1e-12, atol=1e-15)
+    s = sequence_scores(lp, old, mask)
+    gap = _dro_gap(s, rewards, ids, 10.0)
+    torch.testing.assert_close(ref.objective.item(), out.objective.item() + gap, rtol=1e-9,
+                               atol=1e-12)  # fmt: skip
+    # and DRPO is not DisCO on this batch
+    x_disco = lp.clone().requires_grad_(True)
+    disco_loss(x_disco, old, mask, rewards, ids).loss.backward()
+    assert x_disco.grad is not None
+    assert (x_disco.grad - x.grad).abs().max() > 0.1 * x.grad.abs().max()
+
+
+def test_reference_drpo_depends_on_the_padding_and_overflows() -> None:
+    """What the published pattern gets wrong outside its domain: (1) its length scale is the
+    tensor's padded width, so padding the same responses further changes its gradient (ours,
+    with an explicit max_length, is unchanged); (2) exp((1 - |o|/T) / lam) without a shift
+    overflows float32 for small lam (nan), where the shifted softmax stays exact."""
+    lp, old, mask, rewards, ids = _batch(3, kl_shift=0.05)
+    width = mask.shape[-1]
+
+    def pad(t: torch.Tensor, value: float) -> torch.Tensor:
+        return torch.nn.functional.pad(t, (0, width), value=value)
+
+    grads = []
+    for padded in (False, True):
+        a, b, m = (pad(lp, 0.0), pad(old, 0.0), pad(mask, False)) if padded else (lp, old, mask)
+        x_ref = a.clone().requires_grad_(True)
+        reference_drpo_loss(x_ref, b, m.double(), rewards, ids, group_size=GROUP).loss.backward()
+        x = a.clone().requires_grad_(True)
+        disco_loss(x, b, m, rewards, ids, objective="drpo", max_length=width).loss.backward()
+        assert x_ref.grad is not None and x.grad is not None
+        grads.append((x_ref.grad[:, :width], x.grad[:, :width]))
+    (ref_narrow, ours_narrow), (ref_wide, ours_wide) = grads
+    torch.testing.assert_close(ours_wide, ours_narrow, rtol=1e-12, atol=1e-15)
+    assert (ref_wide - ref_narrow).abs().max() > 1e-3 * ref_narrow.abs().max()
+
+    f32 = [t.float() if t.is_floating_point() else t for t in (lp, old, mask, rewards, ids)]
+    x_ref = f32[0].clone().requires_grad_(True)
+    ref = reference_drpo_loss(x_ref, f32[1], f32[2].float(), f32[3], f32[4], group_size=GROUP,
+                              lam=0.01)  # fmt: skip
+    assert not bool(ref.loss.isfinite())
+    out = disco_loss(*f32, objective="drpo", lam=0.01, max_length=width)
+    assert bool(out.loss.isfinite())
 
 
 def test_benchmark_inputs_and_report() -> None:
@@ -189,3 +250,21 @@ def test_cpu_blocked_token_sums_match_whole_tensor_ops(
         else:
             want = torch.where(mask, w_lp.to(dtype)[:, None], zero)
         assert torch.equal(x.grad, want)
+
+
+def test_layout_memory_on_paper() -> None:
+    """The on-paper activation model against hand-computed values (Qwen2 shapes from the
+    models' public configs): 1.5B = 28 layers x 1536 hidden, 8k-token responses, n = 8."""
+    from benchmarks.layout_memory import MODELS, micro_batch_memory, table
+
+    small, large = MODELS
+    whole = micro_batch_memory(small, 8 * 8192)
+    one = micro_batch_memory(small, 8192)
+    assert whole.checkpoints == 65536 * 28 * 1536 * 2  # 5.25 GiB
+    assert whole.recompute == 65536 * (6 * 1536 + 2 * 256 + 4 * 8960) * 2
+    assert whole.logits == 65536 * 151936 * 2
+    assert whole.total == 8 * one.total  # linear in the tokens of the micro-batch
+    biggest = micro_batch_memory(large, 16 * 32768)
+    assert round(biggest.checkpoints / 1024**3, 1) == 98.0
+    rows = table().splitlines()
+    assert len(rows) == 2 + 2 * 2 * 2 * 2  # header + models x lengths x n x layouts

@@ -68,6 +68,47 @@ def test_rewards_length_mismatch_is_an_error() -> None:
         T.rewards([T.Question(1, 2)], [])
 
 
+def test_the_length_setting_verifier_ignores_filler_only_there() -> None:
+    q = T.Question(57, 68)
+    padded = [*ids("125"), T.FILLER, T.FILLER, T.EOS]
+    assert T.encode_answer(q, filler=2) == padded
+    assert T.verify(q, padded) == 0.0  # the default task: "=" is not a digit
+    assert T.verify(q, padded, ignore_filler=True) == 1.0
+    assert T.verify(q, [*ids("12"), T.FILLER, *ids("5"), T.EOS], ignore_filler=True) == 1.0
+    for wrong in ([*ids("124"), T.FILLER, T.EOS], [T.FILLER, T.FILLER, T.EOS], [T.FILLER] * 4):
+        assert T.verify(q, wrong, ignore_filler=True) == 0.0
+    assert T.rewards([q, q], [padded, [*ids("125"), T.EOS]], ignore_filler=True) == [1.0, 1.0]
+    task = T.TaskConfig(buckets=(2, 3), filler=6)
+    assert (
+        task.ignore_filler
+        and task.max_answer_tokens == T.TaskConfig(buckets=(2, 3)).max_answer_tokens + 6
+    )
+    with pytest.raises(ValueError, match="filler must be >= 0"):
+        T.TaskConfig(filler=-1)
+
+
+def test_grpo_length_penalty_can_push_a_correct_answer_down() -> None:
+    """The length-penalised reward of the length setting keeps every correct answer above every
+    wrong one, yet GRPO's group normalisation gives a long correct answer a negative advantage
+    (the failure DRPO avoids); DRPO's weights on the same group stay positive."""
+    from discoloss import discriminative_weights
+    from discoloss.baselines import group_advantages
+    from discoloss.demo.train import length_penalised
+
+    lengths = [3, 3, 3, 3, 3, 3, 9, 4]
+    mask = torch.arange(9)[None, :] < torch.tensor(lengths)[:, None]
+    r = torch.tensor([1.0, 1, 1, 1, 1, 1, 1, 0])
+    shaped = length_penalised(r, mask, 0.5, 9)
+    torch.testing.assert_close(shaped[:7], torch.tensor([1 - 1.5 / 9] * 6 + [0.5]))
+    assert float(shaped[6]) > float(shaped[7])
+    g = torch.zeros(8, dtype=torch.long)
+    assert float(group_advantages(shaped, g)[6]) < 0
+    w = discriminative_weights(
+        torch.zeros(8), r, g, objective="drpo", preferences=1 - torch.tensor(lengths) / 9
+    )
+    assert bool((w[:7] > 0).all())
+
+
 def test_encode_decode_roundtrip_and_bad_ids() -> None:
     q = T.Question(4021, 7)
     assert T.decode(T.encode_prompt(q)) == "<bos>4021+7="
@@ -261,6 +302,8 @@ def test_mean_interval() -> None:
         (["--sweep-lr", "1e-4"], "--sweep-lr needs at least 2 distinct"),
         (["--sweep-lr", "1e-4,-1"], "--sweep-lr must be a finite number > 0"),
         (["--quick", "--long"], "--quick and --long exclude each other"),
+        (["--length", "--long"], "--length and --long exclude each other"),
+        (["--methods", "drpo,grpo-lp,ppo"], "--methods: unknown method 'ppo'"),
     ],
 )
 def test_bad_options_give_a_clear_error(
@@ -387,6 +430,60 @@ def test_quick_run_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture[str]
     doc2 = json.loads((out2 / "results.json").read_text())
     assert doc2["warmup"]["cached"]
     assert _strip_timing(doc2) == _strip_timing(doc)
+
+
+def test_length_setting_quick(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """--length: DRPO, DisCO and length-penalised GRPO on the filler task; the length table and
+    plot, the lengths of the correct answers in every evaluation; the first warm-up stage is
+    the default run's (same cache key), the second stage has its own."""
+    from discoloss.demo.cli import _presets
+
+    cache, out = tmp_path / "c", tmp_path / "o"
+    assert (
+        main([*TINY, "--length", "--steps", "1", "--out", str(out), "--cache-dir", str(cache)]) == 0
+    )
+    printed = capsys.readouterr().out
+    assert "| DRPO |" in printed and "length of correct answers" in printed
+    doc = json.loads((out / "results.json").read_text())
+    assert list(doc["methods"]) == ["drpo", "disco", "grpo_lp"]
+    assert doc["config"]["task"]["filler"] == 6 and doc["config"]["warmup"]["filler"] == 0.5
+    assert (out / "length.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    table = (out / "length.md").read_text()
+    for label in ("warm-up checkpoint", "DRPO", "DisCO", "GRPO + length penalty"):
+        assert f"| {label} |" in table
+    assert all(math.isfinite(v) for v in _numbers(doc["methods"]["drpo"]["steps"]))
+    for method, hist in doc["methods"].items():
+        assert hist["params_changed"], method
+        for _, e in hist["evals"]:
+            assert set(e["correct_n"]) == set(e["n"])
+            for b in e["n"]:
+                assert 0 <= e["correct_filler"][b] <= e["correct_n"][b]
+                assert e["correct_length_sum"][b] >= 2 * e["correct_n"][b]  # a digit and <eos>
+    assert "effective_positives" in doc["methods"]["drpo"]["steps"][0]["extra"]
+    presets = _presets()
+    assert presets["length"].warmup.clean_stage() == presets["default"].warmup.clean_stage()
+    assert "filler" not in presets["default"].warmup.second_stage()
+    assert len(list(cache.glob("warmup-*.pt"))) == 2
+
+
+def test_the_command_and_the_sweep_do_not_import_each_other() -> None:
+    """The run helpers both use live in discoloss.demo.workers, which imports no demo module;
+    the sweep does not import the command (the command imports the sweep)."""
+    import ast
+
+    import discoloss.demo as demo
+
+    root = Path(demo.__file__).parent
+
+    def imported(name: str) -> set[str]:
+        tree = ast.parse((root / f"{name}.py").read_text())
+        mods = {n.module or "" for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
+        mods |= {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+        return {m for m in mods if m.startswith("discoloss.demo")}
+
+    assert "discoloss.demo.cli" not in imported("sweep")
+    assert imported("workers") == set()
+    assert "discoloss.demo.workers" in imported("sweep") & imported("cli")
 
 
 def test_module_entry_point_dispatches_demo() -> None:

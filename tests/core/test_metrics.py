@@ -23,6 +23,7 @@ CLOSE = (
     "mean_pos_score",
     "mean_neg_score",
     "effective_negatives",
+    "effective_positives",
     "mean_response_length",
 )
 

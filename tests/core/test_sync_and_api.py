@@ -120,7 +120,14 @@ def test_validate_false_is_sync_free_on_cuda():
 #: Each public name and fragments of its equation that its docstring must contain (compared
 #: with all whitespace removed).
 EQUATIONS = {
-    "disco_loss": [r"-J(\theta)", r"\frac{\beta}{2}", r"-\delta\big]_+^2"],
+    "disco_loss": [
+        r"-J(\theta)",
+        r"\frac{\beta}{2}",
+        r"-\delta\big]_+^2",
+        r"J_q=\sum_{i\inP_q}v_i\,s_i",
+        r"v_i=\frac{e^{\mathrm{pref}_i/\lambda}}{\sum_{k\inP_q}e^{\mathrm{pref}_k/\lambda}}",
+        "arXiv2510.04474",
+    ],
     "DiscoOutput": ["-objective+penalty", "beta/2*max(kl-delta,0)^2"],
     "sequence_scores": [r"\frac{1}{|o|}\sum_t\log\pi_\theta", r"\frac{\pi_\theta(o_t"],
     "kl_divergence": [r"k_1(x)=-x", r"k_3(x)=e^{x}-1-x", r"\sum_{i,t}m_{it}"],

@@ -1,11 +1,18 @@
 """One data-parallel rank of test_openrlhf_dp.py (run as a script: ``python dp_rank.py RANK
-WORLD INIT_FILE MODEL_PATH OUT_DIR [CONSTRAINT [FAULT]]``).
+WORLD INIT_FILE MODEL_PATH OUT_DIR [CASE [FAULT]]``).
 
-Every rank makes the same rollout with OpenRLHF's experience maker, takes the chunk OpenRLHF's
-own ``RayActorGroup.async_run_method_batch`` deals to it, and runs the real
+Every rank makes the same rollout with OpenRLHF's experience maker (5 questions of 4
+responses), takes the chunk OpenRLHF's own ``RayActorGroup.async_run_method_batch`` deals to it
+(10 samples: question 2 is split between the ranks), and runs the real
 ``ActorPPOTrainer.ppo_train`` with a DeepSpeed-like strategy that averages gradients over the
-ranks (gloo). It saves its micro-batches and the gradient of the update (with
-``CONSTRAINT=lagrangian``: the multiplier's value before and after the update too).
+ranks (gloo), two optimizer steps of 5 samples per rank. It saves its micro-batches and, per
+optimizer step, the applied gradient and the parameters it was computed at (with
+``constraint=lagrangian`` also the multiplier's state).
+
+``CASE``: ``current`` (``--algo.disco.weights current``, micro-batches of one response, the
+squared hinge) or ``dynamic-lagrangian`` (``current`` with OpenRLHF's dynamic batching, its
+balancing of the rollout over the ranks, and ``constraint=lagrangian`` starting from
+``LAMBDA0``).
 
 ``FAULT`` (``old_log_probs``, ``log_probs`` or ``reward``) puts a NaN into that input of one
 response of the last rank only: at the first response token of its first response's old
@@ -32,18 +39,20 @@ from orlhf_testkit import (
     make_experiences,
     record_micro_batches,
     rollout_samples,
-    shifted,
 )
 
 from discoloss.adapters.openrlhf import install
 
-SETTINGS = dict(score="log_likelihood", objective="disco", tau=5.0, delta=1e-4, beta=50.0,
-                normalize="valid", kl_estimator="k1")
-#: ``constraint=lagrangian``: the multiplier's value before the update and its step size.
-LAGRANGIAN = dict(constraint="lagrangian", lagrangian_lr=10.0)
+SETTINGS = dict(score="log_likelihood", objective="disco", tau=0.5, delta=1e-4, beta=200.0,
+                normalize="valid", kl_estimator="k3")
+#: ``constraint=lagrangian``: the multiplier's value before the first update and its step size.
+LAGRANGIAN = dict(constraint="lagrangian", lagrangian_lr=50.0)
 LAMBDA0 = 2.0
-NUM_PROMPTS = 4
-REWARDS = [1.0, 0.0, 1.0, 0.0, 1.0, 1.0, 1.0, 1.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0, 1.0, 1.0]
+NUM_PROMPTS = 5
+REWARDS = [1.0, 0.0, 1.0, 0.0,  1.0, 1.0, 1.0, 0.0,  0.0, 1.0, 0.0, 1.0,  0.0, 1.0, 1.0, 1.0,
+           0.0, 0.0, 1.0, 0.0]
+TRAIN_BATCH = 10  # two optimizer steps per rollout
+LR = 0.5
 
 
 def dealt_chunk(experiences: list, rank: int, world: int) -> list:
@@ -80,7 +89,7 @@ def inject(fault: str, trainer, monkeypatch) -> None:
 
         def nan_forward(self, sequences, action_mask=None, *args, **kwargs):
             out = forward(self, sequences, action_mask, *args, **kwargs)
-            if not self.training:  # the experience maker's forward, not the update's
+            if not self.training:  # the experience maker's and the plan's forward
                 return out
             log_probs = (out[0] if isinstance(out, tuple) else out).clone()
             log_probs[0, int(action_mask[0].nonzero()[0])] = float("nan")
@@ -104,30 +113,39 @@ def stay_like_a_failed_ray_actor(error: Exception, rank: int, world: int, out_di
     sys.exit(4)
 
 
+def case_settings(case: str) -> dict:
+    return {**SETTINGS, **(LAGRANGIAN if case.endswith("lagrangian") else {})}
+
+
 def main() -> None:
     rank, world, init_file, model_path, out_dir = sys.argv[1:6]
     rank, world = int(rank), int(world)
-    constraint, fault = (sys.argv[6:] + [None, None])[:2]
-    options = {**SETTINGS, **(LAGRANGIAN if constraint == "lagrangian" else {})}
+    case = sys.argv[6] if len(sys.argv) > 6 else "current"
+    fault = sys.argv[7] if len(sys.argv) > 7 else None
+    dynamic = case.startswith("dynamic")
     install()
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank,
                             world_size=world)
-    from openrlhf.trainer.ppo_utils import experience_maker
+    from openrlhf.trainer.ppo_utils import balance_experiences, experience_maker
 
-    samples = NUM_PROMPTS * N
-    micro = samples // world  # gas = 1 per rank
     args = make_args(**{
-        "train.batch_size": samples, "train.micro_batch_size": micro,
+        "train.batch_size": TRAIN_BATCH, "train.micro_batch_size": 1,
         "rollout.batch_size": NUM_PROMPTS, "rollout.micro_batch_size": 2,
-        "actor.num_gpus_per_node": world,
-        **{f"algo.disco.{k}": v for k, v in options.items()},
+        "actor.num_gpus_per_node": world, "algo.disco.weights": "current",
+        **({"train.dynamic_batch_enable": True, "train.max_tokens_per_gpu": 24,
+            "rollout.max_tokens_per_gpu": 40} if dynamic else {}),
+        **{f"algo.disco.{k}": v for k, v in case_settings(case).items()},
     })
     monkeypatch = pytest.MonkeyPatch()
     monkeypatch.setattr(experience_maker, "ray", SimpleNamespace(get=lambda x: x, put=lambda x: x))
     actor = load_actor(model_path)
-    experiences = shifted(make_experiences(args, actor, rollout_samples(
-        NUM_PROMPTS, N, seed=7, rewards=REWARDS)), seed=8, shift=0.02)
-    trainer, strategy = build_trainer(args, actor, micro=micro, gas=1, monkeypatch=monkeypatch)
+    experiences = make_experiences(args, actor, rollout_samples(
+        NUM_PROMPTS, N, seed=7, rewards=REWARDS))
+    if dynamic:  # what PPOTrainer.train_step does before dealing with dynamic batching
+        experiences = balance_experiences(experiences, args)
+    gas = 1 if dynamic else TRAIN_BATCH // world
+    trainer, strategy = build_trainer(args, actor, micro=1, gas=gas, monkeypatch=monkeypatch,
+                                      lr=LR)
     for exp in dealt_chunk(experiences, rank, world):
         trainer.replay_buffer.append(exp)
     multiplier = trainer.actor_loss_fn.multiplier
@@ -140,7 +158,8 @@ def main() -> None:
         trainer.ppo_train(0.0)
     except Exception as error:  # noqa: BLE001  (reported to the test)
         stay_like_a_failed_ray_actor(error, rank, world, out_dir)
-    torch.save({"seen": seen, "grads": strategy.step_grads,
+    torch.save({"seen": seen, "grads": strategy.step_grads, "params": strategy.step_params,
+                "backwards": strategy.step_backwards,
                 "multiplier": None if multiplier is None else multiplier.state_dict()},
                f"{out_dir}/rank{rank}.pt")
     dist.destroy_process_group()

@@ -54,6 +54,8 @@ def make_args(**overrides: Any) -> SimpleNamespace:
         "algo.disco.cvar_alpha": None,
         "algo.disco.margin": None,
         "algo.disco.clip_eps": None,
+        "algo.disco.lagrangian_lr": None,
+        "algo.disco.weights": None,
         "actor.eps_clip_low_high": (0.2, 0.2),
         "actor.dual_clip": None,
         "actor.loss_agg_mode": "token-mean",
@@ -70,6 +72,9 @@ def make_args(**overrides: Any) -> SimpleNamespace:
         "train.micro_batch_size": 8,
         "train.max_epochs": 1,
         "train.dynamic_batch_enable": False,
+        "train.max_tokens_per_gpu": 16192,
+        "rollout.max_tokens_per_gpu": 16192,
+        "train.seed": 42,
         "train.colocate_all": False,
         "train.colocate_actor_ref": False,
         "train.colocate_critic_reward": False,
@@ -212,10 +217,22 @@ class DeepSpeedLikeStrategy:
         self.args = args
         self.accumulated_gradient = accumulated_gradient
         self.ring_attn_group = None
+        dist = torch.distributed
+        if dist.is_available() and dist.is_initialized():  # OpenRLHF's (dp, sp, tp) mesh
+            from torch.distributed.device_mesh import init_device_mesh
+
+            self.ds_device_mesh = init_device_mesh(
+                "cpu", (dist.get_world_size(), 1, 1), mesh_dim_names=("dp", "sp", "tp"))
         self.calls = 0
+        self.backwards = 0
         self.step_grads: list[list[torch.Tensor]] = []
+        #: per optimizer step: the parameters its gradient was computed at, and the number of
+        #: backward calls (micro-batches) since the start when it was taken
+        self.step_params: list[dict[str, torch.Tensor]] = []
+        self.step_backwards: list[int] = []
 
     def backward(self, loss: torch.Tensor, model: Any, optimizer: Any) -> None:
+        self.backwards += 1
         (loss / self.accumulated_gradient).backward()
 
     def optimizer_step(self, optimizer: Any, model: Any, scheduler: Any, name: str = "") -> None:
@@ -229,6 +246,8 @@ class DeepSpeedLikeStrategy:
                 dist.all_reduce(p.grad)
                 p.grad /= dist.get_world_size()
         self.step_grads.append([p.grad.detach().clone() for p in params])
+        self.step_params.append({k: v.detach().clone() for k, v in model.state_dict().items()})
+        self.step_backwards.append(self.backwards)
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad()
@@ -255,11 +274,15 @@ class DeepSpeedLikeStrategy:
             return data
         if isinstance(data, dict):
             return {k: self.all_reduce(v, op) for k, v in data.items()}
+        if isinstance(data, torch.Tensor):  # DeepSpeed keeps a tensor's dtype
+            t = data.clone()
+            dist.all_reduce(t, op=dist.ReduceOp.MAX if op == "max" else dist.ReduceOp.SUM)
+            return t / dist.get_world_size() if op == "mean" else t
         t = torch.as_tensor(data, dtype=torch.float64).clone()
         dist.all_reduce(t, op=dist.ReduceOp.MAX if op == "max" else dist.ReduceOp.SUM)
         if op == "mean":
             t /= dist.get_world_size()
-        return t.item() if not isinstance(data, torch.Tensor) else t
+        return t.item()
 
     def is_rank_0(self) -> bool:
         dist = torch.distributed

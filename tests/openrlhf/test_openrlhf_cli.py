@@ -115,8 +115,11 @@ def test_help_lists_disco_options(capsys):
     text = capsys.readouterr().out
     assert "DisCO (discoloss)" in text
     for name in ("score", "objective", "tau", "delta", "beta", "kl_estimator", "threshold",
-                 "normalize", "constraint", "cvar_alpha", "margin", "clip_eps", "lagrangian_lr"):
+                 "normalize", "constraint", "cvar_alpha", "margin", "clip_eps", "lagrangian_lr",
+                 "weights"):
         assert f"--algo.disco.{name}" in text
+    assert re.search(r"--algo.disco.weights \{current,sampling,micro_batch\}", text)
+    assert re.search(r"\(default:\s+current\)", text)
     assert re.search(r"--algo.disco.lagrangian_lr LAGRANGIAN_LR\s+constraint lagrangian", text)
     assert "(default: 1000.0)" in text
     # the values of the string options come from the core's types
@@ -136,6 +139,7 @@ def test_help_lists_disco_options(capsys):
     ("--algo.disco.margin", "-0.1"), ("--algo.disco.clip_eps", "1"),
     ("--algo.disco.clip_eps", "0"), ("--algo.disco.lagrangian_lr", "0"),
     ("--algo.disco.lagrangian_lr", "-5"), ("--algo.disco.lagrangian_lr", "nan"),
+    ("--algo.disco.weights", "exact"), ("--algo.disco.weights", "Current"),
 ])
 def test_bad_values_are_rejected(launch, capsys, flag, value):
     with pytest.raises(SystemExit) as exit_info:
@@ -197,29 +201,57 @@ def _replace(argv: list[str], flag: str, value: str | None) -> list[str]:
     return argv + ([flag] if value is None else [flag, value])
 
 
-@pytest.mark.parametrize("flag,value", [
-    ("--rollout.n_samples_per_prompt", "1"),
-    ("--train.micro_batch_size", "6"),       # not a multiple of n=4
-    ("--train.batch_size", "24"),            # not a multiple of micro 8 x 2 GPUs
-    ("--train.batch_size", "64"),            # does not divide 8 x 4 = 32 samples per rollout
-    ("--rollout.micro_batch_size", "3"),     # ranks would get unequal shares / split questions
-    ("--train.dynamic_batch_enable", None),
-    ("--ds.ring_attn_size", "2"),
-    ("--algo.kl.init_coef", "0.01"),
-    ("--actor.policy_loss_type", "gspo"),
+MICRO_BATCH = ["--algo.disco.weights", "micro_batch"]
+
+
+@pytest.mark.parametrize("flag,value,extra", [
+    ("--rollout.n_samples_per_prompt", "1", []),
+    ("--train.batch_size", "24", []),            # not a multiple of micro 8 x 2 GPUs
+    ("--train.batch_size", "64", []),            # does not divide 8 x 4 = 32 samples per rollout
+    ("--rollout.micro_batch_size", "3", []),     # ranks would get unequal shares
+    ("--ds.ring_attn_size", "2", []),
+    ("--algo.kl.init_coef", "0.01", []),
+    ("--actor.policy_loss_type", "gspo", []),
     # the vLLM importance-sampling switch changed between releases: 0.11.1+ / 0.11.0
-    ("--algo.advantage.is_correction_level", "token")
+    ("--algo.advantage.is_correction_level", "token", [])
     if "--algo.advantage.is_correction_level" in OPENRLHF_CLI_SOURCE
-    else ("--algo.advantage.is_correction_enable", None),
+    else ("--algo.advantage.is_correction_enable", None, []),
+    # whole questions per micro-batch only
+    ("--train.micro_batch_size", "6", MICRO_BATCH),  # not a multiple of n=4
+    ("--train.dynamic_batch_enable", None, MICRO_BATCH),
 ])
-def test_bad_layouts_are_rejected_naming_the_flag(launch, capsys, flag, value):
-    argv = _replace(DISCO, flag, value)
+def test_bad_layouts_are_rejected_naming_the_flag(launch, capsys, flag, value, extra):
+    argv = _replace(DISCO + extra, flag, value)
     if flag == "--rollout.n_samples_per_prompt":
         argv = _replace(argv, "--train.micro_batch_size", "8")
     with pytest.raises(SystemExit) as exit_info:
         launch(argv)
     assert exit_info.value.code == 2
-    assert f"error: {flag}:" in capsys.readouterr().err  # ours, not argparse's
+    err = capsys.readouterr().err
+    assert f"error: {flag}:" in err  # ours, not argparse's
+    if extra:
+        assert "--algo.disco.weights" in err  # says which mode needs the rule
+
+
+@pytest.mark.parametrize("changes", [
+    {"--train.micro_batch_size": "1"},
+    {"--train.micro_batch_size": "2"},
+    {"--train.micro_batch_size": "6", "--train.batch_size": "24", "--rollout.batch_size": "12"},
+    {"--train.dynamic_batch_enable": None, "--vllm.num_engines": "1"},  # (packing needs vLLM)
+    {"--rollout.batch_size": "5", "--rollout.micro_batch_size": "2", "--train.batch_size": "10",
+     "--train.micro_batch_size": "1"},  # 10 samples per rank: a question on both ranks
+])
+@pytest.mark.parametrize("weights", [None, "current", "sampling"])
+def test_planned_weights_take_any_micro_batch_layout(launch, changes, weights):
+    """The layouts that only micro_batch refuses: any micro-batch size, dynamic batching,
+    questions split across ranks. The default weights are ``current``."""
+    argv = DISCO + ([] if weights is None else ["--algo.disco.weights", weights])
+    for flag, value in changes.items():
+        argv = _replace(argv, flag, value)
+    settings = settings_from_args(launch(argv).args)
+    assert settings.weights == (weights or "current") and settings.planned
+    with pytest.raises(SystemExit):
+        launch(argv + MICRO_BATCH)
 
 
 def test_disco_options_need_the_disco_estimator(launch, capsys):
@@ -301,6 +333,9 @@ def test_example_scripts_parse(launch, script, tmp_path):
     assert (args.rollout.batch_size, args.rollout.n_samples_per_prompt, args.train.batch_size) \
         == (128, 8, 256)
     assert args.rollout.temperature == 0.6 and args.algo.kl.init_coef == 0
+    # GRPO-like micro-batches with the default (exact) weights
+    assert settings.weights == "current"
+    assert args.train.micro_batch_size == (1 if "7b" in script else 2)
 
 
 def test_dry_run_prints_the_resolved_options(launch, capsys, monkeypatch):
@@ -311,6 +346,7 @@ def test_dry_run_prints_the_resolved_options(launch, capsys, monkeypatch):
     printed = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert printed["disco"]["score"] == "likelihood_ratio" and printed["disco"]["tau"] is None
     assert printed["disco"]["lagrangian_lr"] == 1e3
+    assert printed["disco"]["weights"] == "current"
 
 
 def test_job_level_hook_is_left_to_ray(monkeypatch):

@@ -1,11 +1,14 @@
-"""Two data-parallel ranks (gloo, CPU processes) of OpenRLHF's real ActorPPOTrainer.
+"""Two data-parallel ranks (gloo, CPU processes) of OpenRLHF's real ActorPPOTrainer with
+``--algo.disco.weights current``.
 
-OpenRLHF's own chunking deals the rollout to the ranks; each rank trains on whole questions;
-the strategy averages gradients over ranks as DeepSpeed does. The averaged gradient must equal
-DisCO on the whole mini-batch: the objective normalised by the questions with signal over both
-ranks (``normalize="valid"``), the penalty by the adapter's rule (token share of each
-micro-batch's own penalty). With ``constraint=lagrangian`` the penalty is exact, and both ranks
-update the multiplier with the KL of the whole mini-batch (over both ranks).
+OpenRLHF's own chunking deals the rollout to the ranks (a question split between them; with
+dynamic batching, OpenRLHF's length balancing first); each rank trains with micro-batches of one
+response (or OpenRLHF's token-budget micro-batches), two optimizer steps; the strategy averages
+gradients over ranks as DeepSpeed does. Every optimizer step's averaged gradient must equal the
+gradient of ``disco_loss`` on the whole mini-batch (both ranks' responses of that step) at the
+step's parameters: the objective normalised by the questions with signal over both ranks
+(``normalize="valid"``), the squared hinge with the mini-batch's KL. With
+``constraint=lagrangian`` both ranks update the multiplier with the KL of the whole mini-batch.
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from orlhf_testkit import N, load_actor, pad_cat, reference_gradient
+from orlhf_testkit import load_actor, pad_cat, reference_gradient
 
 from discoloss import kl_divergence
 from discoloss.constraints import LagrangeMultiplier
@@ -51,76 +54,95 @@ def _run_ranks(tiny_model_path: str, tmp_path: Path, *args: str, timeout: float 
     return codes, outputs
 
 
-@pytest.mark.parametrize("constraint", ["squared_hinge", "lagrangian"])
-def test_two_ranks_equal_disco_on_the_mini_batch(tiny_model_path, tmp_path, constraint):
+def _relative_error(got: list[torch.Tensor], want: list[torch.Tensor]) -> float:
+    g = torch.cat([t.reshape(-1).double() for t in got])
+    w = torch.cat([t.reshape(-1).double() for t in want])
+    return float((g - w).norm() / w.norm())
+
+
+def _step_micro_batches(result: dict) -> list[list[dict]]:
+    start, steps = 0, []
+    for end in result["backwards"]:
+        steps.append(result["seen"][start:end])
+        start = end
+    return steps
+
+
+@pytest.mark.parametrize("case", ["current", "dynamic-lagrangian"])
+def test_two_ranks_every_step_equals_disco_on_the_mini_batch(tiny_model_path, tmp_path, case):
     sys.path.insert(0, str(HERE))
-    from dp_rank import LAGRANGIAN, LAMBDA0, SETTINGS
+    from dp_rank import LAGRANGIAN, LAMBDA0, NUM_PROMPTS, case_settings
 
-    codes, outputs = _run_ranks(tiny_model_path, tmp_path, constraint)
+    codes, outputs = _run_ranks(tiny_model_path, tmp_path, case)
     assert codes == [0, 0], "\n".join(o[-3000:] for o in outputs)
-
     results = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(2)]
-    seen = [m for res in results for m in res["seen"]]
-    # each rank holds whole questions, different ones
-    per_rank = [set(torch.cat([m["group_ids"] for m in res["seen"]]).tolist()) for res in results]
-    assert per_rank[0].isdisjoint(per_rank[1]) and len(per_rank[0] | per_rank[1]) == 4
-    for m in seen:
-        assert set(torch.bincount(m["group_ids"]).tolist()) <= {0, N}
-    # both ranks applied the same averaged gradient
-    for g0, g1 in zip(results[0]["grads"][0], results[1]["grads"][0]):
-        torch.testing.assert_close(g0, g1)
-
-    if constraint == "squared_hinge":
-        want = reference_gradient(load_actor(tiny_model_path), seen, SETTINGS, local_penalty=True)
+    steps = [_step_micro_batches(res) for res in results]
+    assert len(steps[0]) == len(steps[1]) == 2
+    # a question on both ranks (OpenRLHF's chunking or its length balancing)
+    per_rank = [{int(g) for m in res["seen"] for g in m["group_ids"]} for res in results]
+    assert per_rank[0] & per_rank[1], per_rank
+    assert per_rank[0] | per_rank[1] == set(range(NUM_PROMPTS))
+    if case == "current":
+        assert all(len(m["rewards"]) == 1 for res in results for m in res["seen"])
+    settings = case_settings(case)
+    lam = LAMBDA0
+    probe = load_actor(tiny_model_path)
+    kls = []
+    for s in range(2):
+        # both ranks applied the same averaged gradient, at the same parameters
+        for g0, g1 in zip(results[0]["grads"][s], results[1]["grads"][s]):
+            torch.testing.assert_close(g0, g1)
+        micro = steps[0][s] + steps[1][s]
+        probe.load_state_dict(results[0]["params"][s])
+        step_settings = {k: v for k, v in settings.items() if k != "lagrangian_lr"}
+        if case.endswith("lagrangian"):
+            step_settings["multiplier"] = LagrangeMultiplier(init=lam)
+        want = reference_gradient(probe, micro, step_settings, local_penalty=False)
+        assert _relative_error(results[0]["grads"][s], want) <= 1e-5, s
+        with torch.no_grad():
+            lps = [probe(m["sequences"], m["action_mask"], attention_mask=m["attention_mask"])
+                   for m in micro]
+        kls.append(float(kl_divergence(pad_cat(lps), pad_cat([m["old"] for m in micro]),
+                                       pad_cat([m["action_mask"] for m in micro]).bool(),
+                                       estimator=settings["kl_estimator"])))
+        lam = max(0.0, lam + LAGRANGIAN["lagrangian_lr"] * (kls[-1] - settings["delta"]))
+    assert kls[1] > settings["delta"], kls  # the constraint is active at the second step
+    if case.endswith("lagrangian"):
+        for res in results:  # one dual ascent step per optimizer step, with the global KL
+            assert float(res["multiplier"]["value"]) == pytest.approx(lam, rel=1e-5)
+            assert res["multiplier"]["steps"] == 2
     else:
-        settings = {**SETTINGS, "constraint": "lagrangian",
-                    "multiplier": LagrangeMultiplier(init=LAMBDA0)}
-        want = reference_gradient(load_actor(tiny_model_path), seen, settings, local_penalty=False)
-    for g, w in zip(results[0]["grads"][0], want):
-        torch.testing.assert_close(g, w, rtol=2e-4, atol=1e-7)
-    assert max(float(w.abs().max()) for w in want) > 1e-4
-    if constraint != "lagrangian":
         assert results[0]["multiplier"] is None
-        return
-    # one dual-ascent step with the mini-batch's KL over both ranks, the same on both ranks
-    actor0 = load_actor(tiny_model_path)
-    with torch.no_grad():
-        lps = [actor0(m["sequences"], m["action_mask"], attention_mask=m["attention_mask"])
-               for m in seen]
-    masks = [m["action_mask"].bool() for m in seen]
-    olds = [m["old"] for m in seen]
-    kl = float(kl_divergence(pad_cat(lps), pad_cat(olds), pad_cat(masks)))
-    local = [float(kl_divergence(lp, o, k)) for lp, o, k in zip(lps, olds, masks)]
-    assert abs(local[0] - local[1]) > 1e-4  # a rank's own KL would give another value
-    lr, delta = LAGRANGIAN["lagrangian_lr"], SETTINGS["delta"]
-    for res in results:
-        assert float(res["multiplier"]["value"]) == pytest.approx(
-            max(0.0, LAMBDA0 + lr * (kl - delta)), rel=1e-6)
-        assert res["multiplier"]["steps"] == 1
 
 
-#: The start of what the core's checks say about each injected NaN (the response's index in its
-#: micro-batch follows the question shuffle). A NaN reward goes the same way as these two.
+#: The start of what each rank raises for each injected NaN (the response's index follows the
+#: question order). A NaN old log-prob is caught when the first optimizer step is planned
+#: (its stats come from the old log-probs), a NaN log-prob of the update's forward by the loss's
+#: checks, a NaN reward by the plan's collective checks.
 FAULTS = {
-    "old_log_probs": "old_log_probs: non-finite value at a response token of response ",
-    "log_probs": "log_probs: non-finite value at a response token of response ",
+    "old_log_probs": "RuntimeError: discoloss: the DisCO loss failed its checks on data-parallel "
+                     "rank 1: old_log_probs: non-finite value at a response token of response ",
+    "log_probs": "RuntimeError: discoloss: the DisCO loss failed its checks on data-parallel "
+                 "rank 1: log_probs: non-finite value at a response token of response ",
+    "reward": "ValueError: plan_minibatch on rank 1 of 2 in process_group: rewards: non-finite "
+              "value at response ",
 }
 
 
 @pytest.mark.parametrize("fault", sorted(FAULTS))
 def test_two_ranks_stop_together_when_one_rank_meets_a_bad_value(tiny_model_path, tmp_path,
                                                                  fault):
-    """A NaN in one input of one response on rank 1 only (its old log-probs, or the log-probs of
-    the update's forward): both ranks raise the same error at the same micro-batch, naming
-    rank 1 and the core's message; neither waits in a collective for the other. (A failed rank
-    stays out of every collective, like a Ray actor whose method raised, until both ranks have
-    failed: exit 3; a rank left alone exits 4, as rank 1 did before the ranks agreed: rank 0
-    waited in OpenRLHF's metric all-reduce until rank 1's process was gone.)"""
-    codes, outputs = _run_ranks(tiny_model_path, tmp_path, "squared_hinge", fault, timeout=240)
+    """A NaN in one input of one response on rank 1 only (its old log-probs, the log-probs of
+    the update's forward, or its reward): both ranks raise the same error at the same point,
+    naming rank 1 and the core's message; neither waits in a collective for the other. (A failed
+    rank stays out of every collective, like a Ray actor whose method raised, until both ranks
+    have failed: exit 3; a rank left alone exits 4.)"""
+    codes, outputs = _run_ranks(tiny_model_path, tmp_path, "current", fault, timeout=240)
     assert codes == [3, 3], "\n".join(o[-3000:] for o in outputs)
-    want = ("RuntimeError: discoloss: the DisCO loss failed its checks on data-parallel rank 1: "
-            + FAULTS[fault])
-    for rank in range(2):
-        text = (tmp_path / f"rank{rank}.error").read_text()
-        assert text.startswith(want), text
-        assert "rank 0:" not in text and f"(this is rank {rank})" in text, text
+    texts = [(tmp_path / f"rank{rank}.error").read_text() for rank in range(2)]
+    for rank, text in enumerate(texts):
+        assert text.startswith(FAULTS[fault]), text
+        if fault != "reward":
+            assert "rank 0:" not in text and f"(this is rank {rank})" in text, text
+    if fault == "reward":
+        assert texts[0] == texts[1]

@@ -5,8 +5,15 @@
 rewards (a ``reward_func`` file), the experience maker, the replay buffer, two DeepSpeed
 (ZeRO-0, ``DS_ACCELERATOR=cpu``) actor ranks in Ray actors, the weight sync after every step,
 checkpoints and the final save. The adapter runs unmodified: the launcher, the Ray worker setup
-hook that installs it in every worker, the ``disco`` estimator, the question-level shuffle, the
-all-reduce of the normalisers G and T and the Lagrange multiplier with its checkpoint.
+hook that installs it in every worker, the ``disco`` estimator, the planned per-mini-batch
+weights (the question order shared by the ranks, the stats forward, ``plan_minibatch`` over the
+two ranks) and the Lagrange multiplier with its checkpoint.
+
+Three launcher runs: the default ``--algo.disco.weights current`` with micro-batches of one
+response and the squared hinge (each optimizer step's applied gradient is compared with
+``disco_loss`` on its whole mini-batch); ``sampling`` with ``constraint=lagrangian`` and a
+checkpoint after every step; a run resuming from that checkpoint. Each PPO step: 5 questions of 4
+responses, 10 samples per rank (question 2 split between the ranks), 2 optimizer steps.
 
 The GPU-only pieces are replaced by test stand-ins (tests/openrlhf/e2e/, installed in every
 process by its ``sitecustomize.py``; each says what it replaces):
@@ -21,11 +28,14 @@ process by its ``sitecustomize.py``; each says what it replaces):
 6. DeepSpeed's ``FusedAdam`` (compiled at first use on CPU, minutes): ``torch_adam`` AdamW;
    its shared-memory CPU all-reduce op (compiled at start-up, inference only): not built;
 7. ``ray.init`` in the driver: logical GPUs (for OpenRLHF's ``num_gpus=1`` actors) and a private
-   temp dir (to find and kill every Ray process of a run).
+   temp dir (to find and kill every Ray process of a run);
+8. float32 instead of bf16 for the actor (OpenRLHF's ``--ds.param_dtype`` offers bf16 and fp16
+   only; the gradient comparison needs float32 log-probs).
 
-Plus observation-only probes (``training_step``: each micro-batch's question ids;
-``ppo_train``: the status it returns and the multiplier around it; the rollout stand-in: its
-weights after each sync and the number of syncs behind each generation).
+Plus observation-only probes (``training_step``: each micro-batch's question ids, and with the
+trace on its inputs; ``DeepspeedStrategy.optimizer_step``: the parameters and the gradient of
+every optimizer step; ``ppo_train``: the status it returns and the multiplier around it; the
+rollout stand-in: its weights after each sync and the number of syncs behind each generation).
 
 Each run has a hard timeout and every Ray process it started is killed afterwards. The
 ``openrlhf_oldest`` session skips this module (``-k``), as it skips the other multi-process
@@ -38,6 +48,7 @@ import math
 import sys
 from collections import Counter
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -45,7 +56,7 @@ import torch
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE / "e2e"))
 
-from orlhf_testkit import save_tiny_model_with_tokenizer  # noqa: E402
+from orlhf_testkit import pad_cat, save_tiny_model_with_tokenizer  # noqa: E402
 from run import (  # noqa: E402
     PROMPTS_PER_STEP,
     N,
@@ -55,23 +66,41 @@ from run import (  # noqa: E402
     write_prompts,
 )
 
+from discoloss import disco_loss  # noqa: E402
+
 RANKS = 2
 STEPS = 3
 OPTIMIZER_STEPS_PER_PPO_STEP = 2  # launcher_flags: train.batch_size = half a rollout
-MICRO_PER_RANK_PER_STEP = PROMPTS_PER_STEP // RANKS  # one question per micro-batch
-TIMEOUT = 420  # seconds per launcher run (2.5-3 minutes each on a loaded 2-core machine)
+SAMPLES_PER_RANK_PER_STEP = PROMPTS_PER_STEP * N // RANKS // OPTIMIZER_STEPS_PER_PPO_STEP
+TIMEOUT = 420  # seconds per launcher run (1-3 minutes each on a loaded 2-core machine)
 
 DISCO_METRICS = ("disco/loss", "disco/objective", "disco/kl", "disco/penalty",
-                 "disco/frac_groups_with_signal", "disco/effective_negatives")
+                 "disco/frac_groups_with_signal", "disco/effective_negatives",
+                 "disco/plan_seconds")
+
+#: The exactness run: the default weights (current), micro-batches of one response, the squared
+#: hinge with the k3 estimator (>= 0, so that the constraint becomes active once the policy
+#: moves: Adam at lr 1e-2 moves it far past delta = 1e-3 in one optimizer step).
+EXACT = ["--algo.disco.kl_estimator", "k3"]
+#: ``sampling`` weights and ``constraint=lagrangian`` with a checkpoint after every step: the
+#: run the checkpoint tests read also gives the checkpoint the last test resumes from. With the
+#: k3 estimator (>= 0) and delta = 0 the multiplier grows as soon as the policy has moved.
+LAGRANGIAN = ["--algo.disco.weights", "sampling",
+              "--algo.disco.constraint", "lagrangian", "--algo.disco.lagrangian_lr", "1000",
+              "--algo.disco.kl_estimator", "k3", "--algo.disco.delta", "0",
+              "--ckpt.save_steps", "1", "--ckpt.max_num", "6"]
+LAGRANGIAN_MICRO = 5  # one micro-batch per rank and optimizer step
 
 
-def _run(tmp: Path, name: str, steps: int, *extra: str, model: str | None = None) -> tuple:
+def _run(tmp: Path, name: str, steps: int, *extra: str, model: str | None = None,
+         micro: int = 1, trace: bool = False) -> tuple:
     out = tmp / name
     out.mkdir(parents=True)
     model = model or save_tiny_model_with_tokenizer(tmp / "tiny")
     prompts = write_prompts(out / "prompts.jsonl", steps * PROMPTS_PER_STEP)
-    result = run_launcher([*launcher_flags(model, prompts, out, RANKS), *extra], out,
-                          ranks=RANKS, timeout=TIMEOUT)
+    result = run_launcher([*launcher_flags(model, prompts, out, RANKS, micro=micro), *extra],
+                          out, ranks=RANKS, timeout=TIMEOUT,
+                          env={"DISCOLOSS_E2E_TRACE": "1"} if trace else None)
     assert not result.leaked, f"Ray processes left behind (killed): {result.leaked}"
     assert result.returncode == 0, (
         f"launcher {'timed out' if result.returncode is None else f'exit {result.returncode}'}"
@@ -80,19 +109,19 @@ def _run(tmp: Path, name: str, steps: int, *extra: str, model: str | None = None
     return out, result, model
 
 
-#: ``constraint=lagrangian`` with a checkpoint after every step: the run the other tests read
-#: also gives the checkpoint the last test resumes from (one launcher start less: most of a run's
-#: time is starting Ray, DeepSpeed and the models, not the 3 steps). With the k3 estimator
-#: (>= 0) and delta = 0 the multiplier grows as soon as the policy has moved.
-LAGRANGIAN = ["--algo.disco.constraint", "lagrangian", "--algo.disco.lagrangian_lr", "1000",
-              "--algo.disco.kl_estimator", "k3", "--algo.disco.delta", "0",
-              "--ckpt.save_steps", "1", "--ckpt.max_num", "6"]
+@pytest.fixture(scope="module")
+def exact_run(tmp_path_factory: pytest.TempPathFactory) -> tuple:
+    """2 actor ranks, 3 PPO steps of 2 optimizer steps each, micro-batches of one response,
+    ``--algo.disco.weights`` left at its default, every step traced."""
+    return _run(tmp_path_factory.mktemp("e2e"), "exact", STEPS, *EXACT, trace=True)
 
 
 @pytest.fixture(scope="module")
-def disco_run(tmp_path_factory: pytest.TempPathFactory) -> tuple:
-    """One run: 2 actor ranks, 3 PPO steps of 2 optimizer steps each, constraint=lagrangian."""
-    return _run(tmp_path_factory.mktemp("e2e"), "disco", STEPS, *LAGRANGIAN)
+def lagrangian_run(exact_run: tuple, tmp_path_factory: pytest.TempPathFactory) -> tuple:
+    """Same layout with ``sampling`` weights, ``constraint=lagrangian`` and checkpoints."""
+    _, _, model = exact_run
+    return _run(tmp_path_factory.mktemp("e2e"), "lagrangian", STEPS, *LAGRANGIAN, model=model,
+                micro=LAGRANGIAN_MICRO)
 
 
 def _per_rank(out: Path, kind: str) -> list[list[dict]]:
@@ -101,9 +130,10 @@ def _per_rank(out: Path, kind: str) -> list[list[dict]]:
     return [records[f"{kind}_rank{r}.jsonl"] for r in range(RANKS)]
 
 
-def test_e2e_runs_the_ppo_loop_with_finite_disco_metrics(disco_run):
+@pytest.mark.parametrize("run", ["exact_run", "lagrangian_run"])
+def test_e2e_runs_the_ppo_loop_with_finite_disco_metrics(run, request):
     """Exit 0, OpenRLHF's step log, finite DisCO metrics in every step's status on both ranks."""
-    out, result, _ = disco_run
+    out, result, _ = request.getfixturevalue(run)
     assert f"Global step {STEPS}:" in result.output  # OpenRLHF's own step log
     assert "'disco/loss'" in result.output
     for rank, steps in enumerate(_per_rank(out, "ppo_train")):
@@ -113,31 +143,97 @@ def test_e2e_runs_the_ppo_loop_with_finite_disco_metrics(disco_run):
             for key in DISCO_METRICS:
                 assert isinstance(status.get(key), float) and math.isfinite(status[key]), (
                     rank, key, status.get(key))
-            assert math.isfinite(status["actor_grad_norm"]) and status["actor_grad_norm"] > 0
+            # (no "actor_grad_norm": DeepSpeed reports none for a float32 model without ZeRO;
+            # the exact run checks the gradients themselves)
     # the constraint had something to do: after the first optimizer step of a PPO step the
     # policy had moved away from the rollout policy
     kls = [s["status"]["disco/kl"] for steps in _per_rank(out, "ppo_train") for s in steps]
     assert max(kls) > 0
-    assert all("disco/lagrange_multiplier" in s["status"]
-               for steps in _per_rank(out, "ppo_train") for s in steps)
+    if run == "lagrangian_run":
+        assert all("disco/lagrange_multiplier" in s["status"]
+                   for steps in _per_rank(out, "ppo_train") for s in steps)
 
 
-def test_e2e_no_question_is_split_across_micro_batches(disco_run):
-    """Every micro-batch holds whole questions; per step the ranks hold different questions
-    and together all of them."""
-    out, _, _ = disco_run
-    micro = _per_rank(out, "micro")
-    for rank, batches in enumerate(micro):
-        assert len(batches) == STEPS * MICRO_PER_RANK_PER_STEP, (rank, len(batches))
-        for batch in batches:
-            counts = Counter(batch["group_ids"])
-            assert set(counts.values()) == {N}, (rank, batch["group_ids"])
-    for step in range(STEPS):
-        window = slice(step * MICRO_PER_RANK_PER_STEP, (step + 1) * MICRO_PER_RANK_PER_STEP)
-        per_rank = [{g for b in batches[window] for g in b["group_ids"]} for batches in micro]
-        # each rank holds whole questions, different ones, all of the step's questions
-        assert per_rank[0].isdisjoint(per_rank[1])
-        assert set().union(*per_rank) == set(range(PROMPTS_PER_STEP))
+def test_e2e_micro_batches_split_questions_and_every_response_trains_once(lagrangian_run,
+                                                                          exact_run):
+    """Micro-batches of ``--train.micro_batch_size`` responses; per PPO step every response
+    of the rollout is trained on exactly once, a question's responses on both ranks."""
+    for (out, _, _), micro in ((exact_run[0:3], 1), (lagrangian_run[0:3], LAGRANGIAN_MICRO)):
+        batches = _per_rank(out, "micro")
+        per_step_rank = PROMPTS_PER_STEP * N // RANKS
+        for rank, records in enumerate(batches):
+            assert len(records) == STEPS * per_step_rank // micro, (rank, len(records))
+            assert all(len(b["group_ids"]) == micro for b in records)
+        for step in range(STEPS):
+            window = slice(step * per_step_rank // micro, (step + 1) * per_step_rank // micro)
+            per_rank = [Counter(g for b in records[window] for g in b["group_ids"])
+                        for records in batches]
+            total = per_rank[0] + per_rank[1]
+            assert total == Counter({q: N for q in range(PROMPTS_PER_STEP)}), total
+            assert set(per_rank[0]) & set(per_rank[1])  # a question on both ranks
+
+
+def _reference_actor(model: str) -> Any:
+    from openrlhf.models import Actor
+
+    actor = Actor(model, attn_implementation="sdpa", param_dtype="bf16")
+    actor.model.float()
+    return actor
+
+
+def _traces(out: Path) -> list[list[dict]]:
+    """Per PPO step, per rank: the trace of that ``ppo_train`` call."""
+    return [[torch.load(out / f"trace_rank{r}_{c}.pt", weights_only=False)
+             for r in range(RANKS)] for c in range(STEPS)]
+
+
+def _step_mini_batches(traces: list[list[dict]]):
+    """Every optimizer step of the run: its micro-batches over both ranks, its parameters and
+    the gradient applied (rank 0's, checked equal to rank 1's)."""
+    for call in traces:
+        assert [len(t["steps"]) for t in call] == [OPTIMIZER_STEPS_PER_PPO_STEP] * RANKS
+        for s in range(OPTIMIZER_STEPS_PER_PPO_STEP):
+            steps = [t["steps"][s] for t in call]
+            for name, value in steps[0]["params"].items():
+                assert torch.equal(value, steps[1]["params"][name]), name
+                torch.testing.assert_close(steps[0]["grads"][name], steps[1]["grads"][name])
+            micro = [m for t in call for m in t["micro"] if m["step"] == s]
+            assert sum(len(m["rewards"]) for m in micro) == RANKS * SAMPLES_PER_RANK_PER_STEP
+            yield micro, steps[0]["params"], steps[0]["grads"]
+
+
+def test_e2e_every_optimizer_step_applies_disco_on_its_whole_mini_batch(exact_run):
+    """The gradient DeepSpeed applies at every optimizer step (both ranks' micro-batches of one
+    response, averaged over the ranks) equals the gradient of ``disco_loss`` on that step's whole
+    mini-batch at the step's parameters, within 1e-5 relative; the squared hinge is active in
+    at least one step. (Checked to fail without the data-parallel factor, with the local token
+    count as the normaliser, and with stats at the sampling policy after the first step.)"""
+    out, _, model = exact_run
+    probe = _reference_actor(model)
+    names = [n for n, _ in probe.model.named_parameters()]
+    settings = dict(tau=5.0, delta=1e-3, beta=100.0, kl_estimator="k3")
+    errors, kls, split = [], [], 0
+    for micro, params, grads in _step_mini_batches(_traces(out)):
+        probe.model.load_state_dict(params)
+        probe.zero_grad()
+        lps = [probe(m["sequences"], m["action_mask"], attention_mask=m["attention_mask"])
+               for m in micro]
+        result = disco_loss(pad_cat(lps), pad_cat([m["old"] for m in micro]),
+                            pad_cat([m["action_mask"] for m in micro]).bool(),
+                            torch.cat([m["rewards"] for m in micro]),
+                            torch.cat([m["group_ids"] for m in micro]), **settings)
+        result.loss.backward()
+        params_ = dict(probe.model.named_parameters())
+        want = torch.cat([params_[n].grad.reshape(-1).double() for n in names])
+        got = torch.cat([grads[n].reshape(-1).double() for n in names])
+        errors.append(float((got - want).norm() / want.norm()))
+        kls.append(float(result.kl.detach()))
+        per_micro = Counter(int(g) for m in micro for g in m["group_ids"])
+        split += sum(c > 1 for c in per_micro.values())
+    assert len(errors) == STEPS * OPTIMIZER_STEPS_PER_PPO_STEP
+    assert max(errors) <= 1e-5, errors
+    assert max(kls) > settings["delta"], kls  # the squared hinge is active
+    assert split > 0  # questions with responses in several micro-batches
 
 
 def _state(path: Path) -> dict[str, torch.Tensor]:
@@ -148,10 +244,10 @@ def _state(path: Path) -> dict[str, torch.Tensor]:
     return {k: v.float() for k, v in load_file(path).items()}
 
 
-def test_e2e_the_rollout_engine_receives_the_trained_weights(disco_run):
+def test_e2e_the_rollout_engine_receives_the_trained_weights(exact_run):
     """After every step the engine gets the actor's new weights (the last ones exactly those
     OpenRLHF saves at the end), and each step generates with the weights of the step before."""
-    out, _, model = disco_run
+    out, _, model = exact_run
     syncs = sorted(out.glob("engine0_sync*.pt"))
     assert [p.name for p in syncs] == [f"engine0_sync{k}.pt" for k in range(1, STEPS + 1)]
     initial = _state(Path(model) / "model.safetensors")
@@ -168,8 +264,8 @@ def test_e2e_the_rollout_engine_receives_the_trained_weights(disco_run):
     assert [g["syncs"] for g in generations] == [k for k in range(STEPS) for _ in range(per_step)]
 
 
-def test_e2e_lagrangian_multiplier_is_saved_with_the_deepspeed_checkpoint(disco_run):
-    out, _, _ = disco_run
+def test_e2e_lagrangian_multiplier_is_saved_with_the_deepspeed_checkpoint(lagrangian_run):
+    out, _, _ = lagrangian_run
     ckpt = out / "ckpt" / "_actor"
     assert (ckpt / "latest").read_text().strip() == f"global_step{STEPS}"
     for step in range(1, STEPS + 1):
@@ -185,14 +281,15 @@ def test_e2e_lagrangian_multiplier_is_saved_with_the_deepspeed_checkpoint(disco_
     assert ends[0]["value"] > 0
 
 
-def test_e2e_lagrangian_multiplier_resumes_from_the_deepspeed_checkpoint(disco_run, tmp_path):
-    """OpenRLHF resumes from the first run's last checkpoint (step, data loader) and runs a
+def test_e2e_lagrangian_multiplier_resumes_from_the_deepspeed_checkpoint(lagrangian_run,
+                                                                        tmp_path):
+    """OpenRLHF resumes from the lagrangian run's last checkpoint (step, data loader) and runs a
     second episode; the multiplier starts where the first run left it."""
-    first, _, model = disco_run
+    first, _, model = lagrangian_run
     end = [steps[-1]["multiplier_after"] for steps in _per_rank(first, "ppo_train")]
     resumed, result, _ = _run(tmp_path, "resumed", STEPS, *LAGRANGIAN, "--ckpt.load_enable",
                               "--train.num_episodes", "2", "--ckpt.path", str(first / "ckpt"),
-                              model=model)
+                              model=model, micro=LAGRANGIAN_MICRO)
     assert "Loading the checkpoint" in result.output
     assert f"Global step {2 * STEPS}:" in result.output
     for rank, steps in enumerate(_per_rank(resumed, "ppo_train")):

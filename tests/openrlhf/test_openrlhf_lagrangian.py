@@ -1,4 +1,7 @@
-"""``--algo.disco.constraint lagrangian`` in OpenRLHF's real ActorPPOTrainer on CPU.
+"""``--algo.disco.constraint lagrangian`` in OpenRLHF's real ActorPPOTrainer on CPU, with
+``--algo.disco.weights micro_batch`` (old log-probs shifted per question so that the
+micro-batches' KLs differ; the planned modes are tested in test_openrlhf_planned.py and end to
+end).
 
 The loss uses the multiplier's current value (one update equals ``disco_loss(...,
 constraint="lagrangian", multiplier=m)`` on the mini-batch, exactly, since lambda * (KL - delta)
@@ -41,7 +44,7 @@ def _trainer(tiny_model_path, monkeypatch, *, batch, micro, lr, ckpt=None, seed=
     args = make_args(**{
         "train.batch_size": batch, "train.micro_batch_size": micro,
         "rollout.batch_size": num_prompts, "rollout.micro_batch_size": 4,
-        "algo.disco.lagrangian_lr": lr,
+        "algo.disco.lagrangian_lr": lr, "algo.disco.weights": "micro_batch",
         **({} if ckpt is None else {"ckpt.path": str(ckpt), "ckpt.load_enable": True}),
         **{f"algo.disco.{k}": v for k, v in SETTINGS.items()},
     })

@@ -1,4 +1,6 @@
-"""OpenRLHF's real ActorPPOTrainer (__init__, ppo_train, training_step) with DisCO on CPU.
+"""OpenRLHF's real ActorPPOTrainer (__init__, ppo_train, training_step) with DisCO on CPU, with
+``--algo.disco.weights micro_batch`` (whole questions per micro-batch; the planned modes are
+tested in test_openrlhf_planned.py).
 
 The model is a tiny random Llama loaded from disk by OpenRLHF's Actor; experiences come from
 OpenRLHF's RemoteExperienceMaker. The strategy is a stand-in with DeepSpeed's semantics (the
@@ -56,6 +58,7 @@ def test_one_update_equals_disco_loss(case, tiny_model_path, standin_ray, monkey
     args = make_args(**{
         "train.batch_size": samples, "train.micro_batch_size": micro,
         "rollout.batch_size": num_prompts, "rollout.micro_batch_size": 3,
+        "algo.disco.weights": "micro_batch",
         **{f"algo.disco.{k}": v for k, v in settings.items()},
     })
     rewards = [1.0, 0.0, 1.0, 0.0,   1.0, 1.0, 1.0, 0.0,   0.0, 0.0, 0.0, 0.0,   0.0, 1.0, 0.0, 0.0]
@@ -126,6 +129,7 @@ def test_one_update_equals_disco_loss_variants(variant, tiny_model_path, standin
     args = make_args(**{
         "train.batch_size": num_prompts * N, "train.micro_batch_size": micro,
         "rollout.batch_size": num_prompts, "rollout.micro_batch_size": 4,
+        "algo.disco.weights": "micro_batch",
         **{f"algo.disco.{k}": v for k, v in options.items()},
     })
     # rewards -1/+1 (the clipped_ratio case uses threshold 0); every question has both labels
@@ -193,6 +197,7 @@ def test_accumulated_penalty_is_the_stated_rule_not_the_exact_one(tiny_model_pat
     settings = dict(score="log_likelihood", objective="disco", tau=10.0, delta=1e-4, beta=50.0,
                     normalize="all", kl_estimator="k1")
     args = make_args(**{"train.batch_size": 16, "train.micro_batch_size": 8,
+                        "algo.disco.weights": "micro_batch",
                         **{f"algo.disco.{k}": v for k, v in settings.items()}})
     actor = load_actor(tiny_model_path)
     experiences = make_experiences(args, actor, rollout_samples(4, N, seed=3))
@@ -250,7 +255,8 @@ def test_non_disco_trainer_is_untouched(tiny_model_path, standin_ray, monkeypatc
 
 
 def test_split_question_on_a_rank_fails_loudly(tiny_model_path, standin_ray, monkeypatch):
-    args = make_args(**{"train.batch_size": 16, "train.micro_batch_size": 8})
+    args = make_args(**{"train.batch_size": 16, "train.micro_batch_size": 8,
+                        "algo.disco.weights": "micro_batch"})
     actor = load_actor(tiny_model_path)
     experiences = make_experiences(args, actor, rollout_samples(4, N, seed=5))
     trainer, _ = build_trainer(args, actor, micro=8, gas=1, monkeypatch=monkeypatch)

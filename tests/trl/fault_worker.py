@@ -1,10 +1,13 @@
-"""One rank of the one-rank-fault test (run by ``accelerate launch``): three short trainings,
-each with a bad value on rank 1 only; records, per training, what this rank raised.
+"""One rank of the one-rank-fault test (run by ``accelerate launch``): short trainings
+(``weights="current"``, the default), each with a bad value on rank 1 only; records, per
+training, what this rank raised.
 
 * ``old_log_prob``: a non-finite sampling log-prob at a completion token (the log-probs the
   trainer computes for DisCO's weights);
 * ``current_log_prob``: a non-finite log-prob of the current policy in the training forward
   (what an overflowing model produces);
+* ``planning_log_prob``: a non-finite log-prob in the no-grad planning pass that
+  ``weights="current"`` runs before the second optimizer step on a generation batch;
 * ``reward``: a reward function that returns inf for one completion;
 * ``empty_completion``: a completion whose loss mask is all 0.
 
@@ -43,6 +46,13 @@ class FaultyTrainer(RecordingTrainer):
             logps[0, 0] = float("nan")
         return logps
 
+    def _current_log_probs(self, chunk: dict[str, Any]) -> torch.Tensor:
+        logps = super()._current_log_probs(chunk)
+        if self.fault == "planning_log_prob" and self._rank() == FAULTY_RANK:
+            logps = logps.clone()
+            logps[0, 0] = float("nan")
+        return logps
+
     def _get_per_token_logps_and_entropies(self, *args: Any, **kwargs: Any) -> Any:
         logps, entropies, aux = super()._get_per_token_logps_and_entropies(*args, **kwargs)
         training_forward = torch.is_grad_enabled() and kwargs.get("compute_entropy", False)
@@ -53,7 +63,7 @@ class FaultyTrainer(RecordingTrainer):
         return logps, entropies, aux
 
 
-FAULTS = ("old_log_prob", "current_log_prob", "reward", "empty_completion")
+FAULTS = ("old_log_prob", "current_log_prob", "reward", "empty_completion", "planning_log_prob")
 
 
 def main(out_dir: str, faults: tuple[str, ...] = FAULTS) -> None:
@@ -70,11 +80,13 @@ def main(out_dir: str, faults: tuple[str, ...] = FAULTS) -> None:
                 scores[0] = float("inf")
             return scores
 
+        planning = fault == "planning_log_prob"  # the second step on a generation batch
         config = tiny_config(
             str(Path(out_dir) / f"run-{fault}"),
             per_device_train_batch_size=3,
             num_generations=4,
-            max_steps=1,
+            num_iterations=2 if planning else 1,
+            max_steps=2 if planning else 1,
             ddp_timeout=60,  # a rank left alone in a collective fails instead of waiting 30 min
         )
         trainer = FaultyTrainer(

@@ -7,7 +7,7 @@ import dataclasses
 from typing import Any
 
 import pytest
-from discoloss.adapters.trl import GRPO_ONLY_OPTIONS, DisCOConfig, DisCOTrainer
+from discoloss.adapters.trl import DEFAULT_WEIGHTS, GRPO_ONLY_OPTIONS, DisCOConfig, DisCOTrainer
 from trl import GRPOConfig
 from trl_support import load_example, tiny_config
 
@@ -27,6 +27,7 @@ def test_defaults_are_disco_loss_defaults(tmp_path: Any) -> None:
         "all",
     )
     assert config.beta == 0.0 and not config.allow_reference_kl
+    assert config.weights == DEFAULT_WEIGHTS == "current"
     assert isinstance(config, GRPOConfig)
 
 
@@ -58,6 +59,12 @@ def test_defaults_are_disco_loss_defaults(tmp_path: Any) -> None:
         ({"disco_beta": -1.0}, r"disco_beta must be >= 0"),
         ({"disco_delta": float("nan")}, r"disco_delta must be finite"),
         ({"threshold": float("inf")}, r"threshold must be finite"),
+        (
+            {"weights": "micro_batch"},
+            r"weights='micro_batch' is not supported by DisCOTrainer: .* TRL shuffles .* "
+            r"Use weights='current' .* or weights='sampling'",
+        ),
+        ({"weights": "exact"}, r"weights='exact' is not a valid option; expected 'current' or "),
     ],
 )
 def test_bad_config_fails_at_construction(
@@ -108,9 +115,12 @@ def test_config_round_trips_through_the_cli_parser(tmp_path: Any) -> None:
             "500",
             "--tau",
             "2.0",
+            "--weights",
+            "sampling",
         ]
     )
     assert (config.objective, config.disco_beta, config.tau) == ("disco_b", 500.0, 2.0)
+    assert config.weights == "sampling"
     with pytest.raises(SystemExit):
         HfArgumentParser(DisCOConfig).parse_args_into_dataclasses(
             ["--output_dir", str(tmp_path), "--objective", "ppo"]

@@ -3,8 +3,10 @@
 TRL shuffles each process's generation batch and splits it into micro-batches, so a prompt's
 completions are spread over micro-batches (and, with several optimizer steps per generation,
 over optimizer steps). The gradient each optimizer step applies is captured just before the
-optimizer runs (no clipping) and compared with a naive reference evaluated at that step's
-parameters on the micro-batches TRL actually formed.
+optimizer runs (no clipping) and compared with a reference evaluated at that step's parameters
+on the micro-batches TRL actually formed: ``disco_loss`` on the whole generation batch for
+``weights="current"``, the naive formulas of the sampling-policy surrogate for
+``weights="sampling"``.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from trl_support import (
     naive_scores,
     naive_weights,
     reference_model,
+    relative_error,
     tiny_config,
     token_log_probs,
 )
@@ -42,11 +45,44 @@ def grads_differ(actual: dict[str, Tensor], model: torch.nn.Module) -> float:
     return worst
 
 
-def test_first_update_equals_disco_loss(tmp_path: Any) -> None:
+def sampling_surrogate(
+    model: torch.nn.Module,
+    gen: dict[str, Tensor],
+    old: Tensor,
+    w: Tensor,
+    chunks: list[int],
+    *,
+    b: int,
+    k: int,
+    score: str,
+    kl_estimator: str,
+) -> Tensor:
+    """What ``weights="sampling"`` differentiates at an optimizer step made of the micro-batches
+    ``chunks`` (rows ``c*b:(c+1)*b`` of the generation batch): ``-k sum_i w_i s_i`` with the
+    sampling-policy weights ``w``, plus each micro-batch's token share of the penalty of its own
+    KL (the local approximation)."""
+    mask = gen["completion_mask"]
+    total_tokens = sum(mask[c * b : (c + 1) * b].sum() for c in chunks)
+    loss = torch.zeros(())
+    for c in chunks:
+        rows = slice(c * b, (c + 1) * b)
+        mb = {key: value[rows] for key, value in gen.items()}
+        logp = token_log_probs(model, mb)
+        s = naive_scores(logp, old[rows], mask[rows], score)
+        loss = loss - k * (w[rows] * s).sum()
+        n_mb = mask[rows].sum()
+        kl_mb = naive_kl_sum(logp, old[rows], mask[rows], kl_estimator) / n_mb
+        loss = loss + n_mb / total_tokens * hinge(kl_mb, 1e-4, 1e3)
+    return loss
+
+
+@pytest.mark.parametrize("weights", ["current", "sampling"])
+def test_first_update_equals_disco_loss(tmp_path: Any, weights: str) -> None:
     """TRL's default batching (steps_per_generation == gradient_accumulation_steps): the first
     optimizer step of a generation batch applies exactly the gradient of ``disco_loss`` on all
-    its completions, although each prompt's completions are split over micro-batches."""
-    config = tiny_config(str(tmp_path), max_steps=1)
+    its completions, although each prompt's completions are split over micro-batches (both
+    sources of weights: the parameters are still the sampling policy's)."""
+    config = tiny_config(str(tmp_path), max_steps=1, weights=weights)
     trainer, rec = make_recording_trainer(config)
     trainer.train()
     mbs = trainer.micro_batches
@@ -73,7 +109,7 @@ def test_first_update_equals_disco_loss(tmp_path: Any) -> None:
         ("disco", "likelihood_ratio", "k1", 4, 2),  # both: 4 optimizer steps per generation
     ],
 )
-def test_every_update_matches_reference(
+def test_sampling_weights_at_every_update(
     tmp_path: Any,
     objective: str,
     score: str,
@@ -81,10 +117,10 @@ def test_every_update_matches_reference(
     steps_per_generation: int,
     num_iterations: int,
 ) -> None:
-    """Every optimizer step of a generation batch: weights from the sampling policy over the
-    whole generation batch (exact for disco_b), times k = steps_per_generation /
-    gradient_accumulation_steps, plus each micro-batch's token share of the penalty of its own
-    KL (the local approximation)."""
+    """``weights="sampling"``, every optimizer step of a generation batch: weights from the
+    sampling policy over the whole generation batch (exact for disco_b), times k =
+    steps_per_generation / gradient_accumulation_steps, plus each micro-batch's token share of
+    the penalty of its own KL (the local approximation)."""
     ga = 2
     k = steps_per_generation // ga
     steps = k * num_iterations
@@ -97,6 +133,7 @@ def test_every_update_matches_reference(
         steps_per_generation=steps_per_generation,
         num_iterations=num_iterations,
         max_steps=steps,
+        weights="sampling",
     )
     trainer, rec = make_recording_trainer(config)
     trainer.train()
@@ -121,28 +158,118 @@ def test_every_update_matches_reference(
         in_step = [j for j, mb in enumerate(mbs) if mb["optimizer_step"] == step]
         assert len(in_step) == ga
         chunks = [j % steps_per_generation for j in in_step]
-        total_tokens = sum(mask[c * b : (c + 1) * b].sum() for c in chunks)
-        loss = torch.zeros(())
-        for c in chunks:
-            rows = slice(c * b, (c + 1) * b)
-            mb = {key: value[rows] for key, value in gen.items()}
-            logp = token_log_probs(model, mb)
-            s = naive_scores(logp, old[rows], mask[rows], score)
-            loss = loss - k * (w[rows] * s).sum()
-            n_mb = mask[rows].sum()
-            kl_mb = naive_kl_sum(logp, old[rows], mask[rows], kl_estimator) / n_mb
-            loss = loss + n_mb / total_tokens * hinge(kl_mb, 1e-4, 1e3)
+        loss = sampling_surrogate(
+            model, gen, old, w, chunks, b=b, k=k, score=score, kl_estimator=kl_estimator
+        )
         loss.backward()
         assert_grads_close(rec.grads[step], model)
 
 
-def test_penalty_is_the_local_approximation(tmp_path: Any) -> None:
-    """Second optimizer step on a generation batch (policy moved, constraint active): the
-    penalty gradient is sum_mb (n_mb/N) grad pen(KL_mb), not the exact grad pen(KL) of the
-    step's token-mean KL; the logged local penalty bounds the exact one from above."""
-    config = tiny_config(str(tmp_path), num_iterations=2, max_steps=2, kl_estimator="k3")
+@pytest.mark.parametrize(
+    ("objective", "score", "kl_estimator", "steps_per_generation", "num_iterations"),
+    [
+        ("disco", "log_likelihood", "k3", 2, 3),  # k = 1: a step is the generation batch
+        ("disco", "likelihood_ratio", "k3", 4, 2),  # k = 2: a step holds half of it
+    ],
+)
+def test_current_weights_are_exact_at_every_update(
+    tmp_path: Any,
+    objective: str,
+    score: str,
+    kl_estimator: str,
+    steps_per_generation: int,
+    num_iterations: int,
+) -> None:
+    """``weights="current"`` on a generation batch reused for several optimizer steps: every
+    step applies exactly k times the gradient of ``disco_loss`` on the whole generation batch
+    at the step's parameters, restricted to the step's completions (all of them when k = 1):
+    weights and the squared hinge's slope from the generation batch at the current
+    parameters. The sampling-policy surrogate differs at every step after the first."""
+    ga = 2
+    k = steps_per_generation // ga
+    steps = k * num_iterations
+    config = tiny_config(
+        str(tmp_path),
+        objective=objective,
+        score=score,
+        kl_estimator=kl_estimator,
+        gradient_accumulation_steps=ga,
+        steps_per_generation=steps_per_generation,
+        num_iterations=num_iterations,
+        max_steps=steps,
+        weights="current",
+    )
     trainer, rec = make_recording_trainer(config)
     trainer.train()
+    mbs = trainer.micro_batches
+    b = config.per_device_train_batch_size
+    assert len(mbs) == steps_per_generation * num_iterations and len(rec.grads) == steps
+    gen = concat(mbs[:steps_per_generation])  # the chunks of the one generation batch
+    rewards = check_generation_batch(trainer.processing_class, gen, config.num_generations)
+    groups, mask = gen["disco_group_ids"], gen["completion_mask"]
+    old = gen["old_per_token_logps"]  # the sampling policy's, checked against the reference
+    with torch.no_grad():
+        assert_masked_close(old, token_log_probs(reference_model(rec.params[0]), gen), mask)
+    tau = 10.0 if score == "log_likelihood" else 1.0
+    w0 = naive_weights(
+        naive_scores(old, old, mask, score), rewards, groups, objective=objective, tau=tau
+    )
+    logs = [entry for entry in trainer.state.log_history if "disco/objective" in entry]
+    assert len(logs) == steps
+    # one planning pass per optimizer step, except the first on the generation batch
+    assert trainer.planning_passes == list(range(1, steps))
+
+    for step in range(steps):
+        model = reference_model(rec.params[step])
+        in_step_mbs = [j for j, mb in enumerate(mbs) if mb["optimizer_step"] == step]
+        chunks = [j % steps_per_generation for j in in_step_mbs]
+        assert len(chunks) == ga
+        in_step = torch.zeros(len(rewards), dtype=torch.bool)
+        for c in chunks:
+            in_step[c * b : (c + 1) * b] = True
+        logp = token_log_probs(model, gen)
+        # the whole generation batch's loss; only the step's completions carry a gradient
+        out = disco_loss(
+            torch.where(in_step.unsqueeze(1), logp, logp.detach()),
+            old,
+            mask,
+            rewards,
+            groups,
+            objective=objective,
+            score=score,
+            kl_estimator=kl_estimator,
+        )
+        (k * out.loss).backward()
+        j_value, kl_value = float(out.objective.detach()), float(out.kl.detach())
+        assert relative_error(rec.grads[step], model) <= 1e-5, step
+        assert_grads_close(rec.grads[step], model)
+        # the logged values are the generation batch's at the step's parameters
+        assert logs[step]["disco/objective"] == pytest.approx(j_value, abs=1e-6)
+        assert logs[step]["disco/kl"] == pytest.approx(kl_value, rel=1e-4, abs=1e-7)
+        assert "disco/penalty_local" not in logs[step]
+        if step == 0:  # the sampling policy: no planning pass, the old log-probs' stats
+            assert logs[step]["disco/kl"] == 0.0
+            continue
+        # k3 >= 0: the constraint is active and the squared hinge's exact slope is tested
+        assert kl_value > 1e-4, "constraint inactive: the squared hinge would be untested"
+        model.zero_grad()
+        sampling_surrogate(
+            model, gen, old, w0, chunks, b=b, k=k, score=score, kl_estimator=kl_estimator
+        ).backward()
+        assert relative_error(rec.grads[step], model) > 1e-3  # the test tells the modes apart
+
+
+def test_penalty_is_the_local_approximation(tmp_path: Any) -> None:
+    """``weights="sampling"``, second optimizer step on a generation batch (policy moved,
+    constraint active): the penalty gradient is sum_mb (n_mb/N) grad pen(KL_mb), not the exact
+    grad pen(KL) of the step's token-mean KL; the logged local penalty bounds the exact one from
+    above."""
+    config = tiny_config(
+        str(tmp_path), num_iterations=2, max_steps=2, kl_estimator="k3", weights="sampling"
+    )
+    trainer, rec = make_recording_trainer(config)
+    trainer.train()
+    assert trainer.planning_passes == []  # no pass at the current parameters
     mbs = trainer.micro_batches
     gen = concat(mbs[:2])
     rewards = gen["disco_rewards"]

@@ -27,7 +27,11 @@ EXPECTED = {
     "empty_completion": "DisCOTrainer: the completion at process 1, completion 0 has no "
     "completion token (completion_mask * tool_mask is all 0); DisCO scores are token means "
     "over a non-empty completion",
+    "planning_log_prob": "DisCOTrainer: non-finite log-prob of the current policy in the "
+    "planning pass of weights='current' at a completion token of process 1, completion 0",
 }
+#: Optimizer steps taken before the error: the planning pass runs before the second step.
+STEPS_BEFORE = {"planning_log_prob": 1}
 
 
 def test_a_bad_value_on_one_rank_stops_every_rank_with_our_message(tmp_path: Any) -> None:
@@ -35,5 +39,6 @@ def test_a_bad_value_on_one_rank_stops_every_rank_with_our_message(tmp_path: Any
     ranks = [torch.load(tmp_path / f"faults-rank{r}.pt", weights_only=False) for r in (0, 1)]
     for fault, message in EXPECTED.items():
         for rank, outcomes in enumerate(ranks):
-            # the same error on both processes, raised before any optimizer step
-            assert outcomes[fault][:3] == ("ValueError", message, 0), (fault, rank, outcomes[fault])
+            # the same error on both processes, raised before the step it would corrupt
+            expected = ("ValueError", message, STEPS_BEFORE.get(fault, 0))
+            assert outcomes[fault][:3] == expected, (fault, rank, outcomes[fault])

@@ -1,6 +1,8 @@
 """Two processes (accelerate, CPU, gloo): a prompt's completions are split across ranks and
-micro-batches, and the averaged gradient equals the single-process ``disco_loss`` gradient on
-all the completions of the step."""
+micro-batches, and at both optimizer steps on one generation batch (the first at the sampling
+policy, the second replanned at its own parameters by ``weights="current"``) the averaged
+gradient equals the single-process ``disco_loss`` gradient on all the completions at the
+step's parameters."""
 
 from __future__ import annotations
 
@@ -29,28 +31,37 @@ def test_two_processes_match_one(tmp_path: Any) -> None:
     assert all(r["world_size"] == 2 for r in ranks)
 
     # A prompt straddles the ranks, and a rank's prompts straddle its micro-batches.
-    groups = [set(torch.cat([mb["disco_group_ids"] for mb in r["micro_batches"]]).tolist())
-              for r in ranks]  # fmt: skip
+    assert all(len(r["micro_batches"]) == 4 and len(r["grads"]) == 2 for r in ranks)
+    first_pass = [r["micro_batches"][:2] for r in ranks]  # the second pass reuses these rows
+    groups = [set(torch.cat([mb["disco_group_ids"] for mb in mbs]).tolist()) for mbs in first_pass]
     assert groups[0] & groups[1]
-    for r in ranks:
-        a, b = (set(mb["disco_group_ids"].tolist()) for mb in r["micro_batches"])
+    for mbs in first_pass:
+        a, b = (set(mb["disco_group_ids"].tolist()) for mb in mbs)
         assert a & b or len(a | b) < 3
 
-    # DDP averaged the ranks' gradients: both hold the same one.
-    g0, g1 = ranks[0]["grads"][0], ranks[1]["grads"][0]
-    for name in g0:
-        torch.testing.assert_close(g0[name], g1[name])
-    for name, value in ranks[0]["params"][0].items():
-        torch.testing.assert_close(value, ranks[1]["params"][0][name])
-
-    rows = concat(ranks[0]["micro_batches"] + ranks[1]["micro_batches"])
+    rows = concat(first_pass[0] + first_pass[1])
     rewards = check_generation_batch(load_example().build_tokenizer(), rows, num_generations=4)
     assert len(rewards) == 12 and 0 < (rewards > 0.5).sum() < 12
-    model = reference_model(ranks[0]["params"][0])
-    logp = token_log_probs(model, rows)
-    out = disco_loss(logp, logp.detach(), rows["completion_mask"], rewards, rows["disco_group_ids"])
-    out.loss.backward()
-    assert_grads_close(g0, model)
+    logs = [e for e in ranks[0]["log_history"] if "disco/objective" in e]
+    assert len(logs) == 2
+    for step in range(2):
+        # DDP averaged the ranks' gradients: both hold the same one, at the same parameters.
+        g0, g1 = ranks[0]["grads"][step], ranks[1]["grads"][step]
+        for name in g0:
+            torch.testing.assert_close(g0[name], g1[name])
+        for name, value in ranks[0]["params"][step].items():
+            torch.testing.assert_close(value, ranks[1]["params"][step][name])
 
-    logged = next(e for e in ranks[0]["log_history"] if "disco/objective" in e)
-    assert abs(logged["disco/objective"] - float(out.objective.detach())) < 1e-5
+        model = reference_model(ranks[0]["params"][step])
+        logp = token_log_probs(model, rows)
+        out = disco_loss(
+            logp, rows["old_per_token_logps"], rows["completion_mask"], rewards,
+            rows["disco_group_ids"],
+        )  # fmt: skip
+        out.loss.backward()
+        assert_grads_close(g0, model)
+        assert abs(logs[step]["disco/objective"] - float(out.objective.detach())) < 1e-5
+    assert logs[1]["disco/kl"] != 0.0  # the policy moved: the second step is not the first's
+    # the second pass reuses the rows with new weights (replanned), not the sampling ones
+    first, second = ([r["micro_batches"][i]["disco_weights"] for r in ranks] for i in (0, 2))
+    assert any(not torch.equal(a, b) for a, b in zip(first, second))

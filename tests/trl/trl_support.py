@@ -92,6 +92,11 @@ class RecordingTrainer(DisCOTrainer):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.micro_batches: list[dict[str, Any]] = []
+        self.planning_passes: list[int] = []  # optimizer steps (0-based) that replanned
+
+    def _plan_at_current_parameters(self, chunks: list[dict[str, Any]]) -> None:
+        self.planning_passes.append(self.state.global_step)
+        super()._plan_at_current_parameters(chunks)
 
     def _compute_loss(self, model: Any, inputs: dict[str, Any]) -> Tensor:
         record = {
@@ -259,3 +264,11 @@ def assert_grads_close(actual: dict[str, Tensor], model: torch.nn.Module) -> Non
     assert expected.keys() == actual.keys()
     for name in expected:
         torch.testing.assert_close(actual[name], expected[name], rtol=2e-4, atol=2e-6, msg=name)
+
+
+def relative_error(actual: dict[str, Tensor], model: torch.nn.Module) -> float:
+    """||actual - expected|| / ||expected|| over all parameters (expected: ``model``'s grads)."""
+    expected = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+    assert expected.keys() == actual.keys()
+    diff = torch.cat([(actual[n] - g).flatten() for n, g in expected.items()]).norm()
+    return float(diff / torch.cat([g.flatten() for g in expected.values()]).norm())

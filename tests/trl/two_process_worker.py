@@ -1,5 +1,7 @@
-"""One rank of the two-process test (run by ``accelerate launch``): one DisCO optimizer step,
-then save what this rank saw and the gradient it applied."""
+"""One rank of the two-process test (run by ``accelerate launch``): two DisCO optimizer steps on
+one generation batch (``num_iterations=2``, ``weights="current"``: the second step is planned
+from a no-grad pass at its parameters, gathered over both processes), then save what this rank
+saw and the gradients it applied."""
 
 from __future__ import annotations
 
@@ -15,7 +17,12 @@ from trl_support import make_recording_trainer, tiny_config  # noqa: E402
 def main(out_dir: str) -> None:
     # 3 completions per rank per micro-batch, 4 per prompt: prompts straddle the two ranks.
     config = tiny_config(
-        str(Path(out_dir) / "run"), per_device_train_batch_size=3, num_generations=4, max_steps=1
+        str(Path(out_dir) / "run"),
+        per_device_train_batch_size=3,
+        num_generations=4,
+        num_iterations=2,
+        max_steps=2,
+        weights="current",
     )
     trainer, recorder = make_recording_trainer(config)
     trainer.train()

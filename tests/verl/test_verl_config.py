@@ -113,7 +113,8 @@ BAD_OPTIONS = [
     ("score=logl", P + "score='logl' is not a valid option; expected one of"),
     ("objective=grpo", P + "objective='grpo' is not a valid option; expected one of"),
     ("kl_estimator=k2", P + "kl_estimator='k2' is not a valid option; expected one of"),
-    ("normalize=valid", "normalize='valid' is not supported with verl"),
+    ("weights=whole", P + "weights='whole' is not a valid option; expected one of 'current'"),
+    ("weights=null", P + "weights=None is not a valid option"),
     ("normalize=none", P + "normalize='none' is not a valid option; expected one of"),
     ("threshold=nan", P + "threshold must be finite"),
     # the ablation variants' options
@@ -139,6 +140,8 @@ def test_bad_option_values(override: str, message: str) -> None:
         validate(cfg)
 
 
+MB = "+actor_rollout_ref.actor.policy_loss.weights=micro_batch"
+MICRO8 = "actor_rollout_ref.actor.ppo_micro_batch_size_per_gpu=8"  # a multiple of n = 8
 BAD_LAYOUT = [
     (["algorithm.adv_estimator=grpo"], "loss_mode=disco needs algorithm.adv_estimator=disco"),
     (
@@ -149,28 +152,45 @@ BAD_LAYOUT = [
         ["actor_rollout_ref.rollout.n=1", "actor_rollout_ref.actor.ppo_micro_batch_size_per_gpu=1"],
         "rollout.n=1",
     ),
-    (["actor_rollout_ref.actor.shuffle=true"], "actor.shuffle=true"),
+    (["algorithm.use_kl_in_reward=true"], "use_kl_in_reward"),
+    (["critic.enable=true"], "critic.enable=true"),
+    # what still holds with the default weights=current: verl's own size rules, with the
+    # adapter's message at startup instead of an assertion inside the first update
     (
-        ["actor_rollout_ref.actor.ppo_micro_batch_size_per_gpu=6"],
+        ["trainer.n_gpus_per_node=3"],
+        "ppo_mini_batch_size \\* actor_rollout_ref.rollout.n = 256 responses is not a multiple "
+        "of the actor's data-parallel size 3",
+    ),
+    (
+        ["actor_rollout_ref.actor.ppo_micro_batch_size_per_gpu=3"],
+        "ppo_micro_batch_size_per_gpu=3 does not divide the per-GPU mini-batch of 32 ",
+    ),
+    # the rules that keep questions whole, with weights=micro_batch only
+    ([MB, "actor_rollout_ref.actor.shuffle=true"], "actor.shuffle=true"),
+    (
+        [MB, "actor_rollout_ref.actor.ppo_micro_batch_size_per_gpu=6"],
         "ppo_micro_batch_size_per_gpu=6 is not a multiple",
     ),
     (
-        ["trainer.n_gpus_per_node=3"],
+        [MB, MICRO8, "trainer.n_gpus_per_node=3"],
         "ppo_mini_batch_size=32 \\(questions\\) is not a multiple of the actor's "
         "data-parallel size 3",
     ),
-    (["data.train_batch_size=100"], "data.train_batch_size=100 is not a multiple"),
-    (["algorithm.use_kl_in_reward=true"], "use_kl_in_reward"),
-    (["critic.enable=true"], "critic.enable=true"),
-    (["trainer.use_v1=false"], "trainer.balance_batch=true"),
+    ([MB, MICRO8, "data.train_batch_size=100"], "data.train_batch_size=100 is not a multiple"),
+    ([MB, MICRO8, "trainer.use_v1=false"], "trainer.balance_batch=true"),
     (
         [
+            MB,
             "trainer.use_v1=false",
             "trainer.balance_batch=false",
             "actor_rollout_ref.actor.use_dynamic_bsz=true",
             "actor_rollout_ref.rollout.log_prob_use_dynamic_bsz=true",
         ],
         "use_dynamic_bsz=true splits questions in the legacy",
+    ),
+    (
+        [MB, MICRO8, "+actor_rollout_ref.actor.policy_loss.normalize=valid"],
+        "normalize='valid' is not",
     ),
 ]
 
@@ -189,6 +209,7 @@ def test_layout_handled_not_refused() -> None:
     """Settings the adapter keeps correct instead of refusing (parity in test_verl_parity)."""
     base = {o.split("=")[0]: o for o in readme_overrides()}
     for o in [
+        MB,
         "actor_rollout_ref.actor.use_dynamic_bsz=true",
         "actor_rollout_ref.rollout.log_prob_use_dynamic_bsz=true",
         "trainer.balance_batch=true",
@@ -197,6 +218,97 @@ def test_layout_handled_not_refused() -> None:
     ]:
         base[o.split("=")[0]] = o
     validate(verl_config(*base.values()))
+
+
+PLANNED_ALLOWED = [
+    ["actor_rollout_ref.actor.ppo_micro_batch_size_per_gpu=1"],
+    ["actor_rollout_ref.actor.ppo_micro_batch_size_per_gpu=2", "trainer.n_gpus_per_node=2"],
+    ["actor_rollout_ref.actor.shuffle=true"],
+    [
+        "actor_rollout_ref.actor.ppo_mini_batch_size=2",
+        "trainer.n_gpus_per_node=4",
+        "actor_rollout_ref.actor.ppo_micro_batch_size_per_gpu=2",
+    ],
+    ["data.train_batch_size=100"],
+    ["trainer.use_v1=false", "trainer.balance_batch=true"],
+    [
+        "trainer.use_v1=false",
+        "actor_rollout_ref.actor.use_dynamic_bsz=true",
+        "actor_rollout_ref.rollout.log_prob_use_dynamic_bsz=true",
+    ],
+    ["+actor_rollout_ref.actor.policy_loss.normalize=valid"],
+]
+
+
+@pytest.mark.parametrize("weights", ["current", "sampling"])
+@pytest.mark.parametrize("overrides", PLANNED_ALLOWED)
+def test_planned_modes_lift_the_whole_question_rules(overrides: list[str], weights: str) -> None:
+    """weights=current/sampling: every rule that only kept questions whole is gone."""
+    base = {o.split("=")[0]: o for o in readme_overrides()}
+    base["+w"] = f"+actor_rollout_ref.actor.policy_loss.weights={weights}"
+    for o in overrides:
+        key = o.split("=")[0]
+        base["+w" if key.endswith(".weights") else key] = o
+    validate(verl_config(*base.values()))
+
+
+@pytest.mark.parametrize("weights", ["current", "sampling", "micro_batch"])
+def test_current_weights_refused_with_megatron_pipeline_parallelism(weights: str) -> None:
+    """The stats forward's log-probs live on the last pipeline stage only."""
+    from discoloss.adapters.verl.layout import check_config
+
+    cfg = OmegaConf.create(
+        {
+            "algorithm": {"adv_estimator": "disco"},
+            "trainer": {"n_gpus_per_node": 8, "nnodes": 1},
+            "data": {"train_batch_size": 16},
+            "actor_rollout_ref": {
+                "rollout": {"n": 8},
+                "actor": {
+                    "strategy": "megatron",
+                    "megatron": {"pipeline_model_parallel_size": 2},
+                    "ppo_mini_batch_size": 8,
+                    "ppo_micro_batch_size_per_gpu": 8,
+                    "policy_loss": {"loss_mode": "disco", "weights": weights},
+                },
+            },
+        }
+    )
+    if weights == "current":
+        with pytest.raises(DiscoConfigError, match="weights=current with Megatron pipeline"):
+            check_config(cfg)
+    else:
+        assert check_config(cfg) is not None
+
+
+def test_weights_option_reaches_the_loss() -> None:
+    from discoloss.adapters.verl._options import DEFAULT_WEIGHTS
+    from discoloss.adapters.verl.loss import options_of
+
+    assert DEFAULT_WEIGHTS == "current"
+    cfg = verl_config(*readme_overrides())
+    validate(cfg)
+    assert options_of(actor_of(cfg)).weights == "current"
+    for weights in ("sampling", "micro_batch"):
+        cfg = verl_config(*readme_overrides(), f"+{P}weights={weights}", MICRO8)
+        validate(cfg)
+        assert options_of(actor_of(cfg)).weights == weights
+        cfg = shipped_config(
+            *[o for o in readme_overrides() if "loss_mode" not in o and "adv_estimator" not in o],
+            f"{P}weights={weights}",
+            MICRO8,
+        )
+        validate(cfg)
+        assert options_of(actor_of(cfg)).weights == weights
+
+
+def test_bad_weights_stop_the_driver_before_any_worker() -> None:
+    """A bad value of policy_loss.weights is refused by verl's validate_config in the driver
+    (main_ppo calls it before Ray starts), naming the full setting."""
+    cfg = verl_config(*readme_overrides(), f"+{P}weights=per_question")
+    with pytest.raises(DiscoConfigError) as info:
+        validate(cfg)
+    assert str(info.value).startswith(f"{P}weights='per_question' is not a valid option")
 
 
 def test_dataclass_rejects_bad_value_directly() -> None:
@@ -259,7 +371,7 @@ def test_option_names_are_the_core_names() -> None:
     own = {f.name for f in fields(DiscoPolicyLossConfig)} - {
         f.name for f in fields(PolicyLossConfig)
     }
-    assert own == set(DiscoOptions.names()) | {"validate", "lagrangian_lr"}
+    assert own == set(DiscoOptions.names()) | {"weights", "validate", "lagrangian_lr"}
     assert pl_default_lr() == 1e3
     pl = DiscoPolicyLossConfig()
     shipped = shipped_config().actor_rollout_ref.actor.policy_loss
@@ -268,8 +380,9 @@ def test_option_names_are_the_core_names() -> None:
         assert shipped[name] == getattr(core, name), name
     assert set(shipped) - {"_target_", "loss_mode"} - {
         f.name for f in fields(PolicyLossConfig)
-    } == set(DiscoOptions.names()) | {"validate", "lagrangian_lr"}
+    } == set(DiscoOptions.names()) | {"weights", "validate", "lagrangian_lr"}
     assert shipped["lagrangian_lr"] == 1e3
+    assert shipped["weights"] == pl.weights == "current"
 
 
 def pl_default_lr() -> float:

@@ -144,11 +144,21 @@ def test_balancer_refusals(sizes: list[int], q: int, dp: int, message: str) -> N
 
 
 def trainer_stub(
-    adv_estimator: str, *, n: int = 4, mini: int = 2, dp: int = 2, dynamic: bool = False
+    adv_estimator: str,
+    *,
+    n: int = 4,
+    mini: int = 2,
+    dp: int = 2,
+    dynamic: bool = False,
+    weights: str = "current",
+    bypass: bool | None = None,
 ) -> Any:
     config = OmegaConf.create(
         {
-            "algorithm": {"adv_estimator": adv_estimator},
+            "algorithm": {
+                "adv_estimator": adv_estimator,
+                "rollout_correction": None if bypass is None else {"bypass_mode": bypass},
+            },
             "actor_rollout_ref": {
                 "rollout": {"n": n, "temperature": 1.0},
                 "actor": {
@@ -159,7 +169,7 @@ def trainer_stub(
                     "shuffle": False,
                     "calculate_entropy": False,
                     "entropy_coeff": 0.0,
-                    "policy_loss": {"loss_mode": adv_estimator},
+                    "policy_loss": {"loss_mode": adv_estimator, "weights": weights},
                 },
             },
         }
@@ -202,12 +212,59 @@ def test_v1_trainer_is_patched_on_import() -> None:
     assert getattr(PPOTrainer._update_actor, "__discoloss__", False)
 
 
+def test_v1_balance_hook_planned_modes() -> None:
+    """weights=current/sampling: each mini-batch (2 questions x 4 here) made of whole
+    questions, its responses split over the ranks in equal numbers by workload."""
+    from verl.trainer.ppo.v1.trainer_base import PPOTrainer
+
+    meta, batch = kv_batch([4] * 8)
+    first = list(dict.fromkeys(k.rsplit("_", 2)[0] for k in meta.keys))
+    metrics: dict = {}
+    out = PPOTrainer._balance_batch(trainer_stub("disco", dp=2, mini=2), meta, metrics)
+    uids = [k.rsplit("_", 2)[0] for k in out.keys]
+    assert sorted(out.keys) == sorted(kv_batch([4] * 8)[0].keys)
+    per_rank, mini_per_rank = 16, 4
+    for m in range(4):  # mini-batch m = the m-th slice of each rank's chunk
+        rows = [uids[r * per_rank + m * mini_per_rank + i] for r in range(2) for i in range(4)]
+        assert sorted(set(rows)) == sorted(first[2 * m : 2 * m + 2])  # its 2 questions, whole
+        assert sorted(rows.count(u) for u in set(rows)) == [4, 4]
+    assert "global_seqlen/min" in metrics
+    # the questions are split over the ranks: finer balance than whole questions per rank
+    assert any(
+        len({uids[i] for i in range(r * per_rank, (r + 1) * per_rank)}) > 4 for r in range(2)
+    )
+
+
+def test_mini_batch_balancer_with_padding_and_odd_questions() -> None:
+    """Incomplete questions and verl's padding samples (appended last, one pad uid): the order
+    keeps questions contiguous, cuts mini-batches in order, balances each over the ranks."""
+    from discoloss.adapters.verl import mini_batch_balanced_order
+
+    uids = ["a"] * 4 + ["b"] * 3 + ["c"] * 4 + ["d"] * 2 + ["a"] + ["pad"] * 2
+    rng = torch.Generator().manual_seed(0)
+    seq = torch.randint(3, 40, (len(uids),), generator=rng).tolist()
+    order, parts = mini_batch_balanced_order(uids, seq, dp_size=2, mini_batch_size=8)
+    assert sorted(order) == list(range(16)) and [len(p) for p in parts] == [8, 8]
+    flat = (
+        [i for i in range(16) if uids[i] == "a"]
+        + [i for u in "bcd" for i in range(16) if uids[i] == u]
+        + [14, 15]
+    )
+    for m in range(2):
+        got = set(parts[0][4 * m : 4 * m + 4]) | set(parts[1][4 * m : 4 * m + 4])
+        assert got == set(flat[8 * m : 8 * m + 8])
+    with pytest.raises(DiscoLayoutError, match="not a multiple of the mini-batch size 8"):
+        mini_batch_balanced_order(uids[:15], seq[:15], dp_size=2, mini_batch_size=8)
+    with pytest.raises(DiscoLayoutError, match="does not split into equal parts"):
+        mini_batch_balanced_order(uids, seq, dp_size=3, mini_batch_size=8)
+
+
 def test_v1_balance_hook_disco_and_passthrough() -> None:
     from verl.trainer.ppo.v1.trainer_base import PPOTrainer
 
     meta, batch = kv_batch([4] * 8)
     metrics: dict = {}
-    out = PPOTrainer._balance_batch(trainer_stub("disco"), meta, metrics)
+    out = PPOTrainer._balance_batch(trainer_stub("disco", weights="micro_batch"), meta, metrics)
     uids = [k.rsplit("_", 2)[0] for k in out.keys]
     assert all(len(set(uids[i : i + 4])) == 1 for i in range(0, len(uids), 4))
     assert "global_seqlen/min" in metrics
@@ -219,7 +276,7 @@ def test_v1_balance_hook_disco_and_passthrough() -> None:
     # incomplete questions: refused instead of padded
     meta3, _ = kv_batch([4] * 7 + [3])
     with pytest.raises(DiscoLayoutError, match="not a multiple"):
-        PPOTrainer._balance_batch(trainer_stub("disco"), meta3, {})
+        PPOTrainer._balance_batch(trainer_stub("disco", weights="micro_batch"), meta3, {})
 
 
 @pytest.mark.parametrize("dynamic", [True, False])
@@ -227,7 +284,23 @@ def test_v1_update_hook_sets_force_group_size(dynamic: bool) -> None:
     from verl.trainer.ppo.v1.trainer_base import PPOTrainer
 
     meta, _ = kv_batch([4] * 4)
-    stub = trainer_stub("disco", dynamic=dynamic)
+    stub = trainer_stub("disco", dynamic=dynamic, weights="micro_batch")
     PPOTrainer._update_actor(stub, meta, {})
     assert stub.seen.get("force_group_size") == (4 if dynamic else None)
     assert stub.seen["global_batch_size"] == 8
+    assert "disco_old_log_probs_at_theta_old" not in stub.seen
+
+
+@pytest.mark.parametrize("bypass", [None, False, True])
+@pytest.mark.parametrize("dynamic", [True, False])
+def test_v1_update_hook_planned_modes(dynamic: bool, bypass: bool | None) -> None:
+    """weights=current: no force_group_size; the workers learn whether the old log-probs are
+    the actor's at theta_old (not in rollout-correction bypass mode, where they are the
+    rollout's)."""
+    from verl.trainer.ppo.v1.trainer_base import PPOTrainer
+
+    meta, _ = kv_batch([4] * 4)
+    stub = trainer_stub("disco", dynamic=dynamic, bypass=bypass)
+    PPOTrainer._update_actor(stub, meta, {})
+    assert "force_group_size" not in stub.seen
+    assert stub.seen["disco_old_log_probs_at_theta_old"] is (not bypass)

@@ -57,6 +57,10 @@ def test_main_ppo_gets_past_the_adapter(tmp_path: Path) -> None:
             "lagrangian_lr=0",
             "actor_rollout_ref.actor.policy_loss.lagrangian_lr: expected a finite number > 0",
         ),
+        (
+            "weights=per_question",
+            "actor_rollout_ref.actor.policy_loss.weights='per_question' is not a valid option",
+        ),
     ],
 )
 def test_main_ppo_bad_value_fails_in_the_driver(

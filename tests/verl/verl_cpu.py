@@ -20,9 +20,11 @@ verl's real code and the discoloss adapter unmodified. What each piece replaces:
 
 Test instrumentation (off unless ``DISCO_E2E_DIR`` names a folder), none of it changes what
 verl or the adapter compute: every call of the policy loss is recorded (rank, grad mode, the
-prompt and response token ids of each row, log-probs, codes), the first optimizer step's full
-gradient and every step's parameter fingerprint are written by the actor, and the rollout
-server writes the fingerprint of every weight update it receives. ``DISCO_E2E_FAULT=rank:step``
+prompt and response token ids of each row, log-probs, codes), every optimizer step's full
+gradient (before clipping) and the full parameters it was computed at are written by the
+actor (rank 0), with every step's parameter fingerprint; every mini-batch plan's metrics
+(``weights=current/sampling``) are recorded; and the rollout server writes the fingerprint of
+every weight update it receives. ``DISCO_E2E_FAULT=rank:step``
 puts a NaN into one old log-prob of one response token on that rank in that training step (a
 fault seen by one rank only).
 """
@@ -578,15 +580,18 @@ def _engine(module: types.ModuleType) -> None:
 
         _STEP["optimizer_steps"] += 1
         n = _STEP["optimizer_steps"]
-        if RECORD_DIR and n == 1:  # the first step's full gradient, before clipping
-            grads = {}
+        if RECORD_DIR:  # the step's full gradient, before clipping, and the parameters
+            grads, params = {}, {}
             for name, p in self.module.named_parameters():
+                t = p.data
+                params[name] = (t.full_tensor() if isinstance(t, DTensor) else t).detach().cpu()
                 g = p.grad
                 if g is None:
                     continue
                 grads[name] = (g.full_tensor() if isinstance(g, DTensor) else g).detach().cpu()
             if _rank() == 0:
-                torch.save(grads, os.path.join(RECORD_DIR, "grad_step1.pt"))
+                torch.save(grads, os.path.join(RECORD_DIR, f"grad_step{n}.pt"))
+                torch.save(params, os.path.join(RECORD_DIR, f"params_step{n}.pt"))
         out = step(self)
         if RECORD_DIR:
             params = {}
@@ -608,8 +613,23 @@ if RECORD_DIR or FAULT:
         "verl.workers.engine_workers",
         lambda m: setattr(m, "ppo_loss", sys.modules["verl.workers.utils.losses"].ppo_loss),
     )
+
+
+def _planning(planning: types.ModuleType) -> None:
+    finish = planning.finish
+
+    @functools.wraps(finish)
+    def recording_finish(plan: Any, *, group: Any = None) -> dict:
+        metrics = finish(plan, group=group)
+        _append("plan", {"opt_step": _STEP["optimizer_steps"], **metrics})
+        return metrics
+
+    planning.finish = recording_finish
+
+
 if RECORD_DIR:
     after_import("verl.workers.engine.fsdp.transformer_impl", _engine)
+    after_import("discoloss.adapters.verl.planning", _planning)
 
 if os.environ.get("DISCO_E2E_RAISE_AT_ONCE"):
     # Measurement only: the adapter's behaviour before its one-rank fault handling (the loss

@@ -151,7 +151,7 @@ def to_tensordict(batch: Batch, order: list[int]) -> TensorDict:
             "prompts": _nested(prompts),
             "responses": _nested(responses),
             "input_ids": _nested([torch.cat([p, q]) for p, q in zip(prompts, responses)]),
-            "response_mask": _nested([torch.ones(r, dtype=torch.int64) for r in resp]),
+            "response_mask": _nested([batch.mask[i, :r].long() for i, r in zip(order, resp)]),
             "old_log_probs": _nested([batch.old[i, :r] for i, r in zip(order, resp)]),
             "advantages": _nested([batch.advantages[i, :r] for i, r in zip(order, resp)]),
             "row": torch.tensor(order),
@@ -197,9 +197,11 @@ def run_update(
     after_mini_batch: Any = None,
     **options: Any,
 ) -> Step:
-    """One actor update over the batch: balance (the adapter's, unless ``order`` is given),
+    """One actor update over the batch with ``weights=micro_batch`` (every micro-batch its own
+    DisCO loss on whole questions): balance (the adapter's, unless ``order`` is given),
     dispatch, mini-batches, micro-batches, ppo_loss and backward, exactly as verl sequences them.
     """
+    options.setdefault("weights", "micro_batch")
     if order is None:
         seq = [p + r for p, r in zip(batch.prompt_lens, batch.resp_lens)]
         order, _ = group_balanced_order(
@@ -265,11 +267,26 @@ def run_update(
     return step
 
 
+def add_padding(batch: Batch, count: int) -> None:
+    """Append ``count`` rows like verl's synthetic padding samples: one response token that
+    the response mask leaves out, reward 0, one shared uid."""
+    t = batch.mask.shape[1]
+    batch.uids += ["pad"] * count
+    batch.rewards = torch.cat([batch.rewards, torch.zeros(count)])
+    batch.prompt_lens += [4] * count
+    batch.resp_lens += [1] * count
+    batch.theta = torch.cat([batch.theta, torch.zeros(count, t, dtype=batch.theta.dtype)])
+    batch.old = torch.cat([batch.old, torch.zeros(count, t, dtype=batch.old.dtype)])
+    batch.mask = torch.cat([batch.mask, torch.zeros(count, t, dtype=torch.bool)])
+
+
 def reference(batch: Batch, rows: list[int], **options: Any) -> tuple[torch.Tensor, Any]:
-    """disco_loss on the whole mini-batch (rows), and its gradient wrt theta."""
+    """disco_loss on the whole mini-batch (rows; rows without response tokens left out), and
+    its gradient wrt theta."""
     from discoloss import disco_loss
 
     theta = batch.theta.clone().requires_grad_(True)
+    rows = [i for i in rows if bool(batch.mask[i].any())]
     idx = torch.tensor(sorted(rows))
     lp = torch.nn.functional.logsigmoid(theta[idx])
     dense = {u: i for i, u in enumerate(dict.fromkeys(batch.uids))}
@@ -279,3 +296,106 @@ def reference(batch: Batch, rows: list[int], **options: Any) -> tuple[torch.Tens
     )
     out.loss.backward()
     return theta.grad.clone(), out
+
+
+def current_log_probs(theta: torch.Tensor, batch: Batch, mini: TensorDict) -> torch.Tensor:
+    """(R, T) padded log-probs of a mini-batch's rows at theta (what the adapter's no-grad
+    forward pass gives the plan)."""
+    resp = mini["responses"].offsets().diff().tolist()
+    width = max(resp) if resp else 0
+    out = torch.zeros(len(resp), width, dtype=torch.float32)
+    for k, (i, r) in enumerate(zip(mini["row"].tolist(), resp)):
+        out[k, :r] = torch.nn.functional.logsigmoid(theta[i, :r].detach()).float()
+    return out
+
+
+def run_planned_update(
+    batch: Batch,
+    *,
+    n: int,
+    dp: int,
+    mini_batch_size: int,
+    micro: int | None,
+    rank: int = 0,
+    group: Any = None,
+    dynamic: bool = False,
+    max_token_len: int = 24,
+    order: list[int] | None = None,
+    shuffle: bool = False,
+    dp_factor: int | None = None,
+    multiplier: Any = None,
+    epochs: int = 1,
+    **options: Any,
+) -> Step:
+    """One actor update of ``weights=current/sampling`` on data-parallel rank ``rank`` of
+    ``group`` (None: one process, dp=1), as verl and the adapter sequence it: the adapter's
+    balancing (unless ``order``), contiguous dispatch, ``make_iterator`` mini-batches (shuffled
+    per rank with ``shuffle``), per mini-batch the adapter's plan (stats at theta for
+    ``current``, at the old log-probs for ``sampling``) and handoff, verl's
+    ``prepare_micro_batches`` (fixed or dynamic), ``ppo_loss`` and backward, the plan's finish.
+    Gradients are averaged over the ranks (FSDP's reduction); ``dp_factor`` overrides the
+    ``dp_size`` verl reports to the loss (to show that a wrong factor is caught)."""
+    import torch.distributed as dist
+    from discoloss.adapters.verl import planning
+    from discoloss.adapters.verl.layout import mini_batch_balanced_order
+    from discoloss.adapters.verl.loss import options_of
+
+    if order is None:
+        seq = [p + r for p, r in zip(batch.prompt_lens, batch.resp_lens)]
+        order, _ = mini_batch_balanced_order(
+            batch.uids, seq, dp_size=dp, mini_batch_size=mini_batch_size
+        )
+    td = to_tensordict(batch, order)
+    chunk = tu.chunk_tensordict(td, dp)[rank]
+    it = tu.make_iterator(
+        chunk,
+        mini_batch_size=mini_batch_size // dp,
+        epochs=epochs,
+        seed=42 + rank,
+        dataloader_kwargs={"shuffle": shuffle},
+    )
+    config = actor_config(n, micro=micro, dynamic=dynamic, **options)
+    opts = options_of(config)
+    theta = batch.theta.clone().requires_grad_(True)
+    distributed = group is not None
+    step = Step([], [], [])
+    for mini in it:
+        tokens = mini["loss_mask"].values().sum()
+        if distributed:
+            dist.all_reduce(tokens, group=group)
+        tu.assign_non_tensor(
+            mini,
+            dp_size=dp_factor or dp,
+            batch_num_tokens=int(tokens),
+            global_batch_size=mini_batch_size,
+            use_dynamic_bsz=dynamic,
+            micro_batch_size_per_gpu=micro,
+            max_token_len_per_gpu=max_token_len,
+        )
+        lp = current_log_probs(theta, batch, mini) if opts.weights == "current" else None
+        plan = planning.plan_mini_batch(
+            mini,
+            opts,
+            group_size=n,
+            log_probs=lp,
+            group=group if distributed else None,
+            multiplier=multiplier,
+        )
+        planning.install(mini, plan)
+        members: list[int] = []
+        with planning.running(plan):
+            micro_batches, _ = prepare_micro_batches(mini)  # (no count sync: no collective)
+            for mb in micro_batches:
+                out = {"log_probs": model_log_probs(theta, batch, mb)}
+                loss, _ = ppo_loss(config, out, mb)
+                loss.backward()
+                members += mb["row"].tolist()
+        metrics = planning.finish(plan, group=group if distributed else None)
+        grad = theta.grad.clone()
+        if distributed:
+            dist.all_reduce(grad, group=group)
+        step.grads.append(grad / dp)
+        theta.grad = None
+        step.metrics.append(metrics)
+        step.members.append(members)
+    return step

@@ -12,6 +12,9 @@
 #   DATASET       prompt dataset (default: agentica-org/DeepScaleR-Preview-Dataset)
 #   PYTHON        interpreter (default: python3)
 #   SAVE_PATH     output directory (default: ./ckpt/<run name>)
+#   MICRO_BATCH_SIZE  responses per actor micro-batch (default: 2; the 7B scripts: 1). Any size
+#                 is exact with --algo.disco.weights current (the default): one optimizer step
+#                 is 256 responses (32 questions), 32 per GPU, whatever the micro-batch size.
 
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 : "${DATASET:=agentica-org/DeepScaleR-Preview-Dataset}"
@@ -37,7 +40,7 @@ disco_launch() {
     --actor.gradient_checkpointing_enable \
     --rollout.n_samples_per_prompt 8 --rollout.batch_size 128 --rollout.micro_batch_size 16 \
     --rollout.temperature 0.6 --rollout.max_new_tokens 8192 --data.max_len 9216 \
-    --train.batch_size 256 --train.micro_batch_size 8 --train.max_epochs 1 \
+    --train.batch_size 256 --train.micro_batch_size "${MICRO_BATCH_SIZE:-2}" --train.max_epochs 1 \
     --train.num_episodes 1 \
     --algo.kl.init_coef 0 \
     --algo.advantage.estimator disco \

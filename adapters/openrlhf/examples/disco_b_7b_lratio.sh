@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # DisCO on OpenRLHF: DeepSeek-R1-Distill-Qwen-7B, DisCO-b, likelihood-ratio score.
 set -euo pipefail
+: "${MICRO_BATCH_SIZE:=1}"  # one 8k-token response per micro-batch
 source "$(dirname "${BASH_SOURCE[0]}")/_common.sh"
 disco_launch disco-b-7b-lratio \
   --actor.model_name_or_path "${MODEL:-deepseek-ai/DeepSeek-R1-Distill-Qwen-7B}" \

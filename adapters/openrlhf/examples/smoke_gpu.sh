@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # GPU smoke test of DisCO on OpenRLHF: 1 GPU, a small instruct model, 2 training steps on
-# generated arithmetic questions. Passes when the run finishes and the trainer logged DisCO
-# metrics (which only the DisCO loss inside the Ray actors produces).
+# generated arithmetic questions, micro-batches of 2 responses with the default
+# --algo.disco.weights current (one optimizer step of 8 questions, planned as a whole). Passes
+# when the run finishes and the trainer logged DisCO metrics (which only the DisCO loss inside
+# the Ray actors produces), including the planning time of the per-step weights.
 #
 #   MODEL=Qwen/Qwen2.5-0.5B-Instruct bash adapters/openrlhf/examples/smoke_gpu.sh
 #
@@ -33,11 +35,12 @@ PY
   --train.colocate_all --vllm.enable_sleep --ds.enable_sleep --ds.zero_stage 2 \
   --rollout.n_samples_per_prompt 4 --rollout.batch_size 16 --rollout.micro_batch_size 8 \
   --rollout.temperature 0.6 --rollout.max_new_tokens 256 --data.max_len 512 \
-  --train.batch_size 32 --train.micro_batch_size 8 --train.max_epochs 1 --train.num_episodes 1 \
+  --train.batch_size 32 --train.micro_batch_size 2 --train.max_epochs 1 --train.num_episodes 1 \
   --actor.adam.lr 2e-6 --algo.kl.init_coef 0 \
   --algo.advantage.estimator disco --algo.disco.score log_likelihood --algo.disco.tau 10 \
   --algo.disco.beta 1e3 --algo.disco.delta 1e-4 \
   --ckpt.output_dir "$WORK/ckpt" 2>&1 | tee "$WORK/log.txt"
 
 grep -q "disco/objective" "$WORK/log.txt" || { echo "smoke: no DisCO metrics in the log" >&2; exit 1; }
+grep -q "disco/plan_seconds" "$WORK/log.txt" || { echo "smoke: no planned weights in the log" >&2; exit 1; }
 echo "smoke: OK"

@@ -70,6 +70,7 @@ def make_trainer(output_dir: str, max_steps: int) -> DisCOTrainer:
         score="log_likelihood",
         disco_delta=1e-4,  # KL radius (GRPOConfig.delta is GRPO's clipping bound)
         disco_beta=1e3,  # penalty strength (GRPOConfig.beta is the reference-KL coefficient)
+        weights="current",  # each step's weights at its own parameters (exact); or "sampling"
         num_generations=8,  # completions per prompt (>= 2)
         per_device_train_batch_size=8,
         gradient_accumulation_steps=2,

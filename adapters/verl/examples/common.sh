@@ -4,7 +4,8 @@
 # 8k tokens, no entropy bonus, no reference model, delta 1e-4, beta 1e3.
 # Usage (from a thin script): disco_run MODEL LR SCORE OBJECTIVE TAU NAME [extra overrides...]
 # Environment: TRAIN, VAL (parquet files in verl's RL format), NNODES (1), GPUS (8),
-# MICRO (per-GPU micro-batch, a multiple of 8), TP (rollout tensor parallel size).
+# MICRO (per-GPU micro-batch in responses, any divisor of the per-GPU mini-batch: the
+# default weights=current is exact at any size), TP (rollout tensor parallel size).
 set -euo pipefail
 
 disco_run() {
@@ -22,7 +23,7 @@ disco_run() {
         actor_rollout_ref.model.path="$model" \
         actor_rollout_ref.actor.optim.lr="$lr" \
         actor_rollout_ref.actor.ppo_mini_batch_size=32 \
-        actor_rollout_ref.actor.ppo_micro_batch_size_per_gpu="${MICRO:-8}" \
+        actor_rollout_ref.actor.ppo_micro_batch_size_per_gpu="${MICRO:-2}" \
         actor_rollout_ref.actor.ppo_epochs=1 \
         actor_rollout_ref.rollout.n=8 \
         actor_rollout_ref.rollout.temperature=0.6 \

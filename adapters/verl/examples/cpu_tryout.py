@@ -33,7 +33,7 @@ SHOWN = (
     "actor/disco/objective",
     "actor/disco/kl",
     "actor/disco/frac_groups_with_signal",
-    "actor/disco/split_responses",
+    "actor/disco/whole_questions",
     "actor/grad_norm",
 )
 

@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # GPU smoke test: a tiny random Qwen2 model built from a config, a synthetic a+b dataset,
-# 3 DisCO steps on one GPU. Needs verl[vllm] and discoloss[verl].
+# 3 DisCO steps on one GPU with the default weights=current: micro-batches of 2 responses
+# (questions of 4 split across them), two mini-batches per step (the second one plans from the
+# current-parameter forward pass). Needs verl[vllm] and discoloss[verl].
 # Usage: smoke_gpu.sh [OUT_DIR [overrides...]]
 set -euo pipefail
 OUT="${1:-/tmp/disco_smoke}"
@@ -39,7 +41,7 @@ python3 -m verl.trainer.main_ppo \
     actor_rollout_ref.model.path="$OUT/model" \
     actor_rollout_ref.rollout.n=4 \
     actor_rollout_ref.actor.ppo_mini_batch_size=8 \
-    actor_rollout_ref.actor.ppo_micro_batch_size_per_gpu=8 \
+    actor_rollout_ref.actor.ppo_micro_batch_size_per_gpu=2 \
     actor_rollout_ref.rollout.log_prob_micro_batch_size_per_gpu=16 \
     actor_rollout_ref.rollout.name=vllm actor_rollout_ref.rollout.gpu_memory_utilization=0.3 \
     actor_rollout_ref.actor.entropy_coeff=0 actor_rollout_ref.actor.use_kl_loss=false \
@@ -47,4 +49,5 @@ python3 -m verl.trainer.main_ppo \
     trainer.test_freq=-1 trainer.save_freq=-1 trainer.logger=[console] \
     trainer.default_local_dir="$OUT/ckpt" "$@" 2>&1 | tee "$OUT/smoke.log"
 grep -q "actor/disco/objective" "$OUT/smoke.log"
-grep "actor/disco/split_responses" "$OUT/smoke.log" | tail -1
+grep -q "actor/disco/plan_seconds" "$OUT/smoke.log"
+grep "actor/disco/whole_questions" "$OUT/smoke.log" | tail -1

@@ -13,6 +13,10 @@ What each stand-in replaces (and nothing else is changed):
   likewise its shared-memory CPU all-reduce op (``deepspeed.comm.torch.build_shm_op``, compiled
   at start-up, used only by inference kernels) is not built: torch.distributed's gloo remains.
 * ``NaiveReplayBuffer.__init__``'s ``torch.device(f"cuda:{current_device()}")``: ``cpu``.
+* Precision: the actor in float32 (``openrlhf.utils.utils.convert_to_torch_dtype`` returns
+  float32, and DeepSpeed's ``bf16`` section is disabled). OpenRLHF offers only bf16 and fp16
+  (``--ds.param_dtype``); the test compares every optimizer step's gradient with a float32
+  reference at 1e-5.
 * ``openrlhf.trainer.ray.vllm_engine.create_vllm_engines`` (vLLM): Ray actors generating with
   transformers (:mod:`rollout_standin`).
 * ``ActorPPOTrainer._init_vllm_sync_group`` (vLLM's NCCL group between actor rank 0 and the
@@ -24,7 +28,12 @@ What each stand-in replaces (and nothing else is changed):
 Probes (observation only; they return what the wrapped method returns): ``ActorPPOTrainer.
 training_step`` records each micro-batch's question ids, ``ActorPPOTrainer.ppo_train`` the
 status it returns and the Lagrange multiplier around it, as JSON lines in
-``$DISCOLOSS_E2E_OUT``. With ``DISCOLOSS_E2E_FAULT=old_log_probs`` the ``training_step`` probe of
+``$DISCOLOSS_E2E_OUT``. With ``DISCOLOSS_E2E_TRACE=1`` also, per ``ppo_train`` call and rank, a
+``trace_rank<r>_<call>.pt`` file: every micro-batch's inputs (sequences, masks, old log-probs,
+rewards, question ids) with the index of its optimizer step, and for every optimizer step the
+actor's parameters and the gradient DeepSpeed hands to the optimizer (after its all-reduce over
+the ranks, before clipping; read in ``DeepspeedStrategy.optimizer_step`` at DeepSpeed's
+accumulation boundary). With ``DISCOLOSS_E2E_FAULT=old_log_probs`` the ``training_step`` probe of
 the last rank puts a NaN into its first micro-batch's old log-probs (a fault on one rank).
 """
 
@@ -41,6 +50,10 @@ from typing import Any
 
 OUT = os.environ.get("DISCOLOSS_E2E_OUT")
 FAULT = os.environ.get("DISCOLOSS_E2E_FAULT")  # "old_log_probs": see probe_training_step
+TRACE = OUT is not None and os.environ.get("DISCOLOSS_E2E_TRACE") == "1"
+
+#: The trace of the running ``ppo_train`` call (see the module docstring).
+_trace: dict[str, Any] = {"micro": [], "steps": [], "calls": 0}
 
 
 # --------------------------------------------------------------------------------------------
@@ -115,9 +128,36 @@ def _deepspeed_strategy(module: ModuleType) -> None:
         optimizer = config.get("optimizer")
         if optimizer is not None and optimizer.get("type") == "AdamW":
             optimizer.setdefault("params", {})["torch_adam"] = True
+        config["bf16"] = {"enabled": False}  # float32 (see the module docstring)
         return config
 
     cls.get_ds_train_config = get_ds_train_config
+    if TRACE:
+        optimizer_step = cls.optimizer_step
+
+        def probe_optimizer_step(self: Any, optimizer: Any, model: Any, scheduler: Any,
+                                 name: str = "model", **kwargs: Any) -> Any:
+            engine = getattr(model, "model", model)
+            if name == "actor" and engine.is_gradient_accumulation_boundary():
+                params = dict(engine.module.named_parameters())
+                _trace["steps"].append({
+                    "params": {k: v.detach().clone() for k, v in params.items()},
+                    "grads": {k: v.grad.detach().clone() for k, v in params.items()},
+                })
+            return optimizer_step(self, optimizer, model, scheduler, name=name, **kwargs)
+
+        cls.optimizer_step = probe_optimizer_step
+
+
+def _float32(module: ModuleType) -> None:
+    import torch
+
+    convert = module.convert_to_torch_dtype
+
+    def convert_to_torch_dtype(param_dtype: str) -> Any:
+        return torch.float32 if param_dtype == "bf16" else convert(param_dtype)
+
+    module.convert_to_torch_dtype = convert_to_torch_dtype
 
 
 def _deepspeed_comm(module: ModuleType) -> None:
@@ -227,13 +267,29 @@ def _probes(cls: Any) -> None:
             record("fault", token=token)
         record("micro", group_ids=None if ids is None else ids.tolist(),
                rewards=experience.rewards.reshape(-1).tolist())
+        if TRACE:
+            _trace["micro"].append({
+                "step": len(_trace["steps"]),
+                "sequences": experience.sequences.detach().cpu().clone(),
+                "attention_mask": experience.attention_mask.detach().cpu().clone(),
+                "action_mask": experience.action_mask.detach().cpu().clone(),
+                "old": experience.action_log_probs.detach().cpu().clone(),
+                "rewards": experience.rewards.detach().cpu().reshape(-1).clone(),
+                "group_ids": ids.detach().cpu().clone(),
+            })
         return training_step(self, experience, *args, **kwargs)
 
     def probe_ppo_train(self: Any, *args: Any, **kwargs: Any) -> Any:
+        import torch
+
         before = _multiplier(self)
         status = ppo_train(self, *args, **kwargs)
         record("ppo_train", status={k: _number(v) for k, v in status.items()},
                multiplier_before=before, multiplier_after=_multiplier(self))
+        if TRACE:
+            torch.save({"micro": _trace["micro"], "steps": _trace["steps"]},
+                       os.path.join(OUT, f"trace_rank{_rank()}_{_trace['calls']}.pt"))
+            _trace.update(micro=[], steps=[], calls=_trace["calls"] + 1)
         return status
 
     cls.training_step = probe_training_step
@@ -242,6 +298,7 @@ def _probes(cls: Any) -> None:
 
 PATCHES: dict[str, Callable[[ModuleType], None]] = {
     "openrlhf": _torch_cuda,
+    "openrlhf.utils.utils": _float32,
     "openrlhf.utils.deepspeed.deepspeed": _deepspeed_strategy,
     "deepspeed.comm.torch": _deepspeed_comm,
     "openrlhf.trainer.ppo_utils.replay_buffer": _replay_buffer,

@@ -23,7 +23,7 @@ TESTS = HERE.parent
 STANDINS = TESTS / "standins"
 
 N = 4  # responses per question
-PROMPTS_PER_STEP = 8
+PROMPTS_PER_STEP = 5  # 20 samples: each of the 2 ranks gets 10, question 2 is split between them
 WORDS = [f"w{i}" for i in range(4, 32)]
 
 
@@ -37,9 +37,10 @@ def write_prompts(path: Path, num_prompts: int) -> str:
     return str(path)
 
 
-def launcher_flags(model: str, prompts: str, out: Path, ranks: int) -> list[str]:
-    """The launcher's flags: DisCO; per PPO step 8 questions, 2 optimizer steps, each of 2
-    micro-batches per rank with 2 ranks (1 question per micro-batch), 4 with 1; ZeRO-0 on CPU;
+def launcher_flags(model: str, prompts: str, out: Path, ranks: int, *, micro: int = 1
+                   ) -> list[str]:
+    """The launcher's flags: DisCO; per PPO step 5 questions of 4 responses, 2 optimizer steps
+    (train.batch_size = half a rollout), micro-batches of ``micro`` responses; ZeRO-0 on CPU;
     one rollout engine (the stand-in)."""
     samples = PROMPTS_PER_STEP * N
     return [
@@ -48,8 +49,8 @@ def launcher_flags(model: str, prompts: str, out: Path, ranks: int) -> list[str]
         "--data.prompt_dataset", prompts, "--data.input_key", "input",
         "--data.label_key", "label", "--data.max_len", "16",
         "--rollout.n_samples_per_prompt", str(N), "--rollout.batch_size", str(PROMPTS_PER_STEP),
-        "--rollout.micro_batch_size", str(N), "--rollout.max_new_tokens", "6",
-        "--train.batch_size", str(samples // 2), "--train.micro_batch_size", str(N),
+        "--rollout.micro_batch_size", "2", "--rollout.max_new_tokens", "6",
+        "--train.batch_size", str(samples // 2), "--train.micro_batch_size", str(micro),
         "--train.seed", "1",
         "--actor.num_nodes", "1", "--actor.num_gpus_per_node", str(ranks),
         "--actor.adam.lr", "1e-2", "--actor.lr_scheduler", "constant",
@@ -154,14 +155,18 @@ def main() -> None:
     parser.add_argument("--prompts", type=int, default=3 * PROMPTS_PER_STEP)
     parser.add_argument("--timeout", type=float, default=600)
     parser.add_argument("--fault", default=None, help="DISCOLOSS_E2E_FAULT (see orlhf_cpu)")
+    parser.add_argument("--micro", type=int, default=1, help="--train.micro_batch_size")
+    parser.add_argument("--trace", action="store_true", help="DISCOLOSS_E2E_TRACE=1")
     known, extra = parser.parse_known_args()
     out = known.out.resolve()
     out.mkdir(parents=True, exist_ok=True)
     model = save_tiny_model_with_tokenizer(out / "tiny")
     prompts = write_prompts(out / "prompts.jsonl", known.prompts)
-    result = run_launcher([*launcher_flags(model, prompts, out, known.ranks), *extra], out,
-                          ranks=known.ranks, timeout=known.timeout,
-                          env={"DISCOLOSS_E2E_FAULT": known.fault} if known.fault else None)
+    env = {"DISCOLOSS_E2E_FAULT": known.fault} if known.fault else {}
+    if known.trace:
+        env["DISCOLOSS_E2E_TRACE"] = "1"
+    result = run_launcher([*launcher_flags(model, prompts, out, known.ranks, micro=known.micro),
+                           *extra], out, ranks=known.ranks, timeout=known.timeout, env=env)
     print(result.output[-4000:])
     print(f"returncode={result.returncode} wall={result.wall_s:.0f}s leaked={result.leaked}")
 
