@@ -130,9 +130,10 @@ def drpo_positive_weights(
     """Self-normalised importance weights of the optimized positive distribution over the
     sampled positives: exp(pref_i / lam) / sum_k exp(pref_k / lam), in plain Python floats.
     A common factor exp(-max pref / lam) is taken out of numerator and denominator (exact
-    algebra) so that small lam does not overflow."""
-    top = max(preferences[i] / lam for i in pos)
-    e = {i: math.exp(preferences[i] / lam - top) for i in pos}
+    algebra), the preferences shifted before the division, so that neither a small lam nor
+    large preferences overflow (every exponent is <= 0)."""
+    top = max(preferences[i] for i in pos)
+    e = {i: math.exp((preferences[i] - top) / lam) for i in pos}
     z = sum(e.values())
     return {i: e[i] / z for i in pos}
 
@@ -436,12 +437,22 @@ def _softplus_t(d: Tensor, tau: float) -> Tensor:
 
 
 def ref_group_term(
-    pos: list[Tensor], neg: list[Tensor], objective: str, tau: float, alpha: float, margin: float
+    pos: list[Tensor],
+    neg: list[Tensor],
+    objective: str,
+    tau: float,
+    alpha: float,
+    margin: float,
+    pos_weights: Sequence[float] | None = None,
 ) -> Tensor:
-    """J_q of one question with both positives and negatives."""
+    """J_q of one question with both positives and negatives (``pos_weights``: DRPO's v of
+    the positives, in their order)."""
     mean_pos = torch.stack(pos).mean()
     if objective == "disco":
         return mean_pos - _lme(neg, tau)
+    if objective == "drpo":
+        assert pos_weights is not None
+        return sum((v * p for v, p in zip(pos_weights, pos)), pos[0] * 0.0) - _lme(neg, tau)
     if objective == "disco_b":
         return mean_pos - torch.stack(neg).mean()
     if objective == "disco_2way":
@@ -478,23 +489,32 @@ def ref_objective_any(
     cvar_alpha: float = 0.5,
     margin: float = 1.0,
     num_groups: float | None = None,
+    lam: float = 0.1,
+    preferences: Sequence[float] | None = None,
 ) -> Tensor:
-    """J for every objective; ``num_groups`` replaces the denominator (a piece of a batch)."""
+    """J for every objective; ``num_groups`` replaces the denominator (a piece of a batch).
+    ``lam``, ``preferences``: DRPO's (one preference per response)."""
     groups = ref_groups(rewards, group_ids, threshold)
     total = scores.sum() * 0.0
     for g in groups.order:
         if groups.has_signal(g):
             pos = [scores[i] for i in groups.pos[g]]
             neg = [scores[j] for j in groups.neg[g]]
-            total = total + ref_group_term(pos, neg, objective, tau, cvar_alpha, margin)
+            v = None
+            if objective == "drpo":
+                assert preferences is not None
+                vs = drpo_positive_weights(groups.pos[g], preferences, lam)
+                v = [vs[i] for i in groups.pos[g]]
+            total = total + ref_group_term(pos, neg, objective, tau, cvar_alpha, margin, v)
     denom = ref_denominator(groups, normalize) if num_groups is None else num_groups
     return total / max(denom, 1)
 
 
 def ref_constraint_penalty(
-    kl: Tensor, constraint: str, delta: float, beta: float, lam: float = 0.0
+    kl: Tensor, constraint: str, delta: float, beta: float, multiplier: float = 0.0
 ) -> Tensor:
-    """P(KL) of every constraint (the table of discoloss.constraints)."""
+    """P(KL) of every constraint (the table of discoloss.constraints); ``multiplier``: the
+    Lagrange multiplier's value."""
     excess = torch.clamp(kl - delta, min=0.0)
     if constraint == "squared_hinge":
         return 0.5 * beta * excess * excess
@@ -503,14 +523,14 @@ def ref_constraint_penalty(
     if constraint == "kl_penalty":
         return beta * kl
     if constraint == "lagrangian":
-        return lam * (kl - delta)
+        return multiplier * (kl - delta)
     if constraint == "none":
         return kl * 0.0
     raise AssertionError(constraint)
 
 
 def ref_constraint_slope(
-    kl: float, constraint: str, delta: float, beta: float, lam: float = 0.0
+    kl: float, constraint: str, delta: float, beta: float, multiplier: float = 0.0
 ) -> float:
     """dP/dKL."""
     if constraint == "squared_hinge":
@@ -520,7 +540,7 @@ def ref_constraint_slope(
     if constraint == "kl_penalty":
         return beta
     if constraint == "lagrangian":
-        return lam
+        return multiplier
     return 0.0
 
 
@@ -557,14 +577,19 @@ def ref_disco_any(
     threshold: float = 0.5,
     normalize: str = "all",
     constraint: str = "squared_hinge",
-    lam: float = 0.0,
+    multiplier: float = 0.0,
     cvar_alpha: float = 0.5,
     margin: float = 1.0,
     clip_eps: float = 0.2,
+    lam: float = 0.1,
+    max_length: int | None = None,
+    preferences: Tensor | None = None,
     num_groups: float | None = None,
     num_tokens: float | None = None,
 ) -> RefLoss:
-    """disco_loss for every option, from any-dtype inputs (cast to float64).
+    """disco_loss for every option, from any-dtype inputs (cast to float64). ``multiplier``:
+    the Lagrange multiplier's value; ``lam``, ``max_length``, ``preferences``: DRPO's (the
+    preferences given, else the length reward 1 - |o| / max_length counted from the mask).
 
     With ``num_tokens`` (a piece of a larger batch of N tokens): kl = sum_i k_i / N and
     penalty = (n / N) * P(sum_i k_i / n), n the piece's own tokens.
@@ -578,9 +603,15 @@ def ref_disco_any(
     g = [int(v) for v in group_ids.tolist()]
     positive = [v > threshold for v in r]
     scores = ref_token_scores(lp, old, m, score, positive, clip_eps)
+    prefs: list[float] | None = None
+    if preferences is not None:
+        prefs = [float(v) for v in preferences.double().tolist()]
+    elif objective == "drpo":
+        assert max_length is not None
+        prefs = ref_length_preferences(m, max_length)
     j = ref_objective_any(
         scores, r, g, objective=objective, tau=tau, threshold=threshold, normalize=normalize,
-        cvar_alpha=cvar_alpha, margin=margin, num_groups=num_groups,
+        cvar_alpha=cvar_alpha, margin=margin, num_groups=num_groups, lam=lam, preferences=prefs,
     )  # fmt: skip
     kl_sums = ref_kl_sums(lp, old, m, kl_estimator)
     lengths = [len(response_positions(row)) for row in m]
@@ -588,10 +619,11 @@ def ref_disco_any(
     local_kl = kl_sums.sum() / n
     if num_tokens is None:
         kl = local_kl
-        penalty = ref_constraint_penalty(kl, constraint, delta, beta, lam)
+        penalty = ref_constraint_penalty(kl, constraint, delta, beta, multiplier)
     else:
         kl = kl_sums.sum() / num_tokens
-        penalty = (n / num_tokens) * ref_constraint_penalty(local_kl, constraint, delta, beta, lam)
+        local_penalty = ref_constraint_penalty(local_kl, constraint, delta, beta, multiplier)
+        penalty = (n / num_tokens) * local_penalty
     loss = -j + penalty
     (grad,) = torch.autograd.grad(loss, lp, allow_unused=True, materialize_grads=True)
     return RefLoss(
@@ -615,6 +647,9 @@ def ref_objective_and_weights(
     s = scores.detach().to(F64).clone().requires_grad_(True)
     r = [float(v) for v in rewards.double().tolist()]
     g = [int(v) for v in group_ids.tolist()]
+    prefs = options.pop("preferences", None)
+    if isinstance(prefs, Tensor):
+        options["preferences"] = [float(v) for v in prefs.double().tolist()]
     j = ref_objective_any(s, r, g, **options)  # type: ignore[arg-type]
     (w,) = torch.autograd.grad(j, s, allow_unused=True, materialize_grads=True)
     return j.detach(), w

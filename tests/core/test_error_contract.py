@@ -267,6 +267,30 @@ def test_labels_compare_rewards_with_the_threshold_in_float64(batch):
         assert float(a.metrics["frac_positive"]) == float(b.metrics["frac_positive"]) == 1.0
 
 
+def test_drpo_weights_do_not_depend_on_the_scores_dtype_or_a_small_lam():
+    """DRPO's logits pref / lam were formed in the scores' dtype: a lam below float32's range
+    or float64 preferences beyond it gave nan (refused under validate with a message blaming
+    the scores), and preferences closer than float32 resolves were treated as equal (a
+    silently wrong weighting)."""
+    lp = torch.tensor([[-1.0, -2.0], [-1.5, -0.5], [-1.0, -1.0]])
+    mask, rewards, ids = torch.ones(3, 2), torch.tensor([1.0, 1.0, 0.0]), torch.zeros(3).long()
+    cases: list[dict[str, Any]] = [
+        dict(preferences=torch.tensor([1e300, -1e300, 0.0], dtype=torch.float64)),
+        dict(preferences=torch.tensor([1.0, 1.0 + 2e-12, 0.0], dtype=torch.float64), lam=1e-12),
+        dict(max_length=4, lam=1e-40),
+    ]  # fmt: skip
+    for kwargs in cases:
+        for validate in (True, False):
+            out = disco_loss(lp, lp, mask, rewards, ids, objective="drpo", validate=validate,
+                             **kwargs)  # fmt: skip
+            ref = ref_disco_any(
+                lp, lp, mask, rewards, ids, objective="drpo",
+                lam=float(kwargs.get("lam", 0.1)), max_length=kwargs.get("max_length"),
+                preferences=kwargs.get("preferences"),
+            )  # fmt: skip
+            assert float(out.objective) == pytest.approx(float(ref.objective), rel=1e-6, abs=1e-6)
+
+
 # --------------------------------------------------------------------------- multiplier
 
 

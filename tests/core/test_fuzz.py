@@ -380,7 +380,7 @@ def check_loss_against_reference(case: LossCase, out: Any, validate: bool) -> No
         score=o["score"], objective=o["objective"], tau=resolved_tau(o),
         delta=float(o["delta"]), beta=float(o["beta"]), kl_estimator=o["kl_estimator"],
         threshold=float(o["threshold"]), normalize=o["normalize"],
-        constraint=o["constraint"], lam=case.lam, cvar_alpha=float(o["cvar_alpha"]),
+        constraint=o["constraint"], multiplier=case.lam, cvar_alpha=float(o["cvar_alpha"]),
         margin=float(o["margin"]), clip_eps=float(o["clip_eps"]),
         num_groups=case.num_groups, num_tokens=case.num_tokens,
     )  # fmt: skip
