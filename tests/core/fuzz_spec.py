@@ -14,13 +14,14 @@ tables. A row says:
 * whether the library checks it (``checked``): a flag the library takes as any truthy value
   (e.g. ``validate``) is drawn only from its valid values.
 
-A new objective with its own options and inputs (e.g. one with a temperature ``lam > 0``, an
-``int >= 1`` option and a per-response tensor) takes: its name in ``OBJECTIVES`` (the suite
-fails until then: ``test_the_tables_know_every_option_value_of_the_library``), one row per
-option in ``DISCO`` (``Real(0.0, low_open=True, dtype_limit=scale_limit, limited_when=...)``
-for a temperature, ``Int(1)`` for a count), its group term in ``reference.ref_group_term``,
-and, for a new tensor argument, an entry in the role tables of ``test_fuzz.py`` (``RESP_FLOAT``
-for a per-response float tensor) so that it is mutated like the others.
+A new objective with its own options and inputs takes what DRPO took: its name in
+``OBJECTIVES`` (the suite fails until then:
+``test_the_tables_know_every_option_value_of_the_library``), one row per option in ``DISCO``
+(``lam``: a ``Real`` open at 0; ``max_length``: an ``Int`` from 1 that may be None; a
+``dtype_limit`` where the option must fit the computation dtype), its group term in
+``reference.ref_group_term``, and, for a new tensor argument, a way to draw it and a role
+(``preferences``: ``draw_preferences`` in ``test_fuzz.py``, mutated as a ``RESP_REAL``) so that
+it is made wrong like the others.
 
 Values are drawn in three regions: *inside* (typical values a user would pass and arbitrary
 floats of the interval), *at* (the ends of the interval and of the dtype limit, exactly), and
@@ -45,11 +46,11 @@ INF = math.inf
 #: Objectives, scores, constraints... the suite has a reference for. ``test_fuzz`` checks that
 #: they are exactly the library's: a new one fails the suite until its reference is written.
 SCORES = ("log_likelihood", "likelihood_ratio", "clipped_ratio")
-OBJECTIVES = ("disco", "disco_b", "cvar", "disco_2way", "auc_sq_hinge", "auc_logistic")
+OBJECTIVES = ("disco", "disco_b", "drpo", "cvar", "disco_2way", "auc_sq_hinge", "auc_logistic")
 KL_ESTIMATORS = ("k1", "k3")
 NORMALIZES = ("all", "valid")
 CONSTRAINTS = ("squared_hinge", "hinge", "kl_penalty", "lagrangian", "none")
-TEMPERATURE_OBJECTIVES = ("disco", "disco_2way", "auc_logistic")
+TEMPERATURE_OBJECTIVES = ("disco", "drpo", "disco_2way", "auc_logistic")
 
 
 def computation_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -187,6 +188,9 @@ DISCO: dict[str, Spec] = {
         typical=(1.0, 0.0, 0.1, 5.0),
     ),  # fmt: skip
     "clip_eps": Real(0.0, 1.0, low_open=True, high_open=True, default=0.2, typical=(0.2, 0.05)),
+    # DRPO's: any lam > 0 works in every dtype (its logits are formed in float64)
+    "lam": Real(0.0, low_open=True, default=0.1, typical=(0.1, 1.0, 0.01, 1e-4, 1e-12, 1e3)),
+    "max_length": Int(1, none=True, typical=(1, 3, 8, 4096)),
 }
 
 #: The GRPO-family baselines (discoloss.baselines).
@@ -218,7 +222,7 @@ MULTIPLIER: dict[str, Spec] = {
 
 #: discoloss.analysis.
 ANALYSIS: dict[str, Spec] = {
-    "method": Choice(("grpo", "dr_grpo", "dapo", "disco", "disco_b"), default="grpo"),
+    "method": Choice(("grpo", "dr_grpo", "dapo", "disco", "disco_b", "drpo"), default="grpo"),
     "n": Int(1, none=True, typical=(1, 2, 3, 8, 16)),
     "expected": Flag(default=False),
     "std_unbiased": Flag(default=True),
@@ -228,6 +232,8 @@ ANALYSIS: dict[str, Spec] = {
     "token_normalizer": Real(0.0, low_open=True, none=True, typical=(4.0, 1.5)),
     "bins": Int(1, default=10, typical=(1, 10, 3)),
     "binarize": Flag(default=False),
+    "lam": Real(0.0, low_open=True, default=0.1, typical=(0.1, 1.0, 1e-3)),
+    "max_length": Int(1, none=True, typical=(1, 8, 4096)),
 }
 
 

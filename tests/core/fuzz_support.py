@@ -26,7 +26,8 @@ the largest ratio exp(log_probs - old):
   its own terms (``16 B u M``, M the largest magnitude among them: scores, J, and tau for the
   logistic objective whose pair losses are ~tau log 2);
 * the penalty moves by its slope times ``dkl``;
-* a response's weight dJ/ds moves with its scores by at most: 0 (DisCO-b),
+* a response's weight dJ/ds moves with its scores by at most: 0 (DisCO-b; DRPO's positives,
+  whose weights depend on the preferences only),
   ``expm1(2 ds / tau) / G`` (softmax weights: ||dq||_1 <= e^(2 ||dz||_inf) - 1),
   ``ds / tau / G`` (logistic), ``8 ds / G`` (squared hinge), ``2 / G`` when two negatives of a
   question are within ``4 ds`` (CVaR's rank weights jump at ties); each bounded by 2/G. The
@@ -466,7 +467,7 @@ def weight_sensitivity(
     g = max(denom, 1.0)
     if objective == "disco_b":
         return 0.0
-    if objective in ("disco", "disco_2way"):
+    if objective in ("disco", "drpo", "disco_2way"):  # DRPO's positive weights: scores-free
         return min(2.0, math.expm1(min(2.0 * ds / tau, 700.0))) / g
     if objective == "auc_logistic":
         return min(2.0, ds / tau) / g

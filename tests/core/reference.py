@@ -742,7 +742,7 @@ def ref_difficulty_weight(
         if x <= 0.0 or x >= 1.0:
             return 0.0
         q = x * (1 - x)
-        if method in ("disco", "disco_b"):
+        if method in ("disco", "disco_b", "drpo"):
             return 1.0
         if method == "dr_grpo":
             return q
@@ -754,7 +754,7 @@ def ref_difficulty_weight(
     if n is None:
         if p <= 0.0 or p >= 1.0:
             return 0.0
-        if method in ("disco", "disco_b"):
+        if method in ("disco", "disco_b", "drpo"):
             return 1.0
         return p * (1 - p) if method == "dr_grpo" else math.sqrt(p * (1 - p))
     if not expected:

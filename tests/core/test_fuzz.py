@@ -26,6 +26,7 @@ from typing import Any, get_args
 
 import pytest
 import torch
+from conftest import INT64_MAX, INT64_MIN
 from fuzz_spec import (
     BASELINES,
     CONSTRAINTS,
@@ -230,20 +231,85 @@ def multiplier_for(draw: st.DrawFn, constraint: Any) -> tuple[dict[str, Any], fl
     return ({"multiplier": None} if choice == "none" else {"multiplier": 0.5}), 0.0, False
 
 
+def preference_tensor(draw: st.DrawFn, b: int) -> Tensor:
+    """DRPO preferences (B,) of any kind the library takes: values in [0, 1], length rewards,
+    ties, values closer than float32 resolves, values near the dtype's largest number, int64
+    (extremes included)."""
+    kind = draw(st.sampled_from(["unit", "lengths", "equal", "close", "huge", "int"]))
+    if kind == "int":
+        ints = st.one_of(st.sampled_from([INT64_MIN, INT64_MAX, 0]), st.integers(-100, 100))
+        return torch.tensor(draw(st.lists(ints, min_size=b, max_size=b)), dtype=torch.int64)
+    dtype = draw(st.sampled_from([F64, torch.float32, torch.float16]))
+    if kind == "unit":
+        values = draw(st.lists(st.floats(0.0, 1.0), min_size=b, max_size=b))
+    elif kind == "lengths":
+        n = draw(st.integers(1, 100))
+        values = [1.0 - k / n for k in draw(st.lists(st.integers(1, 50), min_size=b, max_size=b))]
+    elif kind == "equal":
+        values = [0.5] * b
+    elif kind == "close":
+        values = [
+            1.0 + k * 2.0**-40 for k in draw(st.lists(st.integers(0, 3), min_size=b, max_size=b))
+        ]
+    else:
+        big = torch.finfo(dtype).max
+        values = [x * big for x in draw(st.lists(st.floats(-1.0, 1.0), min_size=b, max_size=b))]
+    return torch.tensor(values, dtype=F64).to(dtype)
+
+
+def drpo(draw: st.DrawFn) -> dict[str, Any] | None:
+    """``objective="drpo"`` fixed in about one call in five (the objective it adds has inputs
+    of its own: a fair share of the examples), else None (the objective is drawn)."""
+    return {"objective": "drpo"} if chance(draw, 1, 5) else None
+
+
+def draw_preferences(
+    draw: st.DrawFn, b: int, objective: Any, max_length: Any, *, default_available: bool = True
+) -> tuple[Tensor | None, tuple[str, ...]]:
+    """DRPO's ``preferences`` for a call: (the tensor to pass or None, the names the error must
+    carry, () for a valid call). ``default_available``: whether the function can form the
+    default length preference (it needs ``max_length`` and the responses' lengths)."""
+    if objective != "drpo":
+        if chance(draw, 1, 10):  # preferences of another objective
+            return preference_tensor(draw, b), ("preferences",)
+        return None, ()
+    has_default = default_available and max_length is not None
+    if has_default and chance(draw, 1, 2):
+        return None, ()
+    if chance(draw, 1, 8):
+        return None, (() if has_default else ("preferences", "max_length"))
+    return preference_tensor(draw, b), ()
+
+
+def none_preferences_verdict(objective: Any, max_length: Any, default_available: bool) -> str:
+    """The verdict of a call whose preferences a mutation replaced by None."""
+    if objective == "drpo" and (max_length is None or not default_available):
+        return INVALID
+    return VALID
+
+
 @st.composite
 def loss_cases(draw: st.DrawFn) -> LossCase:
     tokens = draw(token_batches())
     validate = draw(st.sampled_from([True, True, False]))
-    opts = draw_options(draw, DISCO, tuple(DISCO), dtype=tokens.compute_dtype)
+    opts = draw_options(draw, DISCO, tuple(DISCO), dtype=tokens.compute_dtype, fixed=drpo(draw))
     kwargs = dict(opts.kwargs, validate=validate)
     args = {k: getattr(tokens, k) for k in LOSS_ROLES}
     verdict, names, what = VALID, (), "valid"
     if opts.invalid is not None:
         verdict, names, what = INVALID, (opts.invalid,), f"option {opts.invalid}"
     mult, lam, mult_ok = multiplier_for(draw, opts.resolved["constraint"])
+    if not mult_ok and verdict != VALID:  # one wrong thing at most
+        mult, mult_ok = {"multiplier": LagrangeMultiplier(init=lam)}, True
     kwargs.update(mult)
     if verdict == VALID and not mult_ok:
         verdict, names, what = INVALID, ("multiplier",), "multiplier"
+    objective, max_length = opts.resolved["objective"], opts.resolved["max_length"]
+    prefs, pref_names = draw_preferences(draw, tokens.rewards.shape[0], objective, max_length)
+    if prefs is not None:
+        args["preferences"] = prefs
+    if verdict == VALID and pref_names:
+        verdict, names, what = INVALID, pref_names, "preferences"
     case = LossCase(tokens, args, kwargs, opts, verdict, names, what, lam=lam)
     # counts of a larger batch (a wrong one only when nothing else is wrong)
     threshold, normalize = opts.resolved["threshold"], opts.resolved["normalize"]
@@ -270,11 +336,26 @@ def loss_cases(draw: st.DrawFn) -> LossCase:
             if validate:
                 case.verdict, case.names, case.what = INVALID, ("validate",), "meta, validate"
         else:
-            m = mutate(draw, args, LOSS_ROLES, validate=validate)
+            m = mutate(draw, args, loss_roles(args), validate=validate)
             case.args, case.what = m.args, m.what
             if m.verdict != VALID:
                 case.verdict, case.names = m.verdict, m.names
+            if "preferences" in args and m.args["preferences"] is None:
+                case.verdict = none_preferences_verdict(objective, max_length, True)
+                case.names = ("preferences", "max_length")
     return case
+
+
+def loss_roles(args: Mapping[str, Any]) -> dict[str, str]:
+    """The roles of a loss call's tensor arguments (DRPO's preferences when passed)."""
+    return {**LOSS_ROLES, **({"preferences": RESP_REAL} if "preferences" in args else {})}
+
+
+def split_args(
+    args: Mapping[str, Any], positional: Mapping[str, Any]
+) -> tuple[list[Any], dict[str, Any]]:
+    """The positional arguments (in the order of ``positional``) and the keyword ones."""
+    return [args[k] for k in positional], {k: v for k, v in args.items() if k not in positional}
 
 
 def loss_tolerances(case: LossCase, ref: Any, m: Magnitudes) -> dict[str, float]:
@@ -333,7 +414,7 @@ def loss_tolerances(case: LossCase, ref: Any, m: Magnitudes) -> dict[str, float]
         g_obj += 2.0 * w_bound * tok / m.n_min
     kfac = 1.0 if o["kl_estimator"] == "k1" else max(m.R, 1.0) + 1.0
     slope_err = {"squared_hinge": beta * dkl, "hinge": 0.0}.get(constraint, 0.0)
-    if constraint == "hinge" and abs(local_kl - delta) <= dkl + 16 * u * delta:
+    if constraint == "hinge" and abs(local_kl - delta) <= dkl + 16 * u * delta + subnormal(f):
         slope_err = beta
     rel_k = 1.0 if o["kl_estimator"] == "k1" else 1.0 + m.D + 2.0 * m.L
     g_pen = (prod(slope_err, kfac) + prod(64 * u * rel_k, slope, kfac)) / n_all
@@ -382,7 +463,8 @@ def check_loss_against_reference(case: LossCase, out: Any, validate: bool) -> No
         threshold=float(o["threshold"]), normalize=o["normalize"],
         constraint=o["constraint"], multiplier=case.lam, cvar_alpha=float(o["cvar_alpha"]),
         margin=float(o["margin"]), clip_eps=float(o["clip_eps"]),
-        num_groups=case.num_groups, num_tokens=case.num_tokens,
+        num_groups=case.num_groups, num_tokens=case.num_tokens, lam=float(o["lam"]),
+        max_length=o["max_length"], preferences=case.args.get("preferences"),
     )  # fmt: skip
     m = magnitudes(t.log_probs, t.old_log_probs, t.mask, (ref.positive, float(o["clip_eps"])))
     f = t.compute_dtype
@@ -420,8 +502,10 @@ def test_disco_loss(case: LossCase) -> None:
     )
     args["log_probs"] = leaf
 
+    positional, keywords = split_args(args, LOSS_ROLES)
+
     def call() -> Any:
-        out = disco_loss(*args.values(), **case.kwargs)
+        out = disco_loss(*positional, **keywords, **case.kwargs)
         if case.meta:
             return out, None
         (grad,) = torch.autograd.grad(out.loss, leaf, allow_unused=True, materialize_grads=True)
@@ -548,7 +632,7 @@ def test_kl_divergence(case: tuple[Any, ...]) -> None:
 
 # --------------------------------------------------------------------------- objective
 
-OBJECTIVE_OPTIONS = ("objective", "tau", "threshold", "normalize", "cvar_alpha", "margin")
+OBJECTIVE_OPTIONS = ("objective", "tau", "threshold", "normalize", "cvar_alpha", "margin", "lam")
 SCORE_ROLES = {"scores": RESP_FLOAT, "rewards": RESP_REAL, "group_ids": RESP_INT}
 # discriminative_objective's tau defaults to 10 (None also means 10)
 OBJECTIVE_TABLE = dict(DISCO)
@@ -565,16 +649,29 @@ def objective_cases(draw: st.DrawFn) -> tuple[Any, ...]:
     validate = draw(st.sampled_from([True, True, False]))
     f = F64 if dtype == F64 else torch.float32
     defaults = signature_defaults(discriminative_objective)
-    opts = draw_options(draw, OBJECTIVE_TABLE, OBJECTIVE_OPTIONS, dtype=f, defaults=defaults)
+    opts = draw_options(
+        draw, OBJECTIVE_TABLE, OBJECTIVE_OPTIONS, dtype=f, defaults=defaults, fixed=drpo(draw)
+    )
     args = {"scores": scores, "rewards": tokens.rewards, "group_ids": tokens.group_ids}
     verdict, names, what = VALID, (), "valid"
+    objective = opts.resolved["objective"]
+    # scores carry no lengths: DRPO needs its preferences here
+    prefs, pref_names = draw_preferences(draw, b, objective, None, default_available=False)
+    if prefs is not None:
+        args["preferences"] = prefs
     if opts.invalid is not None:
         verdict, names, what = INVALID, (opts.invalid,), f"option {opts.invalid}"
+    elif pref_names:
+        verdict, names, what = INVALID, pref_names, "preferences"
     else:
-        m = mutate(draw, args, SCORE_ROLES, validate=validate)
+        roles = {**SCORE_ROLES, **({"preferences": RESP_REAL} if prefs is not None else {})}
+        m = mutate(draw, args, roles, validate=validate)
         args, what = m.args, m.what
         if m.verdict != VALID:
             verdict, names = m.verdict, m.names
+        if prefs is not None and args["preferences"] is None:
+            verdict = none_preferences_verdict(objective, None, False)
+            names = ("preferences", "max_length")
     return args, opts, validate, verdict, names, what, f
 
 
@@ -583,7 +680,8 @@ def objective_cases(draw: st.DrawFn) -> tuple[Any, ...]:
 def test_discriminative_objective_and_weights(case: tuple[Any, ...], which: str) -> None:
     args, opts, validate, verdict, names, what, f = case
     fn = discriminative_objective if which == "objective" else discriminative_weights
-    out = run_call(lambda: fn(*args.values(), **opts.kwargs, validate=validate))
+    positional, keywords = split_args(args, SCORE_ROLES)
+    out = run_call(lambda: fn(*positional, **keywords, **opts.kwargs, validate=validate))
     arguments = parameters(fn)
     if not check_token_outcome(out, verdict, names, what, arguments):
         return
@@ -593,6 +691,7 @@ def test_discriminative_objective_and_weights(case: tuple[Any, ...], which: str)
     j, w = ref_objective_and_weights(
         s, r, g, objective=o["objective"], tau=tau, threshold=float(o["threshold"]),
         normalize=o["normalize"], cvar_alpha=float(o["cvar_alpha"]), margin=float(o["margin"]),
+        lam=float(o["lam"]), preferences=args.get("preferences"),
     )  # fmt: skip
     big = overflows(f, j, w, s.double().abs().max() * 4)
     if out.error is not None:
@@ -841,7 +940,7 @@ def test_lagrange_multiplier(data: st.DataObject, kl: tuple[Any, bool, str], val
 
 PLAN_OPTIONS = (
     "score", "objective", "tau", "delta", "beta", "threshold", "normalize", "constraint",
-    "cvar_alpha", "margin",
+    "cvar_alpha", "margin", "lam", "max_length",
 )  # fmt: skip
 STATS_ROLES = {
     "scores": RESP_FLOAT,
@@ -863,16 +962,24 @@ def plan_cases(draw: st.DrawFn) -> tuple[Any, ...]:
     stats = {"scores": scores.to(dtype), "kl_sums": kl_sums.to(dtype), "lengths": lengths.to(dtype)}
     validate = draw(st.sampled_from([True, True, False]))
     f = F64 if dtype == F64 else torch.float32
-    opts = draw_options(draw, DISCO, PLAN_OPTIONS, dtype=f)
+    opts = draw_options(draw, DISCO, PLAN_OPTIONS, dtype=f, fixed=drpo(draw))
     kwargs = dict(opts.kwargs, validate=validate)
     mult, lam, ok = multiplier_for(draw, opts.resolved["constraint"])
+    if not ok and opts.invalid is not None:  # one wrong thing at most
+        mult, ok = {"multiplier": LagrangeMultiplier(init=lam)}, True
     kwargs.update(mult)
     args = dict(stats, rewards=tokens.rewards, group_ids=tokens.group_ids)
     verdict, names, what = VALID, (), "valid"
+    objective, max_length = opts.resolved["objective"], opts.resolved["max_length"]
+    prefs, pref_names = draw_preferences(draw, b, objective, max_length)
+    if prefs is not None:
+        args["preferences"] = prefs
     if opts.invalid is not None:
         verdict, names, what = INVALID, (opts.invalid,), f"option {opts.invalid}"
     elif not ok:
         verdict, names, what = INVALID, ("multiplier",), "multiplier"
+    elif pref_names:
+        verdict, names, what = INVALID, pref_names, "preferences"
     else:
         kind = draw(st.sampled_from(["mutate", "mutate", "length"]))
         if kind == "length":
@@ -881,11 +988,15 @@ def plan_cases(draw: st.DrawFn) -> tuple[Any, ...]:
             args["lengths"] = y
             verdict, names, what = (INVALID if validate else UNCHECKED), ("stats.lengths",), "len"
         else:
-            m = mutate(draw, args, STATS_ROLES, validate=validate)
+            roles = {**STATS_ROLES, **({"preferences": RESP_REAL} if prefs is not None else {})}
+            m = mutate(draw, args, roles, validate=validate)
             args, what = m.args, m.what
             if m.verdict != VALID:
                 verdict = m.verdict
                 names = tuple(f"stats.{n}" if n in stats else n for n in m.names)
+            if prefs is not None and args["preferences"] is None:
+                verdict = none_preferences_verdict(objective, max_length, True)
+                names = ("preferences", "max_length")
     return args, kwargs, opts, lam, verdict, names, what, f
 
 
@@ -894,7 +1005,12 @@ def plan_cases(draw: st.DrawFn) -> tuple[Any, ...]:
 def test_plan_minibatch(case: tuple[Any, ...]) -> None:
     args, kwargs, opts, lam, verdict, names, what, f = case
     stats = ResponseStats(args["scores"], args["kl_sums"], args["lengths"])
-    out = run_call(lambda: plan_minibatch(stats, args["rewards"], args["group_ids"], **kwargs))
+    prefs = args.get("preferences")
+    out = run_call(
+        lambda: plan_minibatch(
+            stats, args["rewards"], args["group_ids"], preferences=prefs, **kwargs
+        )
+    )
     arguments = parameters(plan_minibatch) + tuple(f"stats.{n}" for n in ResponseStats._fields)
     context = f"{what}; {kwargs}"
     if verdict == INVALID:
@@ -909,9 +1025,13 @@ def test_plan_minibatch(case: tuple[Any, ...]) -> None:
     k = stats.kl_sums.double()
     n = stats.lengths.double()
     r, g = args["rewards"], args["group_ids"]
+    if prefs is None and o["objective"] == "drpo":
+        # the paper's length reward from the stats' token counts
+        prefs = torch.tensor([1.0 - float(x) / o["max_length"] for x in n], dtype=F64)
     j, w = ref_objective_and_weights(
         s, r, g, objective=o["objective"], tau=resolved_tau(o), threshold=float(o["threshold"]),
         normalize=o["normalize"], cvar_alpha=float(o["cvar_alpha"]), margin=float(o["margin"]),
+        lam=float(o["lam"]), preferences=prefs,
     )  # fmt: skip
     kl = k.sum() / n.sum()
     delta, beta = float(o["delta"]), float(o["beta"])
@@ -946,7 +1066,7 @@ def test_plan_minibatch(case: tuple[Any, ...]) -> None:
     assert_close("kl", plan.output.kl, kl, dkl)
     slope_err = {
         "squared_hinge": beta * dkl,
-        "hinge": beta if abs(float(kl) - delta) <= dkl + 16 * u * delta else 0.0,
+        "hinge": beta if abs(float(kl) - delta) <= dkl + 16 * u * delta + subnormal(f) else 0.0,
     }
     assert_close(
         "kl_coef", plan.kl_coef, slope,
@@ -1129,7 +1249,7 @@ def test_micro_batch_loss(case: tuple[Any, ...]) -> None:
     if (
         coef is None
         and o["constraint"] == "hinge"
-        and abs(float(k.detach().sum() / n_local) - delta) <= dkl + 16 * u * delta
+        and abs(float(k.detach().sum() / n_local) - delta) <= dkl + 16 * u * delta + subnormal(f)
     ):
         slope_err = beta
     rel = 1.0 if o["score"] == "log_likelihood" else 1.0 + m.D_score + 2.0 * m.L

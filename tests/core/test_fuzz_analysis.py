@@ -25,6 +25,7 @@ from fuzz_support import (
     RESP_REAL,
     UNCHECKED,
     VALID,
+    chance,
     expect_error,
     fuzz,
     mutate,
@@ -34,7 +35,7 @@ from fuzz_support import (
 )
 from hypothesis import given
 from hypothesis import strategies as st
-from reference import naive_advantages, ref_difficulty_weight
+from reference import drpo_positive_weights, naive_advantages, ref_difficulty_weight
 
 from discoloss.analysis import difficulty_report, difficulty_weight, implied_weights
 from discoloss.analysis.cli import main as analyze_main
@@ -46,7 +47,7 @@ from discoloss.analysis.rollouts import (
     load_rollouts,
 )
 
-METHODS = ("grpo", "dr_grpo", "dapo", "disco", "disco_b")
+METHODS = ("grpo", "dr_grpo", "dapo", "disco", "disco_b", "drpo")
 
 
 # --------------------------------------------------------------------------- weights
@@ -201,11 +202,19 @@ def test_implied_weights(data: st.DataObject) -> None:
 def test_difficulty_report(data: st.DataObject) -> None:
     draw = data.draw
     tokens = draw(token_batches(max_groups=5, max_group=4, max_t=1))
-    names = ("threshold", "bins", "binarize", "std_unbiased", "eps")
+    names = ("threshold", "bins", "binarize", "std_unbiased", "eps", "lam", "max_length")
     defaults = signature_defaults(difficulty_report)
     opts = draw(options(ANALYSIS, names, defaults=defaults))
     kwargs = dict(opts.kwargs)
     verdict, bad, what = VALID, (), "valid"
+    b = tokens.rewards.shape[0]
+    lengths = None
+    if draw(st.booleans()):  # DRPO's weights within the correct answers
+        counts = draw(st.lists(st.integers(0, 60), min_size=b, max_size=b))
+        lengths = torch.tensor(counts, dtype=draw(st.sampled_from([F64, torch.int64])))
+        kwargs["lengths"] = lengths
+    elif opts.resolved["max_length"] is not None and opts.invalid is None:
+        verdict, bad, what = INVALID, ("max_length",), "max_length without lengths"
     method_kind = draw(st.sampled_from(["default", "subset", "bad"]))
     if method_kind == "subset":
         kwargs["methods"] = draw(st.lists(st.sampled_from(METHODS), min_size=1, unique=True))
@@ -224,6 +233,14 @@ def test_difficulty_report(data: st.DataObject) -> None:
     roles = {"rewards": RESP_REAL, "group_ids": RESP_INT}
     if opts.invalid is not None:
         verdict, bad, what = INVALID, (opts.invalid,), "option"
+    elif verdict == VALID and lengths is not None and chance(draw, 1, 5):
+        kwargs["lengths"] = draw(
+            st.sampled_from(
+                [lengths[:-1] if b > 1 else lengths[:0], lengths.reshape(1, -1), lengths.tolist(),
+                 lengths.to(torch.bool), -lengths - 1, lengths.double() * math.nan]
+            )
+        )  # fmt: skip
+        verdict, bad, what = INVALID, ("lengths",), "bad lengths"
     elif verdict == VALID:
         m = mutate(draw, args, roles, validate=True)
         args, what = m.args, m.what
@@ -251,7 +268,7 @@ def test_difficulty_report(data: st.DataObject) -> None:
     pg = [float(r > thr) for r in rewards] if o["binarize"] else rewards
     b, g = len(rewards), len(ids)
     for method in kwargs.get("methods", METHODS):
-        if method in ("disco", "disco_b"):
+        if method in ("disco", "disco_b", "drpo"):
             want = [1.0 if s else 0.0 for s in signal]
         else:
             adv = naive_advantages(
@@ -263,7 +280,42 @@ def test_difficulty_report(data: st.DataObject) -> None:
         torch.testing.assert_close(
             rep.weights[method], torch.tensor(want, dtype=F64), rtol=1e-9, atol=1e-12
         )
+    if lengths is not None:
+        check_drpo_report(rep, rewards, groups, ids, signal, lengths, o, thr)
     assert rep.to_table()  # renders
+
+
+def check_drpo_report(
+    rep: Any,
+    rewards: list[float],
+    groups: list[int],
+    ids: list[int],
+    signal: list[bool],
+    lengths: torch.Tensor,
+    o: dict[str, Any],
+    thr: float,
+) -> None:
+    """DRPO's weights within each question's correct answers against the paper's formula:
+    v = softmax over the positives of (1 - |o| / max_length) / lam, max_length by default the
+    longest response of the batch."""
+    lens = [float(x) for x in lengths.double()]
+    max_length = o["max_length"] if o["max_length"] is not None else max(1, math.ceil(max(lens)))
+    prefs = [1.0 - x / max_length for x in lens]
+    pw = rep.positive_weights
+    assert pw is not None and pw.max_length == max_length
+    for k, q in enumerate(ids):
+        pos = [i for i, x in enumerate(groups) if x == q and rewards[i] > thr]
+        assert int(pw.num_positives[k]) == len(pos)
+        if not signal[k]:
+            assert float(pw.effective_positives[k]) == 0.0
+            continue
+        v = drpo_positive_weights(pos, prefs, float(o["lam"]))
+        eff = 1.0 / sum(x * x for x in v.values())
+        weighted = sum(v[i] * lens[i] for i in pos)
+        assert math.isclose(float(pw.effective_positives[k]), eff, rel_tol=1e-9), (k, pw, eff)
+        assert math.isclose(
+            float(pw.weighted_positive_length[k]), weighted, rel_tol=1e-9, abs_tol=1e-9
+        ), (k, pw, weighted)
 
 
 # --------------------------------------------------------------------------- rollout files
@@ -427,6 +479,8 @@ def test_load_rollouts_odd_paths_and_formats(path: str, file_format: Any) -> Non
 
 def test_analysis_parameters_are_tabled() -> None:
     """Every option of the analysis functions has a row in the table (or is an input)."""
-    inputs = {"p", "advantages", "rewards", "group_ids", "lengths", "methods", "group_names"}
+    # length_source: a label of the report's text (where the lengths came from)
+    inputs = {"p", "advantages", "rewards", "group_ids", "lengths", "methods", "group_names",
+              "length_source"}  # fmt: skip
     for fn in (difficulty_weight, implied_weights, difficulty_report):
         assert set(parameters(fn)) - inputs <= set(ANALYSIS), fn.__name__
