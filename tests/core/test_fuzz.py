@@ -264,19 +264,27 @@ def drpo(draw: st.DrawFn) -> dict[str, Any] | None:
 
 
 def draw_preferences(
-    draw: st.DrawFn, b: int, objective: Any, max_length: Any, *, default_available: bool = True
+    draw: st.DrawFn,
+    b: int,
+    objective: Any,
+    max_length: Any,
+    *,
+    allow_invalid: bool,
+    default_available: bool = True,
 ) -> tuple[Tensor | None, tuple[str, ...]]:
     """DRPO's ``preferences`` for a call: (the tensor to pass or None, the names the error must
-    carry, () for a valid call). ``default_available``: whether the function can form the
-    default length preference (it needs ``max_length`` and the responses' lengths)."""
+    carry, () for a valid call). ``allow_invalid``: whether they may be wrong (not when
+    something else already is: one wrong thing per call). ``default_available``: whether the
+    function can form the default length preference (it needs ``max_length`` and the
+    responses' lengths)."""
     if objective != "drpo":
-        if chance(draw, 1, 10):  # preferences of another objective
+        if allow_invalid and chance(draw, 1, 10):  # preferences of another objective
             return preference_tensor(draw, b), ("preferences",)
         return None, ()
     has_default = default_available and max_length is not None
     if has_default and chance(draw, 1, 2):
         return None, ()
-    if chance(draw, 1, 8):
+    if (has_default or allow_invalid) and chance(draw, 1, 8):
         return None, (() if has_default else ("preferences", "max_length"))
     return preference_tensor(draw, b), ()
 
@@ -305,7 +313,9 @@ def loss_cases(draw: st.DrawFn) -> LossCase:
     if verdict == VALID and not mult_ok:
         verdict, names, what = INVALID, ("multiplier",), "multiplier"
     objective, max_length = opts.resolved["objective"], opts.resolved["max_length"]
-    prefs, pref_names = draw_preferences(draw, tokens.rewards.shape[0], objective, max_length)
+    prefs, pref_names = draw_preferences(
+        draw, tokens.rewards.shape[0], objective, max_length, allow_invalid=verdict == VALID
+    )
     if prefs is not None:
         args["preferences"] = prefs
     if verdict == VALID and pref_names:
@@ -656,7 +666,9 @@ def objective_cases(draw: st.DrawFn) -> tuple[Any, ...]:
     verdict, names, what = VALID, (), "valid"
     objective = opts.resolved["objective"]
     # scores carry no lengths: DRPO needs its preferences here
-    prefs, pref_names = draw_preferences(draw, b, objective, None, default_available=False)
+    prefs, pref_names = draw_preferences(
+        draw, b, objective, None, allow_invalid=opts.invalid is None, default_available=False
+    )
     if prefs is not None:
         args["preferences"] = prefs
     if opts.invalid is not None:
@@ -971,7 +983,9 @@ def plan_cases(draw: st.DrawFn) -> tuple[Any, ...]:
     args = dict(stats, rewards=tokens.rewards, group_ids=tokens.group_ids)
     verdict, names, what = VALID, (), "valid"
     objective, max_length = opts.resolved["objective"], opts.resolved["max_length"]
-    prefs, pref_names = draw_preferences(draw, b, objective, max_length)
+    prefs, pref_names = draw_preferences(
+        draw, b, objective, max_length, allow_invalid=opts.invalid is None and ok
+    )
     if prefs is not None:
         args["preferences"] = prefs
     if opts.invalid is not None:
