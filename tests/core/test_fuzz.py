@@ -395,7 +395,7 @@ def loss_tolerances(case: LossCase, ref: Any, m: Magnitudes) -> dict[str, float]
     if objective == "auc_logistic":
         mag = max(mag, tau)
     if objective == "auc_sq_hinge":
-        mag = max(mag, (margin + spread) ** 2)
+        mag = max(mag, prod(margin + spread, margin + spread))  # inf, not OverflowError
     tol_j = prod(lip, ds) + 16 * b * u * mag
     n_local = sum(ref.lengths)
     n_all = case.num_tokens if case.num_tokens is not None else n_local
@@ -728,7 +728,7 @@ def test_discriminative_objective_and_weights(case: tuple[Any, ...], which: str)
     if o["objective"] == "auc_logistic":
         mag = max(mag, tau)
     if o["objective"] == "auc_sq_hinge":
-        mag = max(mag, (margin + spread) ** 2)
+        mag = max(mag, prod(margin + spread, margin + spread))  # inf, not OverflowError
     lip = 4.0 * (margin + spread) if o["objective"] == "auc_sq_hinge" else 2.0
     n = len(sv)
     if which == "objective":
@@ -1093,7 +1093,7 @@ def test_plan_minibatch(case: tuple[Any, ...]) -> None:
         tau if o["objective"] == "auc_logistic" else 0.0,
     )
     if o["objective"] == "auc_sq_hinge":
-        mag = max(mag, (margin + spread) ** 2)
+        mag = max(mag, prod(margin + spread, margin + spread))  # inf, not OverflowError
     assert_close(
         "objective",
         plan.output.objective,
