@@ -403,3 +403,48 @@ def test_readme_options_table_lists_every_option() -> None:
             assert float(default) == value, name
         else:
             assert default == {None: "null", True: "true", False: "false"}.get(value, value), name
+
+
+def _option_cases() -> Any:
+    """The shared table of out-of-range values (tests/option_cases.py)."""
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "option_cases.py"
+    spec = importlib.util.spec_from_file_location("option_cases", path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+OPTION_CASES = _option_cases()
+#: verl's own options beyond the shared ones.
+VERL_ONLY = {"validate": ("maybe", "2")}
+
+
+def test_every_option_has_cases() -> None:
+    """Each field of the policy_loss node (but verl's loss_mode) has out-of-range values in the
+    shared table, so that a new option cannot go untested."""
+    import dataclasses
+
+    from verl.workers.config import PolicyLossConfig
+
+    base = {f.name for f in dataclasses.fields(PolicyLossConfig)}
+    ours = {f.name for f in dataclasses.fields(DiscoPolicyLossConfig)} - base
+    assert ours == set(OPTION_CASES.BAD_VALUES) | set(VERL_ONLY), ours
+
+
+@pytest.mark.parametrize(
+    ("name", "value"), OPTION_CASES.cases({**OPTION_CASES.BAD_VALUES, **VERL_ONLY})
+)
+def test_every_out_of_range_value_is_refused_in_the_driver(name: str, value: str) -> None:
+    """Every policy_loss option, set out of its range on the shipped config, is refused by
+    validate_config in the driver (main_ppo calls it before Ray starts), and the message
+    starts with the option's full path."""
+    cfg = shipped_config(
+        *[o for o in readme_overrides() if "loss_mode" not in o and "adv_estimator" not in o],
+        f"{P}{name}={value}",
+    )
+    with pytest.raises(DiscoConfigError) as info:
+        validate(cfg)
+    assert str(info.value).startswith(f"{P}{name}"), str(info.value)
