@@ -151,29 +151,18 @@ def test_bad_values_are_rejected(launch, capsys, flag, value):
     assert value in err or repr(float(value)) in err, err  # the bad value is shown
 
 
-def _option_cases() -> Any:
-    """The shared table of out-of-range values (tests/option_cases.py)."""
-    import importlib.util
-
-    path = Path(__file__).resolve().parents[1] / "option_cases.py"
-    spec = importlib.util.spec_from_file_location("option_cases", path)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-OPTION_CASES = _option_cases()
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/: the shared table
+import option_cases  # noqa: E402  (out-of-range values of every option)
 
 
 def test_every_option_has_cases():
     """Each --algo.disco.* flag has out-of-range values in the shared table."""
     from discoloss.adapters.openrlhf.settings import OPTION_NAMES
 
-    assert set(OPTION_NAMES) == set(OPTION_CASES.BAD_VALUES), OPTION_NAMES
+    assert set(OPTION_NAMES) == set(option_cases.BAD_VALUES), OPTION_NAMES
 
 
-@pytest.mark.parametrize("name,value", OPTION_CASES.cases())
+@pytest.mark.parametrize("name,value", option_cases.cases())
 def test_every_out_of_range_value_is_refused_by_the_parser(launch, capsys, name, value):
     """Every --algo.disco.* flag set out of its range stops the launcher in argument parsing
     (exit 2, before Ray or any worker starts), and the message names the flag."""

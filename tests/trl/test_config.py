@@ -3,6 +3,9 @@ the option and says what to do."""
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
 import dataclasses
 from typing import Any
 
@@ -127,20 +130,8 @@ def test_config_round_trips_through_the_cli_parser(tmp_path: Any) -> None:
         )
 
 
-def _option_cases() -> Any:
-    """The shared table of out-of-range values (tests/option_cases.py)."""
-    import importlib.util
-    from pathlib import Path
-
-    path = Path(__file__).resolve().parents[1] / "option_cases.py"
-    spec = importlib.util.spec_from_file_location("option_cases", path)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-OPTION_CASES = _option_cases()
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/: the shared table
+import option_cases  # noqa: E402  (out-of-range values of every option)
 #: DisCOConfig's names of the shared options where GRPOConfig owns the plain one.
 FIELD = {"delta": "disco_delta", "beta": "disco_beta"}
 #: DisCOConfig's own options beyond the shared ones.
@@ -152,12 +143,12 @@ def test_every_option_has_cases() -> None:
     ours = {f.name for f in dataclasses.fields(DisCOConfig)} - {
         f.name for f in dataclasses.fields(GRPOConfig)
     }
-    shared = {FIELD.get(name, name) for name in OPTION_CASES.BAD_VALUES}
+    shared = {FIELD.get(name, name) for name in option_cases.BAD_VALUES}
     assert ours == shared | set(TRL_ONLY), sorted(ours)
 
 
 @pytest.mark.parametrize(
-    ("name", "value"), OPTION_CASES.cases({**OPTION_CASES.BAD_VALUES, **TRL_ONLY})
+    ("name", "value"), option_cases.cases({**option_cases.BAD_VALUES, **TRL_ONLY})
 )
 def test_every_out_of_range_value_is_refused_at_construction(
     tmp_path: Any, name: str, value: str
@@ -166,5 +157,5 @@ def test_every_out_of_range_value_is_refused_at_construction(
     built (before any trainer or process starts), naming the field."""
     field = FIELD.get(name, name)
     with pytest.raises((ValueError, TypeError)) as info:
-        tiny_config(str(tmp_path), **{field: OPTION_CASES.as_python(value)})
+        tiny_config(str(tmp_path), **{field: option_cases.as_python(value)})
     assert field in str(info.value), str(info.value)

@@ -3,6 +3,8 @@ validate_config (wrapped by the adapter); bad values fail with the adapter's mes
 
 from __future__ import annotations
 
+import sys
+
 import re
 from pathlib import Path
 from typing import Any
@@ -405,19 +407,8 @@ def test_readme_options_table_lists_every_option() -> None:
             assert default == {None: "null", True: "true", False: "false"}.get(value, value), name
 
 
-def _option_cases() -> Any:
-    """The shared table of out-of-range values (tests/option_cases.py)."""
-    import importlib.util
-
-    path = Path(__file__).resolve().parents[1] / "option_cases.py"
-    spec = importlib.util.spec_from_file_location("option_cases", path)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-OPTION_CASES = _option_cases()
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/: the shared table
+import option_cases  # noqa: E402  (out-of-range values of every option)
 #: verl's own options beyond the shared ones.
 VERL_ONLY = {"validate": ("maybe", "2")}
 
@@ -431,11 +422,11 @@ def test_every_option_has_cases() -> None:
 
     base = {f.name for f in dataclasses.fields(PolicyLossConfig)}
     ours = {f.name for f in dataclasses.fields(DiscoPolicyLossConfig)} - base
-    assert ours == set(OPTION_CASES.BAD_VALUES) | set(VERL_ONLY), ours
+    assert ours == set(option_cases.BAD_VALUES) | set(VERL_ONLY), ours
 
 
 @pytest.mark.parametrize(
-    ("name", "value"), OPTION_CASES.cases({**OPTION_CASES.BAD_VALUES, **VERL_ONLY})
+    ("name", "value"), option_cases.cases({**option_cases.BAD_VALUES, **VERL_ONLY})
 )
 def test_every_out_of_range_value_is_refused_in_the_driver(name: str, value: str) -> None:
     """Every policy_loss option, set out of its range on the shipped config, is refused by
