@@ -23,9 +23,8 @@ import statistics
 import sys
 import tempfile
 import time
-from collections.abc import Callable
-
 import warnings
+from collections.abc import Callable
 
 import torch
 import torch.distributed as dist

@@ -31,6 +31,7 @@ __all__ = [
     "make_inputs",
     "peak_bandwidth",
     "peak_extra_memory",
+    "profiled_peak_bytes",
     "run_fwd_bwd",
     "time_call",
 ]
@@ -163,12 +164,20 @@ def peak_extra_memory(loss_fn: Callable[[Inputs], Tensor], inputs: Inputs) -> in
         run_fwd_bwd(loss_fn, inputs)
         _sync(device)
         return torch.cuda.max_memory_allocated(device) - base
+    return profiled_peak_bytes(lambda: run_fwd_bwd(loss_fn, inputs))
+
+
+def profiled_peak_bytes(call: Callable[[], object]) -> int:
+    """Peak bytes of the CPU allocator held by ``call()`` beyond what was allocated before it,
+    from the profiler's allocator events (see the module docstring). Memory allocated before
+    the call and freed during it counts negatively, so the result is the call's high-water mark
+    over the memory in use when it started."""
     activities = [torch.profiler.ProfilerActivity.CPU]
     with (
         _quiet_stderr(),
         torch.profiler.profile(activities=activities, profile_memory=True) as prof,
     ):
-        run_fwd_bwd(loss_fn, inputs)
+        call()
     return _cpu_peak_from_profiler(prof)
 
 

@@ -12,6 +12,7 @@ Two kinds of checks:
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
@@ -40,7 +41,10 @@ def check_number(
         raise TypeError(f"{name} must be a Python number, got a tensor")
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
-    v = float(value)
+    try:
+        v = float(value)
+    except OverflowError:  # an int beyond float64's range
+        raise ValueError(f"{name} must be finite, got an int too large for a float") from None
     if math.isnan(v) or (math.isinf(v) and not allow_inf):
         raise ValueError(f"{name} must be finite, got {value!r}")
     if positive and not v > 0:
@@ -48,6 +52,45 @@ def check_number(
     if non_negative and not v >= 0:
         raise ValueError(f"{name} must be >= 0, got {value!r}")
     return v
+
+
+def computation_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype the losses compute in for inputs of ``dtype``: float64 stays float64, everything
+    else (half precision included) is reduced in float32."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def scale_range(dtype: torch.dtype) -> tuple[float, float]:
+    """Usable values of a positive scale x (a temperature, a normaliser) in ``dtype``:
+    ``[tiny / eps, max * eps]``. In that range x and 1/x are normal numbers with a factor
+    1/eps to spare, so that ``y / x`` and ``x * f(y / x)`` neither overflow nor lose their
+    precision to subnormals for O(1) values y."""
+    fi = torch.finfo(dtype)
+    return fi.tiny / fi.eps, fi.max * fi.eps
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).replace("torch.", "")
+
+
+def float64_hint(dtype: torch.dtype) -> str:
+    """What to do about a value beyond ``dtype``: use float64, unless it is float64 already."""
+    return "" if dtype == torch.float64 else "; use float64 inputs"
+
+
+def check_in_dtype_range(
+    name: str, value: float, dtype: torch.dtype, low: float, high: float, why: str
+) -> None:
+    """Raise ValueError naming the option, the dtype and the usable range, unless
+    ``low <= value <= high``."""
+    if low <= value <= high:
+        return
+    kind = dtype_name(dtype)
+    wider = "" if dtype == torch.float64 else "; float64 inputs allow a wider range"
+    raise ValueError(
+        f"{name}={value!r} cannot be used in {kind}: {why}, which needs {name} in "
+        f"[{low:.6g}, {high:.6g}] in {kind}{wider}"
+    )
 
 
 def check_tensor(name: str, x: object, *, ndim: int, kind: str) -> Tensor:
@@ -105,6 +148,82 @@ def check_device(names: Sequence[str], tensors: Sequence[Tensor]) -> None:
 
 Check = tuple[Tensor, Callable[[], str]]
 
+#: The largest count a 0-d int64 tensor holds.
+_INT64_MAX = 2**63 - 1
+
+
+def check_count(name: str, value: object, device: torch.device) -> tuple[Tensor, list[Check]]:
+    """A count (e.g. ``num_groups``, ``num_tokens``) given as a Python int or as a one-element
+    tensor: one checking path for both.
+
+    Metadata (type; for a tensor its shape, dtype and device) is checked at once. So is the
+    value of a Python int (it is on the host already): a whole number >= 1. A tensor's value
+    is on the device; its check (finite, whole, >= 1) is returned, for the caller to evaluate
+    with its other value checks in one host sync, under ``validate`` only.
+
+    Returns the count as a 0-d tensor on ``device`` (a tensor's own dtype is kept) and the
+    value checks.
+    """
+    if isinstance(value, Tensor):
+        if value.numel() != 1 or value.dim() > 1:
+            raise ValueError(
+                f"{name} must be a scalar count (a 0-d tensor), got a tensor of shape "
+                f"{tuple(value.shape)}"
+            )
+        dt = value.dtype
+        if dt == torch.bool or dt.is_complex:
+            raise TypeError(f"{name} must be an integer or floating point count, got dtype {dt}")
+        if value.device != device:
+            raise ValueError(f"{name} is on {value.device} but log_probs is on {device}")
+        v = value.detach().reshape(())
+        ok = v >= 1
+        if dt.is_floating_point:
+            ok = ok & v.isfinite() & (v == v.trunc())
+        return v, [(ok, lambda: f"{name} must be a whole number >= 1, got {describe(v)}")]
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be an int or a 0-d tensor, got {type(value).__name__}")
+    count = int(value)
+    if count < 1:
+        raise ValueError(f"{name} must be >= 1, got {count}")
+    if count > _INT64_MAX:
+        raise ValueError(f"{name}={count} is too large for an int64 count")
+    # a fill kernel, not a copy from host memory: no sync on CUDA
+    return torch.full((), count, dtype=torch.int64, device=device), []
+
+
+def check_coefficient(
+    name: str, value: object, device: torch.device
+) -> tuple[Tensor | float, list[Check]]:
+    """A non-negative coefficient (e.g. ``kl_coef``) given as a Python number or as a
+    one-element tensor: one checking path for both, as :func:`check_count` (a number's value
+    is checked at once; a tensor's metadata at once and its value, finite and >= 0, by the
+    returned check, under ``validate`` only)."""
+    if not isinstance(value, Tensor):
+        return check_number(name, value, non_negative=True), []
+    if value.numel() != 1 or value.dim() > 1:
+        raise ValueError(
+            f"{name} must be a scalar (a 0-d tensor), got a tensor of shape {tuple(value.shape)}"
+        )
+    if not value.dtype.is_floating_point:
+        raise TypeError(f"{name} must be a floating point tensor, got dtype {value.dtype}")
+    if value.device != device:
+        raise ValueError(f"{name} is on {value.device} but log_probs is on {device}")
+    v = value.detach().reshape(())
+    ok = v.isfinite() & (v >= 0)
+    return v, [(ok, lambda: f"{name} must be finite and >= 0, got {describe(v)}")]
+
+
+def check_at_least(name: str, count: Tensor, present: Tensor, what: str) -> Check:
+    """Value check: a count of a larger batch must be at least what this batch holds."""
+    return (
+        count >= present,
+        lambda: (
+            f"{name}={describe(count)} is smaller than the {describe(present)} {what} of "
+            f"this batch; it must count those of the whole batch this one is a piece of"
+        ),
+    )
+
+
 #: Value checks of the per-response inputs, in the order they are reported: key -> message,
 #: formatted with the index of the first failing response. A check that every rank can name by
 #: its key and index can be decided collectively (``discoloss.distributed``): any rank can
@@ -121,6 +240,8 @@ VALUE_CHECKS: dict[str, str] = {
     "rewards": "rewards: non-finite value at response {index}; every reward must be finite to "
     "be labelled positive or negative",
     "preferences": "preferences: non-finite value at response {index}",
+    "kl_sums": "kl: the KL sum of response {index} is not finite in the computation dtype: "
+    "log_probs and old_log_probs are too far apart for it",
     "stats.scores": "stats.scores: non-finite value at response {index}",
     "stats.kl_sums": "stats.kl_sums: non-finite value at response {index}",
     "stats.lengths": "stats.lengths: response {index} has a token count that is not a whole "
@@ -150,7 +271,12 @@ def raise_if_failed(
     if not checks:
         return
     flags = [~c.bad.any() if isinstance(c, ValueCheck) else c[0].reshape(()) for c in checks]
-    ok = torch.stack(flags).cpu()
+    if any(f.device.type == "meta" for f in flags):
+        raise ValueError(
+            "validate=True checks tensor values, and tensors on the meta device have none: "
+            "pass validate=False for a shape-only computation"
+        )
+    ok = torch.stack([f.to(flags[0].device) for f in flags]).cpu()
     if bool(ok.all()):
         return
     for flag, check in zip(ok.tolist(), checks):

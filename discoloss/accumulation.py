@@ -68,10 +68,15 @@ from torch import Tensor
 from discoloss._checks import (
     Check,
     ValueCheck,
+    check_at_least,
     check_batch,
+    check_coefficient,
+    check_count,
     check_device,
-    check_number,
     check_tensor,
+    computation_dtype,
+    describe,
+    first_index,
     raise_if_failed,
 )
 from discoloss._types import Constraint, KLEstimator, Normalize, Objective, Score
@@ -79,14 +84,16 @@ from discoloss.constraints import LagrangeMultiplier, constraint_penalty, constr
 from discoloss.kl import kl_row_sums
 from discoloss.loss import (
     DiscoOutput,
-    as_count,
     loss_from_stats,
+    output_checks,
     resolve_options,
     response_scores,
+    score_checks,
 )
 from discoloss.objectives import (
     check_preferences,
     check_response_inputs,
+    objective_checks,
     preference_checks,
     reward_checks,
 )
@@ -120,8 +127,18 @@ class ResponseStats(NamedTuple):
 
     @staticmethod
     def cat(parts: list[ResponseStats]) -> ResponseStats:
+        if not isinstance(parts, (list, tuple)):
+            raise TypeError(f"parts must be a list of ResponseStats, got {type(parts).__name__}")
         if not parts:
             raise ValueError("parts is empty: give the stats of at least one micro-batch")
+        names, tensors = [], []
+        for k, part in enumerate(parts):
+            if not isinstance(part, ResponseStats):
+                raise TypeError(f"parts[{k}] must be a ResponseStats, got {type(part).__name__}")
+            for name in ResponseStats._fields:
+                names.append(f"parts[{k}].{name}")
+                tensors.append(check_tensor(names[-1], getattr(part, name), ndim=1, kind="float"))
+        check_device(names, tensors)
         return ResponseStats(
             *(torch.cat([getattr(p, f) for p in parts]) for f in ResponseStats._fields)
         )
@@ -170,7 +187,8 @@ def _stats(
     rewards: Tensor | None,
     options: DiscoOptions,
     validate: bool,
-) -> ResponseStats:
+) -> tuple[ResponseStats, list[Check | ValueCheck]]:
+    """The stats and their value checks (empty without ``validate``), not yet run."""
     log_probs, old_log_probs, mask = check_token_inputs(log_probs, old_log_probs, mask)
     if rewards is not None:
         check_tensor("rewards", rewards, ndim=1, kind="real")
@@ -179,9 +197,13 @@ def _stats(
     sums, checks = token_sums(
         log_probs, old_log_probs, mask, need_ratio=options.needs_ratio, validate=validate
     )
-    raise_if_failed(checks)
+    if validate and rewards is not None:
+        checks += reward_checks(rewards)
     scores = response_scores(sums, log_probs, old_log_probs, mask, rewards, options)
-    return ResponseStats(scores, kl_row_sums(sums, options.kl_estimator), sums.lengths)
+    kl_sums = kl_row_sums(sums, options.kl_estimator)
+    if validate:
+        checks += score_checks(scores, kl_sums, options)
+    return ResponseStats(scores, kl_sums, sums.lengths), checks
 
 
 def response_stats(
@@ -210,7 +232,9 @@ def response_stats(
     options = DiscoOptions(
         score=score, kl_estimator=kl_estimator, threshold=threshold, clip_eps=clip_eps
     )
-    return _stats(log_probs, old_log_probs, mask, rewards, options, validate)
+    stats, checks = _stats(log_probs, old_log_probs, mask, rewards, options, validate)
+    raise_if_failed(checks)
+    return stats
 
 
 def stats_checks(stats: ResponseStats, rewards: Tensor) -> list[Check | ValueCheck]:
@@ -220,7 +244,10 @@ def stats_checks(stats: ResponseStats, rewards: Tensor) -> list[Check | ValueChe
     return reward_checks(rewards) + [
         ValueCheck("stats.scores", ~stats.scores.isfinite()),
         ValueCheck("stats.kl_sums", ~stats.kl_sums.isfinite()),
-        ValueCheck("stats.lengths", ~(lengths >= 1) | (lengths != lengths.round())),
+        ValueCheck(
+            "stats.lengths",
+            ~(lengths >= 1) | (lengths != lengths.round()) | ~lengths.isfinite(),
+        ),
     ]
 
 
@@ -252,10 +279,13 @@ def _plan(
     group_ids: Tensor,
     options: DiscoOptions,
     multiplier: LagrangeMultiplier | None,
+    validate: bool = False,
     preferences: Tensor | None = None,
-) -> MiniBatchPlan:
+) -> tuple[MiniBatchPlan, list[Check | ValueCheck]]:
+    """The plan, and with ``validate`` the value checks of its results (not yet run)."""
     with torch.no_grad():
-        s = ResponseStats(*(t.detach() for t in stats))
+        f = computation_dtype(stats.scores.dtype)
+        s = ResponseStats(*(t.detach().to(f) for t in stats))
         output, terms = loss_from_stats(
             s.scores,
             s.kl_sums,
@@ -274,7 +304,20 @@ def _plan(
             multiplier=multiplier,
         )
         num_tokens = s.lengths.sum()
-    return MiniBatchPlan(terms.weights, kl_coef, num_tokens, output)
+    checks: list[Check | ValueCheck] = []
+    if validate:
+        checks = objective_checks(terms, options, f) + output_checks(output, options)
+        checks.append(
+            (
+                kl_coef.isfinite(),
+                lambda: (
+                    f"kl_coef: not finite: constraint={options.constraint!r} with "
+                    f"beta={options.beta!r} at kl={float(output.kl)!r} overflows; use a "
+                    "smaller beta"
+                ),
+            )
+        )
+    return MiniBatchPlan(terms.weights, kl_coef, num_tokens, output), checks
 
 
 def plan_minibatch(
@@ -313,7 +356,8 @@ def plan_minibatch(
         preference ``1 - |o_i| / max_length`` comes from ``stats.lengths``. The plan's
         weights carry DRPO's positive weights, so :func:`micro_batch_loss` needs nothing more.
       validate: check values (non-finite rewards, preferences, scores and KL sums; token
-        counts that are not whole numbers >= 1) with one host sync.
+        counts that are not whole numbers >= 1; results that overflow the computation dtype)
+        with one host sync. Half-precision stats are planned in float32.
       process_group: a ``torch.distributed`` group whose ranks hold the pieces of one
         mini-batch (a question's responses may sit on several ranks; a rank may hold none).
         Every rank gets the plan of the whole mini-batch: ``kl_coef``, ``num_tokens`` and
@@ -350,9 +394,15 @@ def plan_minibatch(
         _check_plan_inputs(
             stats, rewards, group_ids, allow_empty=False, options=options, preferences=preferences
         )
+        options.check_dtype(computation_dtype(stats.scores.dtype))
+        plan, result_checks = _plan(
+            stats, rewards, group_ids, options, multiplier, validate, preferences
+        )
         if validate:
-            raise_if_failed(stats_checks(stats, rewards) + preference_checks(preferences))
-        return _plan(stats, rewards, group_ids, options, multiplier, preferences)
+            raise_if_failed(
+                stats_checks(stats, rewards) + preference_checks(preferences) + result_checks
+            )
+        return plan
 
     from discoloss import distributed
 
@@ -368,6 +418,7 @@ def plan_minibatch(
             stats, rewards, group_ids, allow_empty=True, options=options_or_none,
             preferences=preferences,
         )  # fmt: skip
+        options_or_none.check_dtype(torch.float64)  # the gathered scalars are float64
         if validate:
             checks = stats_checks(stats, rewards) + preference_checks(preferences)
     except (ValueError, TypeError) as exc:
@@ -399,13 +450,13 @@ def plan_minibatch(
                 preferences=preferences,
             )
         )
-    full = _plan(
+    full, _ = _plan(
         ResponseStats(scores, kl_sums, lengths),
         all_rewards,
         all_ids,
         options_or_none,
         multiplier,
-        all_prefs,
+        preferences=all_prefs,
     )
     rank = dist.get_rank(process_group)
     offset = sum(counts[:rank])
@@ -441,14 +492,19 @@ def micro_batch_loss(
     Args:
       log_probs, old_log_probs, mask: (b, T) tensors of this micro-batch.
       weights: (b,) this micro-batch's slice of :attr:`MiniBatchPlan.weights`.
-      num_tokens: N, the mini-batch's number of response tokens (``plan.num_tokens``).
-      kl_coef: kappa (``plan.kl_coef``, exact when the plan used current parameters), or None
+      num_tokens: N, the mini-batch's number of response tokens (``plan.num_tokens``): an int
+        or a one-element tensor, a whole number >= 1 and not below this micro-batch's tokens.
+      kl_coef: kappa (``plan.kl_coef``, exact when the plan used current parameters; a number
+        or a one-element float tensor, finite and >= 0), or None
         for the local approximation ``(n_mb / N) * P(kl_mb)`` with P the constraint's penalty
         and kl_mb the micro-batch's own token-mean KL (see the module docstring).
       score, kl_estimator: as in :func:`discoloss.disco_loss` (must match the plan's).
       delta, beta, constraint, multiplier: the constraint, used by the local approximation.
       rewards, threshold, clip_eps: only for ``score="clipped_ratio"``.
-      validate: check values (one host sync).
+      validate: check values with one host sync: the token inputs' (as
+        :func:`discoloss.disco_loss`), non-finite weights, the values of tensor ``num_tokens``
+        and ``kl_coef``, a loss that overflows the computation dtype. Without it, metadata
+        and Python numbers are still checked, and no host sync is issued.
     """
     options = DiscoOptions(
         score=score,
@@ -459,18 +515,23 @@ def micro_batch_loss(
         threshold=threshold,
         clip_eps=clip_eps,
     )
+    check_tensor("log_probs", log_probs, ndim=2, kind="float")
     check_tensor("weights", weights, ndim=1, kind="float")
     check_batch(("log_probs", "weights"), (log_probs, weights))
     check_device(("log_probs", "weights"), (log_probs, weights))
-    total = as_count("num_tokens", num_tokens, log_probs.device)
-    assert total is not None
-    st = _stats(log_probs, old_log_probs, mask, rewards, options, validate)
+    total, count_checks = check_count("num_tokens", num_tokens, log_probs.device)
+    coef, coef_checks = (
+        (None, []) if kl_coef is None else check_coefficient("kl_coef", kl_coef, log_probs.device)
+    )
+    st, checks = _stats(log_probs, old_log_probs, mask, rewards, options, validate)
     f = st.scores.dtype
+    if kl_coef is None:
+        options.check_dtype(f)  # the local approximation evaluates the penalty
     total_f = total.to(f).clamp_min(1.0)
     objective_term = (weights.detach().to(f) * st.scores).sum()
     kl = st.kl_sums.sum() / total_f
-    if kl_coef is None:
-        local_tokens = st.lengths.sum().clamp_min(1.0)
+    local_tokens = st.lengths.sum().clamp_min(1.0)
+    if coef is None:
         local_kl = st.kl_sums.sum() / local_tokens
         penalty_term = (local_tokens / total_f) * constraint_penalty(
             local_kl,
@@ -479,11 +540,29 @@ def micro_batch_loss(
             beta=options.beta,
             multiplier=multiplier,
         )
-    elif isinstance(kl_coef, Tensor):
-        penalty_term = kl_coef.detach().to(f) * kl
     else:
-        penalty_term = check_number("kl_coef", kl_coef, non_negative=True) * kl
+        penalty_term = (coef.to(f) if isinstance(coef, Tensor) else coef) * kl
+    loss = -objective_term + penalty_term
+    if validate:
+        w = weights.detach()
+        checks += [
+            (
+                w.isfinite().all(),
+                lambda: f"weights: non-finite value at response {first_index(~w.isfinite())}",
+            ),
+            *count_checks,
+            check_at_least("num_tokens", total, st.lengths.sum(), "tokens"),
+            *coef_checks,
+            (
+                loss.detach().isfinite(),
+                lambda: (
+                    f"micro_batch_loss: the loss is not finite in {f} (objective term "
+                    f"{describe(objective_term.detach())}, penalty term "
+                    f"{describe(penalty_term.detach())}): weights, kl_coef or "
+                    f"beta={options.beta!r} too large for {f}"
+                ),
+            ),
+        ]
+    raise_if_failed(checks)
     detached = ResponseStats(*(t.detach() for t in st))
-    return MicroBatchLoss(
-        -objective_term + penalty_term, objective_term, kl, penalty_term, detached
-    )
+    return MicroBatchLoss(loss, objective_term, kl, penalty_term, detached)

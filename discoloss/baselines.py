@@ -63,14 +63,27 @@ import torch
 from torch import Tensor
 
 from discoloss._checks import (
+    Check,
+    ValueCheck,
     check_batch,
     check_device,
+    check_in_dtype_range,
     check_number,
     check_option,
     check_tensor,
+    computation_dtype,
+    dtype_name,
+    float64_hint,
     raise_if_failed,
+    scale_range,
 )
-from discoloss.objectives import GroupIndex, check_response_inputs, dense_group_ids, reward_checks
+from discoloss.objectives import (
+    GroupIndex,
+    check_response_inputs,
+    dense_group_ids,
+    positive_labels,
+    reward_checks,
+)
 from discoloss.scores import as_bool_mask, check_token_inputs, token_sums
 
 __all__ = [
@@ -231,7 +244,7 @@ def dynamic_sampling_filter(
     if validate:
         raise_if_failed(reward_checks(rewards))
     index = dense_group_ids(group_ids)
-    positive = (rewards > threshold).to(torch.int64)
+    positive = positive_labels(rewards, threshold).to(torch.int64)
     zeros = torch.zeros(rewards.shape[0], dtype=torch.int64, device=rewards.device)
     n_pos = zeros.index_add(0, index.dense, positive)
     n_all = zeros.index_add(0, index.dense, torch.ones_like(positive))
@@ -262,7 +275,6 @@ def _clipped_policy_loss(
     sums, checks = token_sums(log_probs, old_log_probs, mask, need_ratio=False, validate=validate)
     if validate:
         checks += reward_checks(rewards)
-    raise_if_failed(checks)
 
     stats = _group_stats(rewards, group_ids, scale=scale, std_unbiased=std_unbiased, eps=eps)
     bmask = as_bool_mask(mask)
@@ -273,13 +285,19 @@ def _clipped_policy_loss(
     # g_it = clamp(rho_it, lo_i, hi_i) with (lo, hi) = (0, 1 + eps_high) for A >= 0 and
     # (1 - eps_low, dual_clip or inf) for A < 0: the clipped surrogate is -A_i * g_it.
     non_negative = adv >= 0
-    hi_neg = math.inf if dual_clip is None else dual_clip
-    lo = torch.where(non_negative, 0.0, 1.0 - clip_low).to(acc).unsqueeze(-1)
-    hi = torch.where(non_negative, 1.0 + clip_high, hi_neg).to(acc).unsqueeze(-1)
+    # Bounds built in acc itself (where() on two Python numbers would round them to float32);
+    # a bound beyond acc's largest number never binds: no bound (and no overflow here).
+    largest = torch.finfo(acc).max
+    hi_neg = math.inf if dual_clip is None or dual_clip > largest else dual_clip
+    hi_pos = math.inf if 1.0 + clip_high > largest else 1.0 + clip_high
+    lo = torch.where(non_negative, 0.0, torch.full_like(adv, 1.0 - clip_low)).unsqueeze(-1)
+    hi = torch.where(non_negative, torch.full_like(adv, hi_pos), hi_neg).unsqueeze(-1)
     zero = torch.zeros((), dtype=acc, device=log_probs.device)
     log_ratio = torch.where(bmask, log_probs.to(acc) - old_log_probs.detach().to(acc), zero)
-    ratio = torch.exp(log_ratio)
-    g = torch.where(bmask, torch.clamp(ratio, lo, hi), zero)
+    # clamp(rho, lo, hi) = exp(clamp(log rho, log lo, log hi)): a clipped token's ratio is never
+    # formed, so it cannot overflow (and its zero gradient is not 0 * inf = nan in exp's
+    # backward). Only an unclipped ratio (A < 0 without dual_clip) can overflow: a value check.
+    g = torch.where(bmask, torch.exp(torch.clamp(log_ratio, lo.log(), hi.log())), zero)
     row = g.sum(-1)  # (B,) per-response sum of the token terms
 
     lengths = sums.lengths
@@ -291,15 +309,24 @@ def _clipped_policy_loss(
     else:
         coef = (1.0 / lengths.sum().clamp_min(1.0)).expand(b)
     loss = -(adv * coef * row).sum()
+    if validate:
+        # the unclipped ratio of a response with A < 0 (no dual_clip), and the loss itself
+        checks.append(ValueCheck("ratio", ~row.detach().isfinite()))
+        checks.append(_finite_loss_check(loss, acc))
+    raise_if_failed(checks)
 
     with torch.no_grad():
-        r = ratio.detach()
+        lr = log_ratio.detach()  # the clip fractions, compared in log space as clipped above
         n_tok = lengths.sum().clamp_min(1.0)
         pos = (adv > 0).unsqueeze(-1) & bmask
         neg = (adv < 0).unsqueeze(-1) & bmask
-        high = (pos & (r > 1.0 + clip_high)).sum(dtype=acc) / n_tok
-        low = (neg & (r < 1.0 - clip_low)).sum(dtype=acc) / n_tok
-        dual = (neg & (r > dual_clip)).sum(dtype=acc) / n_tok if dual_clip is not None else zero
+        high = (pos & (lr > math.log1p(clip_high))).sum(dtype=acc) / n_tok
+        low = (neg & (lr < math.log1p(-clip_low))).sum(dtype=acc) / n_tok
+        dual = (
+            (neg & (lr > math.log(dual_clip))).sum(dtype=acc) / n_tok
+            if dual_clip is not None
+            else zero
+        )
         num_groups = stats.groups.num_groups.to(acc)
         signal = (~stats.constant).sum().to(acc)
         metrics = {
@@ -315,6 +342,16 @@ def _clipped_policy_loss(
             "mean_response_length": lengths.mean(),
         }
     return BaselineOutput(loss, stats.advantages, metrics)
+
+
+def _finite_loss_check(loss: Tensor, dtype: torch.dtype) -> Check:
+    return (
+        loss.detach().isfinite(),
+        lambda: (
+            f"loss: not finite in {dtype_name(dtype)}: the rewards or log_probs are too "
+            f"large for it{float64_hint(dtype)}"
+        ),
+    )
 
 
 def _check_clip(name: str, value: float, *, below_one: bool) -> float:
@@ -410,16 +447,21 @@ def dr_grpo_loss(
     Args: as :func:`grpo_loss`; ``max_tokens`` > 0.
     """
     clip = _check_clip("clip_eps", clip_eps, below_one=True)
+    check_tensor("log_probs", log_probs, ndim=2, kind="float")
     if max_tokens is None:
-        check_tensor("log_probs", log_probs, ndim=2, kind="float")
         max_tokens_f = float(log_probs.shape[1])
     else:
         max_tokens_f = check_number("max_tokens", max_tokens, positive=True)
+        acc = computation_dtype(log_probs.dtype)
+        low, high = scale_range(acc)
+        check_in_dtype_range(
+            "max_tokens", max_tokens_f, acc, low, high, "the loss divides by max_tokens"
+        )
     return _clipped_policy_loss(
         log_probs, old_log_probs, mask, rewards, group_ids,
         scale="none", std_unbiased=True, eps=0.0, clip_low=clip, clip_high=clip,
         dual_clip=_check_dual_clip(dual_clip), aggregation="seq_mean_token_sum_norm",
-        max_tokens=max(max_tokens_f, 1.0), validate=validate,
+        max_tokens=max_tokens_f, validate=validate,
     )  # fmt: skip
 
 

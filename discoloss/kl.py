@@ -15,7 +15,14 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from discoloss._checks import check_number, check_option, raise_if_failed
+from discoloss._checks import (
+    check_in_dtype_range,
+    check_number,
+    check_option,
+    dtype_name,
+    float64_hint,
+    raise_if_failed,
+)
 from discoloss._types import KL_ESTIMATORS, KLEstimator
 from discoloss.scores import TokenSums, check_token_inputs, token_sums
 
@@ -62,8 +69,19 @@ def kl_divergence(
     sums, checks = token_sums(
         log_probs, old_log_probs, mask, need_ratio=estimator == "k3", validate=validate
     )
+    kl = kl_row_sums(sums, estimator).sum() / sums.lengths.sum().clamp_min(1.0)
+    if validate:
+        checks.append(
+            (
+                kl.detach().isfinite(),
+                lambda: (
+                    f"kl: not finite in {dtype_name(kl.dtype)}: log_probs and "
+                    f"old_log_probs are too far apart for it{float64_hint(kl.dtype)}"
+                ),
+            )
+        )
     raise_if_failed(checks)
-    return kl_row_sums(sums, estimator).sum() / sums.lengths.sum().clamp_min(1.0)
+    return kl
 
 
 def squared_hinge_penalty(kl: Tensor, *, delta: float, beta: float) -> Tensor:
@@ -81,8 +99,13 @@ def squared_hinge_penalty(kl: Tensor, *, delta: float, beta: float) -> Tensor:
     """
     if not isinstance(kl, Tensor):
         raise TypeError(f"kl must be a torch.Tensor, got {type(kl).__name__}")
+    if kl.dtype.is_complex:
+        raise TypeError(f"kl must be a real tensor, got dtype {kl.dtype}")
     delta = check_number("delta", delta, non_negative=True)
     beta = check_number("beta", beta, non_negative=True)
+    dtype = kl.dtype if kl.dtype.is_floating_point else torch.get_default_dtype()
+    check_in_dtype_range(
+        "beta", beta, dtype, 0.0, torch.finfo(dtype).max, "the penalty scales by beta"
+    )
     excess = torch.clamp(kl - delta, min=0.0)
     return 0.5 * beta * excess * excess
-

@@ -7,7 +7,16 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 import torch
 from torch import Tensor
 
-from discoloss._checks import Check, ValueCheck, raise_if_failed
+from discoloss._checks import (
+    Check,
+    ValueCheck,
+    check_at_least,
+    check_count,
+    describe,
+    dtype_name,
+    float64_hint,
+    raise_if_failed,
+)
 from discoloss._types import Constraint, KLEstimator, Normalize, Objective, Score
 from discoloss.constraints import LagrangeMultiplier, constraint_penalty
 from discoloss.kl import kl_row_sums
@@ -17,6 +26,8 @@ from discoloss.objectives import (
     check_response_inputs,
     dense_group_ids,
     discriminative_terms,
+    objective_checks,
+    positive_labels,
     positive_preferences,
     preference_checks,
     reward_checks,
@@ -111,7 +122,7 @@ def loss_from_stats(
     share times the penalty of its own token-mean KL (see :func:`disco_loss`).
     """
     o = options
-    positive = rewards > o.threshold
+    positive = positive_labels(rewards, o.threshold)
     terms = discriminative_terms(
         scores,
         positive,
@@ -160,27 +171,51 @@ def response_scores(
     if rewards is None:
         raise ValueError("score='clipped_ratio' needs rewards (the clip side depends on the label)")
     return clipped_ratio_scores(
-        log_probs, old_log_probs, mask, rewards > options.threshold, clip_eps=options.clip_eps
+        log_probs,
+        old_log_probs,
+        mask,
+        positive_labels(rewards, options.threshold),
+        clip_eps=options.clip_eps,
     )
 
 
-def as_count(name: str, value: int | Tensor | None, device: torch.device) -> Tensor | None:
-    """A global count given as a Python int or a 0-d tensor (kept on device: no sync)."""
-    if value is None:
-        return None
-    if isinstance(value, Tensor):
-        if value.numel() != 1:
-            raise ValueError(
-                f"{name} must be a scalar count, got a tensor of shape {tuple(value.shape)}"
-            )
-        if value.device != device:
-            raise ValueError(f"{name} is on {value.device} but log_probs is on {device}")
-        return value.reshape(())
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name} must be an int or a 0-d tensor, got {type(value).__name__}")
-    if value < 1:
-        raise ValueError(f"{name} must be >= 1, got {value}")
-    return torch.tensor(value, device=device)
+def score_checks(
+    scores: Tensor, kl_sums: Tensor, options: DiscoOptions
+) -> list[Check | ValueCheck]:
+    """Value checks of the per-response stats beyond the token sums' own: the clipped ratio
+    forms exp(log_probs - old_log_probs) on its unclipped side, which can overflow; a KL sum
+    is a difference of two finite sums, which can overflow too."""
+    checks: list[Check | ValueCheck] = []
+    if options.score == "clipped_ratio":
+        checks.append(ValueCheck("ratio", ~scores.detach().isfinite()))
+    checks.append(ValueCheck("kl_sums", ~kl_sums.detach().isfinite()))
+    return checks
+
+
+def output_checks(output: DiscoOutput, options: DiscoOptions) -> list[Check | ValueCheck]:
+    """Value checks of a loss's results (under ``validate``): finite inputs and options in
+    their ranges can still overflow the computation dtype together (a KL beyond its range, a
+    penalty beta/2 * excess^2 beyond it)."""
+    kind = dtype_name(output.kl.dtype)
+    kl, penalty = output.kl.detach(), output.penalty.detach()
+    return [
+        (
+            kl.isfinite(),
+            lambda: (
+                f"kl: not finite in {kind}: log_probs and old_log_probs are too far apart "
+                f"for {kind}{float64_hint(output.kl.dtype)}"
+            ),
+        ),
+        (
+            penalty.isfinite(),
+            lambda: (
+                f"penalty: not finite in {kind} (kl={describe(kl)}): "
+                f"constraint={options.constraint!r} with beta={options.beta!r}, "
+                f"delta={options.delta!r} overflows {kind}; use a smaller beta"
+                f"{float64_hint(output.kl.dtype)}"
+            ),
+        ),
+    ]
 
 
 class LocalStats(NamedTuple):
@@ -199,6 +234,8 @@ def resolve_options(
     options = DiscoOptions(**settings)
     if options.constraint == "lagrangian" and multiplier is None:
         raise ValueError('constraint="lagrangian" needs multiplier=LagrangeMultiplier(...)')
+    if multiplier is not None and not isinstance(multiplier, LagrangeMultiplier):
+        raise TypeError(f"multiplier must be a LagrangeMultiplier, got {type(multiplier).__name__}")
     return options
 
 
@@ -226,6 +263,8 @@ def local_stats(
         checks += reward_checks(rewards) + preference_checks(preferences)
     scores = response_scores(sums, log_probs, old_log_probs, mask, rewards, options)
     kl_sums = kl_row_sums(sums, options.kl_estimator)
+    if validate:
+        checks += score_checks(scores, kl_sums, options)
     return LocalStats(scores, kl_sums, sums.lengths, checks, log_probs.device)
 
 
@@ -328,17 +367,22 @@ def disco_loss(
       preferences: (B,) real tensor, DRPO's per-response preference in place of the length
         reward (any values: only differences between a question's positives matter; no
         gradient). Only with ``objective="drpo"``.
-      validate: check values (non-finite inputs, empty responses, mask values) with one host
-        sync. With ``validate=False`` the loss issues no host sync at all (local mode).
+      validate: check values (non-finite inputs, empty responses, mask values, the values of
+        tensor counts and counts smaller than this batch holds, results that overflow the
+        computation dtype) with one host sync. With ``validate=False`` the loss issues no host
+        sync at all (local mode). See the documentation's page on errors and validation.
       num_groups: for a batch that is a piece of a larger one whose groups are whole in each
         piece (e.g. a micro-batch of whole groups): the normaliser G of the larger batch, so
-        that the pieces' objectives add up to its objective. Overrides ``normalize``.
-      num_tokens: likewise, the number of response tokens of the larger batch. ``kl`` is then
-        this piece's additive share ``sum(kl_i) / num_tokens`` and ``penalty`` its token share
-        ``n_piece / num_tokens`` times the penalty of the piece's own token-mean KL: exact when
-        the pieces' KLs are equal (and always for the linear constraints), an upper bound
-        (Jensen) otherwise. For the exact penalty of a mini-batch split into micro-batches use
-        :mod:`discoloss.accumulation`.
+        that the pieces' objectives add up to its objective. Overrides ``normalize``. An int
+        or a one-element tensor (int or float dtype) holding a whole number >= 1, at least this
+        batch's number of groups (of groups with signal for ``normalize="valid"``); the values
+        of tensors and the comparison with the batch are checked under ``validate``.
+      num_tokens: likewise, the number of response tokens of the larger batch (at least this
+        batch's). ``kl`` is then this piece's additive share ``sum(kl_i) / num_tokens`` and
+        ``penalty`` its token share ``n_piece / num_tokens`` times the penalty of the piece's
+        own token-mean KL: exact when the pieces' KLs are equal (and always for the linear
+        constraints), an upper bound (Jensen) otherwise. For the exact penalty of a mini-batch
+        split into micro-batches use :mod:`discoloss.accumulation`.
       process_group: a ``torch.distributed`` group. When given, groups are formed across all
         its ranks (a question's responses may sit on different ranks, ranks may hold different
         numbers of responses and sequence lengths, and a rank may hold none: ``(0, T)``
@@ -395,10 +439,41 @@ def disco_loss(
             log_probs, old_log_probs, mask, rewards, group_ids, options, validate, False,
             preferences,
         )  # fmt: skip
-        raise_if_failed(stats.checks)
-        groups_t = as_count("num_groups", num_groups, stats.device)
-        tokens_t = as_count("num_tokens", num_tokens, stats.device)
-        scores, kl_sums, lengths = stats.scores, stats.kl_sums, stats.lengths
+        options.check_dtype(stats.scores.dtype)
+        checks = stats.checks
+        groups_t = tokens_t = None
+        if num_groups is not None:
+            groups_t, more = check_count("num_groups", num_groups, stats.device)
+            checks += more if validate else []
+        if num_tokens is not None:
+            tokens_t, more = check_count("num_tokens", num_tokens, stats.device)
+            checks += more if validate else []
+        output, terms = loss_from_stats(
+            stats.scores,
+            stats.kl_sums,
+            stats.lengths,
+            rewards,
+            group_ids,
+            options=options,
+            multiplier=multiplier,
+            num_groups=groups_t,
+            num_tokens=tokens_t,
+            preferences=preferences,
+        )
+        if validate:
+            # Counts of a larger batch hold at least what this piece holds (its groups with
+            # signal for normalize="valid"); and the results must fit the computation dtype.
+            if groups_t is not None:
+                present = terms.num_groups if options.normalize == "all" else terms.num_valid
+                what = "groups" if options.normalize == "all" else "groups with signal"
+                checks.append(check_at_least("num_groups", groups_t, present, what))
+            if tokens_t is not None:
+                present_tokens = stats.lengths.sum()
+                checks.append(check_at_least("num_tokens", tokens_t, present_tokens, "tokens"))
+            checks += objective_checks(terms, options, stats.scores.dtype)
+            checks += output_checks(output, options)
+        raise_if_failed(checks)
+        return output
     else:
         from discoloss import distributed
 
@@ -419,6 +494,7 @@ def disco_loss(
                 log_probs, old_log_probs, mask, rewards, group_ids, options_or_none, validate, True,
                 preferences,
             )  # fmt: skip
+            options_or_none.check_dtype(torch.float64)  # the gathered scalars are float64
         except (ValueError, TypeError) as exc:
             failure = exc
         header = distributed.build_header(
@@ -440,7 +516,6 @@ def disco_loss(
                 counts, preferences=preferences,
             )
         )  # fmt: skip
-        groups_t = tokens_t = None
     output, _ = loss_from_stats(
         scores,
         kl_sums,
@@ -449,8 +524,6 @@ def disco_loss(
         group_ids,
         options=options,
         multiplier=multiplier,
-        num_groups=groups_t,
-        num_tokens=tokens_t,
         preferences=preferences,
     )
     return output

@@ -40,7 +40,9 @@ from discoloss._checks import (
     check_batch,
     check_device,
     check_tensor,
+    dtype_name,
     first_index,
+    float64_hint,
     raise_if_failed,
 )
 from discoloss._types import Normalize, Objective
@@ -118,19 +120,31 @@ def group_mean(scores: Tensor, member: Tensor, dense: Tensor, count: Tensor) -> 
 
 
 def group_softmax_mean(
-    scores: Tensor, member: Tensor, dense: Tensor, count: Tensor, logits: Tensor
+    scores: Tensor,
+    member: Tensor,
+    dense: Tensor,
+    count: Tensor,
+    preferences: Tensor,
+    lam: float,
 ) -> GroupAggregate:
-    """sum_{i in group, member} v_i s_i with v = softmax of the (detached) logits over the
-    group's members: a weighted mean whose weights carry no gradient; q = v. Stable: the
-    logits are shifted by their per-group max, which cancels in v."""
-    z = logits.detach()
-    zmax = torch.full_like(count, -math.inf).scatter_reduce(
-        0, dense, torch.where(member, z, -math.inf), "amax", include_self=True
+    """sum_{i in group, member} v_i s_i with v = softmax(pref / lam) over the group's members:
+    a weighted mean whose weights carry no gradient; q = v.
+
+    The logits are formed as (pref_i - max pref) / lam, in float64 (float32 on MPS), whatever
+    the scores' dtype: shifting before dividing cancels in v and keeps every logit <= 0, so
+    no lam > 0 and no finite preferences overflow (a lam too small for float32, or float64
+    preferences beyond it, would give inf - inf), and differences of preferences far below
+    the scores' precision still count (v depends on pref_i - pref_k only)."""
+    wide = wide_dtype(preferences.device)
+    p = preferences.detach().to(wide)
+    count_w = count.to(wide)
+    pmax = torch.full_like(count_w, -math.inf).scatter_reduce(
+        0, dense, torch.where(member, p, -math.inf), "amax", include_self=True
     )
-    zmax = torch.where(count > 0, zmax, 0.0)
-    e = torch.exp(torch.where(member, z - zmax[dense], -math.inf))
-    total = torch.zeros_like(count).index_add(0, dense, e)
-    v = e / torch.where(count > 0, total, 1.0)[dense]
+    pmax = torch.where(count_w > 0, pmax, 0.0)
+    e = torch.exp(torch.where(member, (p - pmax[dense]) / lam, -math.inf))
+    total = torch.zeros_like(count_w).index_add(0, dense, e)
+    v = (e / torch.where(count_w > 0, total, 1.0)[dense]).to(scores.dtype)
     term = torch.zeros_like(count).index_add(0, dense, v * scores)
     return GroupAggregate(term, v)
 
@@ -200,7 +214,11 @@ def pairwise_group_objective(
     if objective == "auc_sq_hinge":
         loss = torch.clamp(margin - diff, min=0.0) ** 2
     else:
-        loss = tau * torch.nn.functional.softplus(-diff / tau)
+        # tau * softplus(-diff / tau), with softplus's own temperature: its linear branch
+        # takes over where -diff / tau would overflow (tiny tau), instead of inf * tau. It
+        # starts where exp(-x) is below the dtype's precision (e^-20 / e^-40), so it is exact.
+        threshold = 40.0 if scores.dtype == torch.float64 else 20.0
+        loss = torch.nn.functional.softplus(-diff, beta=1.0 / tau, threshold=threshold)
     per_pos = torch.where(pair, loss, 0.0).sum(1)
     total = torch.zeros_like(n_pos).index_add(0, dense, per_pos)
     return -total / (n_pos * n_neg).clamp_min(1.0)
@@ -278,7 +296,7 @@ def discriminative_terms(
         elif objective == "drpo":
             if preferences is None:
                 raise ValueError(NEEDS_PREFERENCES)
-            pos = group_softmax_mean(scores, positive, dense, n_pos, preferences.to(f) / lam)
+            pos = group_softmax_mean(scores, positive, dense, n_pos, preferences, lam)
         else:
             pos = group_mean(scores, positive, dense, n_pos)
         if objective == "disco_b":
@@ -326,6 +344,19 @@ def check_response_inputs(
     tensors = (batch[1], rewards, group_ids)
     check_batch(names, tensors, allow_empty=allow_empty)
     check_device(names, tensors)
+
+
+def wide_dtype(device: torch.device) -> torch.dtype:
+    """float64, or float32 on MPS (which has no float64): for (B,) per-response values whose
+    precision must not depend on the inputs' dtype (labels, DRPO's logits)."""
+    return torch.float32 if device.type == "mps" else torch.float64
+
+
+def positive_labels(rewards: Tensor, threshold: float) -> Tensor:
+    """(B,) bool: reward > threshold, compared in float64 (the threshold's own precision): a
+    threshold rounded to a half-precision or float32 reward dtype could flip labels next to it
+    (float16 rewards of 1.0 are not above 0.99999 in float16)."""
+    return rewards.detach().to(wide_dtype(rewards.device)) > threshold
 
 
 def reward_checks(rewards: Tensor) -> list[Check | ValueCheck]:
@@ -379,10 +410,12 @@ def positive_preferences(
     if options.objective != "drpo":
         return None
     if preferences is not None:
-        return preferences.to(lengths.dtype)
+        return preferences
     if options.max_length is None:
         raise ValueError(NEEDS_PREFERENCES)
-    return 1.0 - lengths / options.max_length
+    # in float64: two lengths a token apart differ by 1 / max_length, which a small lam
+    # turns into a factor of the weights
+    return 1.0 - lengths.to(wide_dtype(lengths.device)) / options.max_length
 
 
 def _prepare(
@@ -398,20 +431,11 @@ def _prepare(
     check_response_inputs(rewards, group_ids, ("scores", scores))
     # scores carry no lengths: DRPO needs its preferences here
     check_preferences(preferences, o, ("scores", scores), default_available=False)
-    if validate:
-        checks = reward_checks(rewards) + preference_checks(preferences)
-        sd = scores.detach()
-        checks.append(
-            (
-                sd.isfinite().all(),
-                lambda: f"scores: non-finite value at response {first_index(~sd.isfinite())}",
-            )
-        )
-        raise_if_failed(checks)
     s = scores if scores.dtype == torch.float64 else scores.float()
-    return discriminative_terms(
+    o.check_dtype(s.dtype)
+    terms = discriminative_terms(
         s,
-        rewards > o.threshold,
+        positive_labels(rewards, o.threshold),
         dense_group_ids(group_ids),
         objective=o.objective,
         tau=o.tau_value,
@@ -421,6 +445,34 @@ def _prepare(
         preferences=preferences,
         lam=o.lam,
     )
+    if validate:
+        checks = reward_checks(rewards) + preference_checks(preferences)
+        sd = scores.detach()
+        checks.append(
+            (
+                sd.isfinite().all(),
+                lambda: f"scores: non-finite value at response {first_index(~sd.isfinite())}",
+            )
+        )
+        checks += objective_checks(terms, o, s.dtype)
+        raise_if_failed(checks)
+    return terms
+
+
+def objective_checks(
+    terms: DiscriminativeTerms, options: DiscoOptions, dtype: torch.dtype
+) -> list[Check | ValueCheck]:
+    """Value checks of the objective's results (under ``validate``): finite inputs and options
+    in their ranges can still overflow ``dtype`` together (scores far apart, a large margin)."""
+    kind = dtype_name(dtype)
+    why = (
+        f"the scores are too far apart for {kind} with objective={options.objective!r}, "
+        f"tau={options.tau_value!r}, margin={options.margin!r}{float64_hint(dtype)}"
+    )
+    return [
+        (terms.objective.detach().isfinite(), lambda: f"objective: not finite in {kind}: {why}"),
+        (terms.weights.isfinite().all(), lambda: f"weights: not finite in {kind}: {why}"),
+    ]
 
 
 def discriminative_objective(

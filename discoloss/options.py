@@ -7,11 +7,14 @@ arguments, so both reject the same values with the same messages.
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, fields
 from numbers import Integral
 from typing import Any
 
-from discoloss._checks import check_number, check_option
+import torch
+
+from discoloss._checks import check_in_dtype_range, check_number, check_option, scale_range
 from discoloss._types import (
     CONSTRAINTS,
     DEFAULT_TAU,
@@ -82,6 +85,37 @@ class DiscoOptions:
             if n < 1:
                 raise ValueError(f"max_length must be >= 1, got {n!r}")
             object.__setattr__(self, "max_length", int(n))
+
+    def check_dtype(self, dtype: torch.dtype) -> None:
+        """Raise ValueError naming the option, the dtype and the usable range if a value,
+        valid in itself, breaks the computation in ``dtype`` for every input. ``dtype`` is the
+        dtype the loss computes in: float64 for float64 inputs, float32 for everything else.
+
+        Only options that the selected variant uses are checked (``eps``, ``tiny``, ``max`` of
+        ``torch.finfo(dtype)``): ``tau`` of the temperature objectives in
+        ``[tiny / eps, max * eps]`` (``s / tau`` and ``tau * log(...)``), ``beta`` of the
+        constraints that scale by it and ``delta`` of the Lagrangian up to ``max`` (beyond, they
+        are infinite), ``cvar_alpha`` of ``"cvar"`` from ``tiny`` (``alpha * |N_q|`` must stay
+        a normal number), ``margin`` of ``"auc_sq_hinge"`` up to ``sqrt(max)`` (it is squared).
+        Overflow that depends on the data is left to the value checks.
+        """
+        fi = torch.finfo(dtype)
+        if self.objective in ("disco", "drpo", "disco_2way", "auc_logistic"):
+            low, high = scale_range(dtype)
+            why = "the objective divides scores by tau"
+            check_in_dtype_range("tau", self.tau_value, dtype, low, high, why)
+        if self.constraint in ("squared_hinge", "hinge", "kl_penalty"):
+            why = "the penalty scales by beta"
+            check_in_dtype_range("beta", self.beta, dtype, 0.0, fi.max, why)
+        if self.constraint == "lagrangian":
+            why = "the Lagrangian penalty is lambda * (kl - delta)"
+            check_in_dtype_range("delta", self.delta, dtype, 0.0, fi.max, why)
+        if self.objective == "cvar":
+            why = "the hardest negatives are weighted by 1 / (cvar_alpha * |N_q|)"
+            check_in_dtype_range("cvar_alpha", self.cvar_alpha, dtype, fi.tiny, 1.0, why)
+        if self.objective == "auc_sq_hinge":
+            why = "the objective squares the margin"
+            check_in_dtype_range("margin", self.margin, dtype, 0.0, math.sqrt(fi.max), why)
 
     @property
     def tau_value(self) -> float:

@@ -16,6 +16,7 @@ times faster, and no (B, T) temporary besides the gradient.
 
 from __future__ import annotations
 
+import math
 from typing import Any, NamedTuple
 
 import torch
@@ -234,15 +235,13 @@ def as_bool_mask(mask: Tensor) -> Tensor:
 
 
 def check_token_inputs(
-    log_probs: Tensor, old_log_probs: Tensor | None, mask: Tensor, *, allow_empty: bool = False
+    log_probs: Tensor, old_log_probs: Tensor, mask: Tensor, *, allow_empty: bool = False
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Metadata checks of the (B, T) inputs; returns (log_probs, old_log_probs, mask).
 
     ``allow_empty``: B = 0 is legal (a rank's empty shard in cross-rank mode).
     """
     check_tensor("log_probs", log_probs, ndim=2, kind="float")
-    if old_log_probs is None:
-        old_log_probs = log_probs.detach()
     check_tensor("old_log_probs", old_log_probs, ndim=2, kind="float")
     check_tensor("mask", mask, ndim=2, kind="mask")
     names = ("log_probs", "old_log_probs", "mask")
@@ -332,8 +331,11 @@ def sequence_scores(
             "score='clipped_ratio' depends on each response's label; use disco_loss or "
             "clipped_ratio_scores(..., positive=...)"
         )
-    if old_log_probs is None and score != "log_likelihood":
-        raise ValueError(f"old_log_probs is required for score={score!r}")
+    if old_log_probs is None:
+        if score != "log_likelihood":
+            raise ValueError(f"old_log_probs is required for score={score!r}")
+        check_tensor("log_probs", log_probs, ndim=2, kind="float")
+        old_log_probs = log_probs.detach()  # unused by the log-likelihood score
     log_probs, old_log_probs, mask = check_token_inputs(log_probs, old_log_probs, mask)
     sums, checks = token_sums(
         log_probs, old_log_probs, mask, need_ratio=score == "likelihood_ratio", validate=validate
@@ -368,9 +370,11 @@ def clipped_ratio_scores(
     acc = _accum_dtype(log_probs.dtype)
     bmask = as_bool_mask(mask)
     d = torch.where(bmask, log_probs.to(acc) - old_log_probs.detach().to(acc), 0.0)
-    rho = torch.exp(d)
-    upper = torch.clamp(rho, max=1.0 + clip_eps)
-    lower = torch.clamp(rho, min=1.0 - clip_eps)
-    clipped = torch.where(positive[:, None], upper, lower)
+    # Clipped in log space, exp(clamp(d, log lo, log hi)): a clipped ratio is never formed, so
+    # it cannot overflow (nor turn its zero gradient into 0 * inf = nan in exp's backward).
+    inf = torch.full_like(positive, math.inf, dtype=acc)
+    lo = torch.where(positive, -inf, math.log1p(-clip_eps))[:, None]
+    hi = torch.where(positive, math.log1p(clip_eps), inf)[:, None]
+    clipped = torch.exp(torch.clamp(d, lo, hi))
     lengths = bmask.sum(-1, dtype=acc).clamp_min(1.0)
     return torch.where(bmask, clipped, 0.0).sum(-1) / lengths

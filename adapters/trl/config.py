@@ -236,6 +236,11 @@ class DisCOConfig(GRPOConfig):
             )
         super().__post_init__()
         self._check_disco_options()
+        if not isinstance(self.allow_reference_kl, bool):  # a string would read as True
+            raise TypeError(
+                f"allow_reference_kl must be a bool, got {type(self.allow_reference_kl).__name__} "
+                f"{self.allow_reference_kl!r}"
+            )
         if self.beta != 0.0 and not self.allow_reference_kl:
             raise ValueError(
                 f"beta={self.beta}: in GRPOConfig `beta` is the KL-to-reference coefficient, not "

@@ -637,6 +637,9 @@ def difficulty_report(
     """
     threshold = check_number("threshold", threshold)
     eps = check_number("eps", eps, non_negative=True)
+    for name, flag in (("binarize", binarize), ("std_unbiased", std_unbiased)):
+        if not isinstance(flag, bool):
+            raise TypeError(f"{name} must be a bool, got {type(flag).__name__}")
     if isinstance(bins, bool) or not isinstance(bins, int) or bins < 1:
         raise ValueError(f"bins must be a positive int, got {bins!r}")
     methods = tuple(methods)
@@ -651,6 +654,8 @@ def difficulty_report(
     check_tensor("group_ids", group_ids, ndim=1, kind="int")
     check_batch(("rewards", "group_ids"), (rewards, group_ids))
     check_device(("rewards", "group_ids"), (rewards, group_ids))
+    if rewards.device.type == "meta":
+        raise ValueError("rewards is on the meta device: difficulty_report reads its values")
     r = rewards.detach().cpu()
     g = group_ids.detach().cpu()
     if r.dtype.is_floating_point and not bool(r.isfinite().all()):

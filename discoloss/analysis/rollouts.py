@@ -29,7 +29,9 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
+
+from discoloss._checks import check_option
 
 __all__ = ["RolloutError", "Rollouts", "load_rollouts"]
 
@@ -65,7 +67,11 @@ class Rollouts:
 
 def _files(path: Path, step: str | None) -> tuple[list[Path], str | None]:
     """Files to read and the step selected by file name (for directories)."""
-    if not path.exists():
+    try:
+        exists = path.exists()
+    except (OSError, ValueError) as exc:  # e.g. an embedded NUL byte, a name too long
+        raise RolloutError(f"{path!r}: not a usable path ({exc})") from None
+    if not exists:
         raise RolloutError(f"{path}: no such file or directory")
     if path.is_file():
         return [path], None
@@ -94,38 +100,60 @@ def _files(path: Path, step: str | None) -> tuple[list[Path], str | None]:
     )
 
 
+_PARQUET_MAGIC = b"PAR1"
+
+
+def _magic(path: Path) -> bytes:
+    with path.open("rb") as fh:
+        return fh.read(len(_PARQUET_MAGIC))
+
+
 def _detect_format(path: Path, file_format: str) -> str:
+    """``auto``: Parquet by its magic bytes (whatever the name), else by suffix, else JSONL."""
     if file_format != "auto":
         return file_format
-    suffix = path.suffix.lower()
-    if suffix == ".parquet":
+    if _magic(path) == _PARQUET_MAGIC:
         return "parquet"
-    if suffix in (".jsonl", ".json", ".ndjson"):
-        return "jsonl"
-    with path.open("rb") as fh:
-        magic = fh.read(4)
-    return "parquet" if magic == b"PAR1" else "jsonl"
+    return "parquet" if path.suffix.lower() == ".parquet" else "jsonl"
 
 
 def _read_jsonl(path: Path) -> tuple[list[dict[str, Any]], list[int]]:
-    """Rows and their 1-based line numbers."""
+    """Rows and their 1-based line numbers. A UTF-8 byte order mark is skipped."""
     rows: list[dict[str, Any]] = []
     lines: list[int] = []
-    with path.open("r", encoding="utf-8") as fh:
-        for number, text in enumerate(fh, start=1):
-            if not text.strip():
-                continue
-            try:
-                obj = json.loads(text)
-            except json.JSONDecodeError as exc:
-                raise RolloutError(f"{path}:{number}: not valid JSON ({exc.msg})") from None
-            if not isinstance(obj, dict):
-                raise RolloutError(
-                    f"{path}:{number}: expected a JSON object per line, got {type(obj).__name__}"
-                )
-            rows.append(obj)
-            lines.append(number)
+    number = 0
+    try:
+        with path.open("r", encoding="utf-8-sig") as fh:
+            for number, text in enumerate(fh, start=1):
+                if not text.strip():
+                    continue
+                rows.append(_json_row(path, number, text))
+                lines.append(number)
+    except UnicodeDecodeError as exc:
+        hint = (
+            "it is a Parquet file: pass --format parquet (file_format='parquet')"
+            if _magic(path) == _PARQUET_MAGIC
+            else "JSONL files are UTF-8 text, one JSON object per line"
+        )
+        raise RolloutError(
+            f"{path}:{number + 1}: not UTF-8 text (byte 0x{exc.object[exc.start]:02x} cannot be "
+            f"decoded); {hint}"
+        ) from None
     return rows, lines
+
+
+def _json_row(path: Path, number: int, text: str) -> dict[str, Any]:
+    try:
+        obj = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise RolloutError(f"{path}:{number}: not valid JSON ({exc.msg})") from None
+    except RecursionError:
+        raise RolloutError(f"{path}:{number}: not valid JSON (nested too deeply)") from None
+    if not isinstance(obj, dict):
+        raise RolloutError(
+            f"{path}:{number}: expected a JSON object per line, got {type(obj).__name__}"
+        )
+    return obj
 
 
 def _pyarrow_parquet() -> Any:
@@ -204,7 +232,10 @@ def _reward(value: Any, where: str, column: str) -> float:
     if isinstance(value, bool):
         return float(value)
     if isinstance(value, (int, float)):
-        v = float(value)
+        try:
+            v = float(value)
+        except OverflowError:  # an integer beyond float64's range
+            v = math.inf
         if math.isfinite(v):
             return v
     raise RolloutError(
@@ -250,7 +281,8 @@ def load_rollouts(
         the first of input, prompt, question.
       step: a step number (a directory's ``<step>.jsonl``, or the rows of that step in a file
         with a step column), or ``"all"`` for every file / row.
-      file_format: ``"auto"`` (by suffix, then by content), ``"jsonl"`` or ``"parquet"``.
+      file_format: ``"auto"`` (Parquet by content, whatever the file's name; else by suffix;
+        else JSONL), ``"jsonl"`` or ``"parquet"``.
       keep_uid_suffix: do not strip verl's ``_<session>_<index>`` suffix from ``uid`` values.
       length_column: response lengths (token counts; a text column counts its characters);
         default the first of response_length, length, num_tokens, if any.
@@ -259,6 +291,7 @@ def load_rollouts(
       RolloutError: missing file, unreadable rows, missing columns, or rewards that are not
         finite numbers.
     """
+    check_option("file_format", file_format, get_args(FileFormat))
     path = Path(path)
     step_s = None if step is None else str(step)
     files, file_step = _files(path, step_s)

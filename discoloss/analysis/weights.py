@@ -62,7 +62,7 @@ from discoloss._checks import (
     check_tensor,
     raise_if_failed,
 )
-from discoloss.objectives import dense_group_ids, reward_checks
+from discoloss.objectives import dense_group_ids, positive_labels, reward_checks
 
 __all__ = ["METHODS", "ImpliedWeights", "Method", "difficulty_weight", "implied_weights"]
 
@@ -181,8 +181,9 @@ def difficulty_weight(
     """
     check_option("method", method, METHODS)
     eps = check_number("eps", eps, non_negative=True)
-    if not isinstance(std_unbiased, bool):
-        raise TypeError(f"std_unbiased must be a bool, got {type(std_unbiased).__name__}")
+    for name, flag in (("std_unbiased", std_unbiased), ("expected", expected)):
+        if not isinstance(flag, bool):
+            raise TypeError(f"{name} must be a bool, got {type(flag).__name__}")
     if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n < 1):
         raise ValueError(f"n must be a positive int (responses per question), got {n!r}")
     if expected and n is None:
@@ -190,7 +191,21 @@ def difficulty_weight(
     scalar = isinstance(p, (int, float)) and not isinstance(p, bool)
     if isinstance(p, bool):
         raise TypeError("p must be a number or a tensor of accuracies, got a bool")
-    pt = torch.as_tensor(p, dtype=torch.float64)
+    if isinstance(p, Tensor):
+        if p.device.type == "meta":
+            raise ValueError("p is on the meta device: difficulty_weight reads its values")
+        if p.dtype == torch.bool or p.dtype.is_complex:
+            raise TypeError(f"p must hold real accuracies, got dtype {p.dtype}")
+        pt = p.detach().to(torch.float64)
+    elif scalar:
+        pt = torch.tensor(check_number("p", p, allow_inf=True), dtype=torch.float64)
+    else:
+        try:
+            pt = torch.as_tensor(p, dtype=torch.float64)
+        except (TypeError, ValueError, RuntimeError, OverflowError):
+            raise TypeError(
+                f"p must be a number, a sequence of numbers or a tensor, got {p!r:.80}"
+            ) from None
     if pt.is_complex() or not bool(torch.all((pt >= 0) & (pt <= 1))):
         raise ValueError("p must hold accuracies in [0, 1] (no nan)")
     if n is None:
@@ -284,6 +299,8 @@ def implied_weights(
         raise ValueError("token_normalizer needs lengths")
     check_batch(names, tensors)
     check_device(names, tensors)
+    if advantages.device.type == "meta":
+        raise ValueError("advantages is on the meta device: implied_weights reads its values")
     checks = reward_checks(rewards)
     a = advantages.detach().to(torch.float64)
     checks.append((a.isfinite().all(), lambda: "advantages: every value must be finite"))
@@ -294,8 +311,8 @@ def implied_weights(
         c = a / b
         if lengths is not None:
             lens = lengths.detach().to(torch.float64)
-            if not bool((lens >= 0).all()):
-                raise ValueError("lengths must be >= 0")
+            if not bool((lens.isfinite() & (lens >= 0)).all()):
+                raise ValueError("lengths must be finite and >= 0")
             if token_normalizer is None:
                 norm = lens.mean()
                 if not bool(norm > 0):
@@ -318,6 +335,6 @@ def implied_weights(
     size = torch.zeros(b, dtype=torch.int64, device=a.device).index_add(0, d, torch.ones_like(d))[
         :q
     ]
-    correct = zeros.index_add(0, d, (rewards > threshold).to(torch.float64))[:q]
+    correct = zeros.index_add(0, d, positive_labels(rewards, threshold).to(torch.float64))[:q]
     ids = torch.empty_like(group_ids).scatter_(0, d, group_ids)[:q]
     return ImpliedWeights(ids, pos, neg, correct / size.to(torch.float64), size)

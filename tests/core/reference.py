@@ -26,6 +26,7 @@ Formulas (per question q with positives P_q = {i : r_i > threshold} and negative
 from __future__ import annotations
 
 import math
+import statistics
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -129,9 +130,10 @@ def drpo_positive_weights(
     """Self-normalised importance weights of the optimized positive distribution over the
     sampled positives: exp(pref_i / lam) / sum_k exp(pref_k / lam), in plain Python floats.
     A common factor exp(-max pref / lam) is taken out of numerator and denominator (exact
-    algebra) so that small lam does not overflow."""
-    top = max(preferences[i] / lam for i in pos)
-    e = {i: math.exp(preferences[i] / lam - top) for i in pos}
+    algebra), the preferences shifted before the division, so that neither a small lam nor
+    large preferences overflow (every exponent is <= 0)."""
+    top = max(preferences[i] for i in pos)
+    e = {i: math.exp((preferences[i] - top) / lam) for i in pos}
     z = sum(e.values())
     return {i: e[i] / z for i in pos}
 
@@ -362,4 +364,405 @@ def ref_disco(
         scores=scores.detach(),
         grad=grad,
         metrics=metrics,
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# Every variant, pieces of a batch, accumulation, baselines and analysis (the fuzz suite,
+# test_fuzz.py). Same rules: float64, plain loops, formulas as the papers and the docstrings
+# state them. Written so that they stay finite wherever the true value is finite: a clipped
+# ratio is the constant it is clipped to (never exp of a huge log-ratio), the log-mean-exp is
+# shifted, the logistic loss is split at 0.
+# --------------------------------------------------------------------------------------------
+
+
+def ref_token_scores(
+    log_probs: Tensor,
+    old_log_probs: Tensor,
+    mask: Sequence[Sequence[bool]],
+    score: str,
+    positive: Sequence[bool] | None = None,
+    clip_eps: float = 0.2,
+) -> Tensor:
+    """(B,) float64 scores of any kind (log_likelihood, likelihood_ratio, clipped_ratio),
+    differentiable wrt ``log_probs``. The clipped ratio per token, for rho = exp(lp - old):
+    min(rho, 1 + eps) for a positive response, max(rho, 1 - eps) for a negative one."""
+    if score != "clipped_ratio":
+        return ref_scores(log_probs, old_log_probs, mask, score)
+    assert positive is not None
+    out = []
+    for i, row in enumerate(mask):
+        terms = []
+        for t in response_positions(row):
+            x = log_probs[i, t] - old_log_probs[i, t].detach()
+            if positive[i] and float(x.detach()) >= math.log1p(clip_eps):
+                terms.append(x * 0.0 + (1.0 + clip_eps))  # clipped: constant
+            elif not positive[i] and float(x.detach()) <= math.log1p(-clip_eps):
+                terms.append(x * 0.0 + (1.0 - clip_eps))
+            else:
+                terms.append(torch.exp(x))
+        out.append(torch.stack(terms).sum() / len(terms))
+    return torch.stack(out)
+
+
+def ref_kl_sums(
+    log_probs: Tensor, old_log_probs: Tensor, mask: Sequence[Sequence[bool]], estimator: str
+) -> Tensor:
+    """(B,) per-response sums of the per-token KL estimate (k1 or k3)."""
+    out = []
+    for i, row in enumerate(mask):
+        total = log_probs.new_zeros(())
+        for t in response_positions(row):
+            x = log_probs[i, t] - old_log_probs[i, t].detach()
+            total = total + (-x if estimator == "k1" else torch.expm1(x) - x)
+        out.append(total)
+    return torch.stack(out)
+
+
+def _lme(x: list[Tensor], tau: float) -> Tensor:
+    """tau * log(mean_j exp(x_j / tau)) = m + tau * log(1 + mean_j expm1((x_j - m) / tau)),
+    m = max x: shifted before the division, so that neither a tiny tau nor a huge spread of
+    the x overflows (finite for any finite x)."""
+    s = torch.stack(x)
+    m = s.detach().max()
+    return m + tau * torch.log1p(torch.expm1((s - m) / tau).sum() / s.numel())
+
+
+def _softplus_t(d: Tensor, tau: float) -> Tensor:
+    """tau * log(1 + exp(-d / tau)), evaluated on the side where exp cannot overflow:
+    -d + tau * log(1 + exp(d / tau)) for d < 0 (both smooth at 0, where the first is used)."""
+    if float(d.detach()) >= 0.0:
+        return tau * torch.log1p(torch.exp(-d / tau))
+    return -d + tau * torch.log1p(torch.exp(d / tau))
+
+
+def ref_group_term(
+    pos: list[Tensor],
+    neg: list[Tensor],
+    objective: str,
+    tau: float,
+    alpha: float,
+    margin: float,
+    pos_weights: Sequence[float] | None = None,
+) -> Tensor:
+    """J_q of one question with both positives and negatives (``pos_weights``: DRPO's v of
+    the positives, in their order)."""
+    mean_pos = torch.stack(pos).mean()
+    if objective == "disco":
+        return mean_pos - _lme(neg, tau)
+    if objective == "drpo":
+        assert pos_weights is not None
+        return sum((v * p for v, p in zip(pos_weights, pos)), pos[0] * 0.0) - _lme(neg, tau)
+    if objective == "disco_b":
+        return mean_pos - torch.stack(neg).mean()
+    if objective == "disco_2way":
+        return _lme([-p for p in pos], tau) * -1.0 - _lme(neg, tau)
+    if objective == "cvar":
+        # CVaR_alpha of the negatives: the mean of their highest alpha-fraction, k = alpha n of
+        # them, the (floor(k)+1)-th with weight k - floor(k). Ties are broken by position (the
+        # gradient at a tie is then one of CVaR's subgradients, as any order gives).
+        k = alpha * len(neg)
+        order = sorted(range(len(neg)), key=lambda i: (-float(neg[i].detach()), i))
+        total = neg[0] * 0.0
+        for rank, i in enumerate(order):
+            total = total + min(max(k - rank, 0.0), 1.0) * neg[i]
+        return mean_pos - total / k
+    pairs = [(p, q) for p in pos for q in neg]
+    if objective == "auc_sq_hinge":
+        losses = [torch.clamp(margin - (p - q), min=0.0) ** 2 for p, q in pairs]
+    elif objective == "auc_logistic":
+        losses = [_softplus_t(p - q, tau) for p, q in pairs]
+    else:
+        raise AssertionError(objective)
+    return -torch.stack(losses).sum() / len(pairs)
+
+
+def ref_objective_any(
+    scores: Tensor,
+    rewards: Sequence[float],
+    group_ids: Sequence[int],
+    *,
+    objective: str,
+    tau: float,
+    threshold: float,
+    normalize: str,
+    cvar_alpha: float = 0.5,
+    margin: float = 1.0,
+    num_groups: float | None = None,
+    lam: float = 0.1,
+    preferences: Sequence[float] | None = None,
+) -> Tensor:
+    """J for every objective; ``num_groups`` replaces the denominator (a piece of a batch).
+    ``lam``, ``preferences``: DRPO's (one preference per response)."""
+    groups = ref_groups(rewards, group_ids, threshold)
+    total = scores.sum() * 0.0
+    for g in groups.order:
+        if groups.has_signal(g):
+            pos = [scores[i] for i in groups.pos[g]]
+            neg = [scores[j] for j in groups.neg[g]]
+            v = None
+            if objective == "drpo":
+                assert preferences is not None
+                vs = drpo_positive_weights(groups.pos[g], preferences, lam)
+                v = [vs[i] for i in groups.pos[g]]
+            total = total + ref_group_term(pos, neg, objective, tau, cvar_alpha, margin, v)
+    denom = ref_denominator(groups, normalize) if num_groups is None else num_groups
+    return total / max(denom, 1)
+
+
+def ref_constraint_penalty(
+    kl: Tensor, constraint: str, delta: float, beta: float, multiplier: float = 0.0
+) -> Tensor:
+    """P(KL) of every constraint (the table of discoloss.constraints); ``multiplier``: the
+    Lagrange multiplier's value."""
+    excess = torch.clamp(kl - delta, min=0.0)
+    if constraint == "squared_hinge":
+        return 0.5 * beta * excess * excess
+    if constraint == "hinge":
+        return beta * excess
+    if constraint == "kl_penalty":
+        return beta * kl
+    if constraint == "lagrangian":
+        return multiplier * (kl - delta)
+    if constraint == "none":
+        return kl * 0.0
+    raise AssertionError(constraint)
+
+
+def ref_constraint_slope(
+    kl: float, constraint: str, delta: float, beta: float, multiplier: float = 0.0
+) -> float:
+    """dP/dKL."""
+    if constraint == "squared_hinge":
+        return beta * max(kl - delta, 0.0)
+    if constraint == "hinge":
+        return beta if kl > delta else 0.0
+    if constraint == "kl_penalty":
+        return beta
+    if constraint == "lagrangian":
+        return multiplier
+    return 0.0
+
+
+@dataclass
+class RefLoss:
+    """Reference values of a DisCO loss call (float64), its gradient wrt log_probs and the
+    intermediate magnitudes the fuzz suite's tolerances need."""
+
+    loss: Tensor
+    objective: Tensor
+    kl: Tensor
+    penalty: Tensor
+    scores: Tensor
+    kl_sums: Tensor
+    lengths: list[int]
+    grad: Tensor
+    positive: list[bool]
+    groups: Groups
+
+
+def ref_disco_any(
+    log_probs: Tensor,
+    old_log_probs: Tensor,
+    mask: Tensor,
+    rewards: Tensor,
+    group_ids: Tensor,
+    *,
+    score: str = "log_likelihood",
+    objective: str = "disco",
+    tau: float | None = None,
+    delta: float = 1e-4,
+    beta: float = 1e3,
+    kl_estimator: str = "k1",
+    threshold: float = 0.5,
+    normalize: str = "all",
+    constraint: str = "squared_hinge",
+    multiplier: float = 0.0,
+    cvar_alpha: float = 0.5,
+    margin: float = 1.0,
+    clip_eps: float = 0.2,
+    lam: float = 0.1,
+    max_length: int | None = None,
+    preferences: Tensor | None = None,
+    num_groups: float | None = None,
+    num_tokens: float | None = None,
+) -> RefLoss:
+    """disco_loss for every option, from any-dtype inputs (cast to float64). ``multiplier``:
+    the Lagrange multiplier's value; ``lam``, ``max_length``, ``preferences``: DRPO's (the
+    preferences given, else the length reward 1 - |o| / max_length counted from the mask).
+
+    With ``num_tokens`` (a piece of a larger batch of N tokens): kl = sum_i k_i / N and
+    penalty = (n / N) * P(sum_i k_i / n), n the piece's own tokens.
+    """
+    if tau is None:
+        tau = 10.0 if score == "log_likelihood" else 1.0
+    lp = log_probs.detach().to(F64).clone().requires_grad_(True)
+    old = old_log_probs.detach().to(F64)
+    m = [[bool(v != 0) for v in row] for row in mask.tolist()]
+    r = [float(v) for v in rewards.double().tolist()]
+    g = [int(v) for v in group_ids.tolist()]
+    positive = [v > threshold for v in r]
+    scores = ref_token_scores(lp, old, m, score, positive, clip_eps)
+    prefs: list[float] | None = None
+    if preferences is not None:
+        prefs = [float(v) for v in preferences.double().tolist()]
+    elif objective == "drpo":
+        assert max_length is not None
+        prefs = ref_length_preferences(m, max_length)
+    j = ref_objective_any(
+        scores, r, g, objective=objective, tau=tau, threshold=threshold, normalize=normalize,
+        cvar_alpha=cvar_alpha, margin=margin, num_groups=num_groups, lam=lam, preferences=prefs,
+    )  # fmt: skip
+    kl_sums = ref_kl_sums(lp, old, m, kl_estimator)
+    lengths = [len(response_positions(row)) for row in m]
+    n = sum(lengths)
+    local_kl = kl_sums.sum() / n
+    if num_tokens is None:
+        kl = local_kl
+        penalty = ref_constraint_penalty(kl, constraint, delta, beta, multiplier)
+    else:
+        kl = kl_sums.sum() / num_tokens
+        local_penalty = ref_constraint_penalty(local_kl, constraint, delta, beta, multiplier)
+        penalty = (n / num_tokens) * local_penalty
+    loss = -j + penalty
+    (grad,) = torch.autograd.grad(loss, lp, allow_unused=True, materialize_grads=True)
+    return RefLoss(
+        loss=loss.detach(),
+        objective=j.detach(),
+        kl=kl.detach(),
+        penalty=penalty.detach(),
+        scores=scores.detach(),
+        kl_sums=kl_sums.detach(),
+        lengths=lengths,
+        grad=grad,
+        positive=positive,
+        groups=ref_groups(r, g, threshold),
+    )
+
+
+def ref_objective_and_weights(
+    scores: Tensor, rewards: Tensor, group_ids: Tensor, **options: object
+) -> tuple[Tensor, Tensor]:
+    """J and dJ/ds (autograd of the naive objective) for any-dtype scores."""
+    s = scores.detach().to(F64).clone().requires_grad_(True)
+    r = [float(v) for v in rewards.double().tolist()]
+    g = [int(v) for v in group_ids.tolist()]
+    prefs = options.pop("preferences", None)
+    if isinstance(prefs, Tensor):
+        options["preferences"] = [float(v) for v in prefs.double().tolist()]
+    j = ref_objective_any(s, r, g, **options)  # type: ignore[arg-type]
+    (w,) = torch.autograd.grad(j, s, allow_unused=True, materialize_grads=True)
+    return j.detach(), w
+
+
+# ---------------------------------------------------------------- baselines (GRPO family)
+
+
+def naive_advantages(
+    rewards: list[float], groups: list[int], *, scale: str, unbiased: bool, eps: float
+) -> list[float]:
+    """Per response, from Python lists, with the statistics module."""
+    members: dict[int, list[float]] = {}
+    for r, g in zip(rewards, groups):
+        members.setdefault(g, []).append(r)
+    out = []
+    for r, g in zip(rewards, groups):
+        vals = members[g]
+        if len(set(vals)) == 1:
+            out.append(0.0)
+            continue
+        mean = statistics.fmean(vals)
+        if scale == "none":
+            out.append(r - mean)
+            continue
+        std = statistics.stdev(vals) if unbiased else statistics.pstdev(vals)
+        out.append((r - mean) / (std + eps))
+    return out
+
+
+def naive_clipped_loss(
+    log_probs: Tensor,
+    old: Tensor,
+    mask: Tensor,
+    adv: list[float],
+    *,
+    low: float,
+    high: float,
+    aggregation: str,
+    max_tokens: float | None = None,
+    dual_clip: float | None = None,
+) -> Tensor:
+    """Token-by-token PPO surrogate min(rho*A, clip(rho)*A), aggregated as in the papers.
+
+    A token whose ratio is clipped is the constant it is clipped to (its gradient is 0 by the
+    formula), so that a huge log-ratio on the clipped side never forms exp(huge)."""
+    b, t = log_probs.shape
+    per_response: list[Tensor] = []
+    lengths: list[int] = []
+    for i in range(b):
+        terms: list[Tensor] = []
+        a = adv[i]
+        for j in range(t):
+            if not bool(mask[i, j]):
+                continue
+            x = log_probs[i, j] - old[i, j]
+            xv = float(x.detach())
+            if a >= 0 and xv >= math.log1p(high):
+                obj = x * 0.0 + (1.0 + high) * a
+            elif a < 0 and dual_clip is not None and xv >= math.log(dual_clip):
+                obj = x * 0.0 + dual_clip * a
+            else:
+                rho = torch.exp(x)
+                unclipped = rho * a
+                clipped = torch.clamp(rho, 1 - low, 1 + high) * a
+                obj = torch.minimum(unclipped, clipped)
+                if dual_clip is not None and a < 0:
+                    obj = torch.maximum(obj, torch.tensor(dual_clip * a, dtype=obj.dtype))
+            terms.append(-obj)
+        per_response.append(torch.stack(terms).sum())
+        lengths.append(len(terms))
+    if aggregation == "seq_mean_token_mean":
+        return sum(s / n for s, n in zip(per_response, lengths)) / b  # type: ignore[return-value]
+    if aggregation == "seq_mean_token_sum_norm":
+        assert max_tokens is not None
+        return sum(per_response) / (b * max_tokens)  # type: ignore[return-value]
+    return sum(per_response) / sum(lengths)  # type: ignore[return-value]
+
+
+# ---------------------------------------------------------------- analysis
+
+
+def ref_difficulty_weight(
+    p: float, method: str, *, n: int | None, expected: bool, std_unbiased: bool, eps: float
+) -> float:
+    """omega(p) from the formulas of discoloss.analysis.weights' docstring, in plain floats."""
+
+    def omega_n(x: float) -> float:
+        """What an implementation computes on a group of n with empirical accuracy x."""
+        if x <= 0.0 or x >= 1.0:
+            return 0.0
+        q = x * (1 - x)
+        if method in ("disco", "disco_b", "drpo"):
+            return 1.0
+        if method == "dr_grpo":
+            return q
+        if n == 1:
+            return 0.0
+        var = q * n / (n - 1) if std_unbiased else q  # type: ignore[operator]
+        return q / (math.sqrt(var) + eps)
+
+    if n is None:
+        if p <= 0.0 or p >= 1.0:
+            return 0.0
+        if method in ("disco", "disco_b", "drpo"):
+            return 1.0
+        return p * (1 - p) if method == "dr_grpo" else math.sqrt(p * (1 - p))
+    if not expected:
+        return omega_n(p)
+    return sum(
+        math.comb(n, k)
+        * (p**k if k else 1.0)
+        * ((1 - p) ** (n - k) if n - k else 1.0)
+        * omega_n(k / n)
+        for k in range(n + 1)
     )

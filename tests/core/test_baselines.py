@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import math
-import statistics
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
 import pytest
 import torch
+from reference import naive_advantages, naive_clipped_loss
 from torch import Tensor
 
 from discoloss.baselines import (
@@ -20,70 +20,6 @@ from discoloss.baselines import (
     group_advantages,
     grpo_loss,
 )
-
-# ----------------------------------------------------------------------------- naive references
-
-
-def naive_advantages(
-    rewards: list[float], groups: list[int], *, scale: str, unbiased: bool, eps: float
-) -> list[float]:
-    """Per response, from Python lists, with the statistics module."""
-    members: dict[int, list[float]] = {}
-    for r, g in zip(rewards, groups):
-        members.setdefault(g, []).append(r)
-    out = []
-    for r, g in zip(rewards, groups):
-        vals = members[g]
-        if len(set(vals)) == 1:
-            out.append(0.0)
-            continue
-        mean = statistics.fmean(vals)
-        if scale == "none":
-            out.append(r - mean)
-            continue
-        std = statistics.stdev(vals) if unbiased else statistics.pstdev(vals)
-        out.append((r - mean) / (std + eps))
-    return out
-
-
-def naive_clipped_loss(
-    log_probs: Tensor,
-    old: Tensor,
-    mask: Tensor,
-    adv: list[float],
-    *,
-    low: float,
-    high: float,
-    aggregation: str,
-    max_tokens: float | None = None,
-    dual_clip: float | None = None,
-) -> Tensor:
-    """Token-by-token PPO surrogate min(rho*A, clip(rho)*A), aggregated as in the papers."""
-    b, t = log_probs.shape
-    per_response: list[Tensor] = []
-    lengths: list[int] = []
-    for i in range(b):
-        terms: list[Tensor] = []
-        for j in range(t):
-            if not bool(mask[i, j]):
-                continue
-            rho = torch.exp(log_probs[i, j] - old[i, j])
-            a = adv[i]
-            unclipped = rho * a
-            clipped = torch.clamp(rho, 1 - low, 1 + high) * a
-            obj = torch.minimum(unclipped, clipped)
-            if dual_clip is not None and a < 0:
-                obj = torch.maximum(obj, torch.tensor(dual_clip * a, dtype=obj.dtype))
-            terms.append(-obj)
-        per_response.append(torch.stack(terms).sum())
-        lengths.append(len(terms))
-    if aggregation == "seq_mean_token_mean":
-        return sum(s / n for s, n in zip(per_response, lengths)) / b  # type: ignore[return-value]
-    if aggregation == "seq_mean_token_sum_norm":
-        assert max_tokens is not None
-        return sum(per_response) / (b * max_tokens)  # type: ignore[return-value]
-    return sum(per_response) / sum(lengths)  # type: ignore[return-value]
-
 
 # ----------------------------------------------------------------------------- data
 

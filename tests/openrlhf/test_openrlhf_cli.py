@@ -156,6 +156,29 @@ def test_bad_values_are_rejected(launch, capsys, flag, value):
     assert value in err or repr(float(value)) in err, err  # the bad value is shown
 
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/: the shared table
+import option_cases  # noqa: E402  (out-of-range values of every option)
+
+
+def test_every_option_has_cases():
+    """Each --algo.disco.* flag has out-of-range values in the shared table."""
+    from discoloss.adapters.openrlhf.settings import OPTION_NAMES
+
+    assert set(OPTION_NAMES) == set(option_cases.BAD_VALUES), OPTION_NAMES
+
+
+@pytest.mark.parametrize("name,value", option_cases.cases())
+def test_every_out_of_range_value_is_refused_by_the_parser(launch, capsys, name, value):
+    """Every --algo.disco.* flag set out of its range stops the launcher in argument parsing
+    (exit 2, before Ray or any worker starts), and the message names the flag."""
+    flag = f"--algo.disco.{name}"
+    with pytest.raises(SystemExit) as exit_info:
+        launch(DISCO + [f"{flag}={value}"])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert f"argument {flag}:" in err or f"error: {flag}" in err, err
+
+
 VARIANT_FLAGS = {
     "cvar": (["--algo.disco.objective", "cvar", "--algo.disco.cvar_alpha", "0.25"],
              dict(objective="cvar", cvar_alpha=0.25)),

@@ -3,6 +3,9 @@ the option and says what to do."""
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
 import dataclasses
 from typing import Any
 
@@ -154,3 +157,34 @@ def test_config_round_trips_through_the_cli_parser(tmp_path: Any) -> None:
         HfArgumentParser(DisCOConfig).parse_args_into_dataclasses(
             ["--output_dir", str(tmp_path), "--objective", "ppo"]
         )
+
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/: the shared table
+import option_cases  # noqa: E402  (out-of-range values of every option)
+#: DisCOConfig's names of the shared options where GRPOConfig owns the plain one.
+FIELD = {"delta": "disco_delta", "beta": "disco_beta"}
+#: DisCOConfig's own options beyond the shared ones.
+TRL_ONLY = {"allow_reference_kl": ("maybe", "2")}
+
+
+def test_every_option_has_cases() -> None:
+    """Each field DisCOConfig adds to GRPOConfig has out-of-range values in the shared table."""
+    ours = {f.name for f in dataclasses.fields(DisCOConfig)} - {
+        f.name for f in dataclasses.fields(GRPOConfig)
+    }
+    shared = {FIELD.get(name, name) for name in option_cases.BAD_VALUES}
+    assert ours == shared | set(TRL_ONLY), sorted(ours)
+
+
+@pytest.mark.parametrize(
+    ("name", "value"), option_cases.cases({**option_cases.BAD_VALUES, **TRL_ONLY})
+)
+def test_every_out_of_range_value_is_refused_at_construction(
+    tmp_path: Any, name: str, value: str
+) -> None:
+    """Every DisCO option of DisCOConfig set out of its range is refused when the config is
+    built (before any trainer or process starts), naming the field."""
+    field = FIELD.get(name, name)
+    with pytest.raises((ValueError, TypeError)) as info:
+        tiny_config(str(tmp_path), **{field: option_cases.as_python(value)})
+    assert field in str(info.value), str(info.value)

@@ -3,6 +3,8 @@ validate_config (wrapped by the adapter); bad values fail with the adapter's mes
 
 from __future__ import annotations
 
+import sys
+
 import re
 from pathlib import Path
 from typing import Any
@@ -496,3 +498,37 @@ def test_drpo_without_max_length_outside_the_driver_is_refused() -> None:
         DiscoPolicyLossConfig(objective="drpo")
     assert str(info.value).startswith(f"{P}max_length: objective=drpo needs the length scale")
     assert DiscoPolicyLossConfig(objective="drpo", max_length=8).max_length == 8
+
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/: the shared table
+import option_cases  # noqa: E402  (out-of-range values of every option)
+#: verl's own options beyond the shared ones.
+VERL_ONLY = {"validate": ("maybe", "2")}
+
+
+def test_every_option_has_cases() -> None:
+    """Each field of the policy_loss node (but verl's loss_mode) has out-of-range values in the
+    shared table, so that a new option cannot go untested."""
+    import dataclasses
+
+    from verl.workers.config import PolicyLossConfig
+
+    base = {f.name for f in dataclasses.fields(PolicyLossConfig)}
+    ours = {f.name for f in dataclasses.fields(DiscoPolicyLossConfig)} - base
+    assert ours == set(option_cases.BAD_VALUES) | set(VERL_ONLY), ours
+
+
+@pytest.mark.parametrize(
+    ("name", "value"), option_cases.cases({**option_cases.BAD_VALUES, **VERL_ONLY})
+)
+def test_every_out_of_range_value_is_refused_in_the_driver(name: str, value: str) -> None:
+    """Every policy_loss option, set out of its range on the shipped config, is refused by
+    validate_config in the driver (main_ppo calls it before Ray starts), and the message
+    starts with the option's full path."""
+    cfg = shipped_config(
+        *[o for o in readme_overrides() if "loss_mode" not in o and "adv_estimator" not in o],
+        f"{P}{name}={value}",
+    )
+    with pytest.raises(DiscoConfigError) as info:
+        validate(cfg)
+    assert str(info.value).startswith(f"{P}{name}"), str(info.value)
