@@ -499,17 +499,21 @@ def check_loss_against_reference(case: LossCase, out: Any, validate: bool) -> No
     assert torch.equal(grad[~t.bmask], torch.zeros_like(grad[~t.bmask])), "padding gradient"
 
 
+
+def as_leaf(value: Any) -> Any:
+    """A fresh leaf that records the gradient for a floating tensor; anything else as is (an
+    invalid input the call must refuse)."""
+    if isinstance(value, Tensor) and value.dtype.is_floating_point:
+        return value.detach().clone().requires_grad_(True)
+    return value
+
 @fuzz(1500)
 @given(case=loss_cases())
 def test_disco_loss(case: LossCase) -> None:
     validate = case.kwargs["validate"]
     args = dict(case.args)
     lp = args["log_probs"]
-    leaf = (
-        lp.detach().clone().requires_grad_(True)
-        if isinstance(lp, Tensor) and lp.dtype.is_floating_point
-        else lp
-    )
+    leaf = as_leaf(lp)
     args["log_probs"] = leaf
 
     positional, keywords = split_args(args, LOSS_ROLES)
@@ -1185,11 +1189,7 @@ def micro_cases(draw: st.DrawFn) -> tuple[Any, ...]:
 def test_micro_batch_loss(case: tuple[Any, ...]) -> None:
     tokens, args, kwargs, opts, lam, n_ref, verdict, names, what = case
     lp = args["log_probs"]
-    leaf = (
-        lp.detach().clone().requires_grad_(True)
-        if isinstance(lp, Tensor) and lp.dtype.is_floating_point
-        else lp
-    )
+    leaf = as_leaf(lp)
 
     def call() -> Any:
         mb = micro_batch_loss(leaf, *list(args.values())[1:], **kwargs)
@@ -1398,11 +1398,7 @@ def baseline_cases(draw: st.DrawFn) -> tuple[Any, ...]:
 def test_grpo_family(case: tuple[Any, ...]) -> None:
     name, fn, tokens, args, opts, validate, verdict, names, what = case
     lp = args["log_probs"]
-    leaf = (
-        lp.detach().clone().requires_grad_(True)
-        if isinstance(lp, Tensor) and lp.dtype.is_floating_point
-        else lp
-    )
+    leaf = as_leaf(lp)
 
     def call() -> Any:
         out = fn(leaf, *list(args.values())[1:], **opts.kwargs, validate=validate)
