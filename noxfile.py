@@ -1,4 +1,5 @@
-"""Test sessions. Each engine adapter is tested in its own virtual environment (their pins conflict).
+"""Test sessions. Each engine adapter is tested in its own virtual environment (their pins
+conflict).
 
     pip install nox && nox            # every suite, as CI runs it
     nox -s core                       # one suite

@@ -1,4 +1,5 @@
-"""Package discovery: the core ``discoloss/`` plus ``adapters/`` installed as ``discoloss.adapters``.
+"""Package discovery: the core ``discoloss/`` plus ``adapters/`` installed as
+``discoloss.adapters``.
 
 Everything else (metadata, dependencies, extras) lives in pyproject.toml.
 """

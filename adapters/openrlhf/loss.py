@@ -66,12 +66,12 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+from discoloss.adapters.openrlhf.minibatch import MicroBatchPlan
+from discoloss.adapters.openrlhf.settings import DiscoSettings
 from torch import Tensor, nn
 
 from discoloss import disco_loss
 from discoloss.accumulation import micro_batch_loss
-from discoloss.adapters.openrlhf.minibatch import MicroBatchPlan
-from discoloss.adapters.openrlhf.settings import DiscoSettings
 from discoloss.constraints import LagrangeMultiplier, constraint_penalty
 
 __all__ = [
@@ -131,7 +131,8 @@ def policy_loss_outputs(loss_fn: nn.Module) -> tuple[bool, ...]:
         raise RuntimeError(
             "discoloss: OpenRLHF's PolicyLoss returned "
             f"{type(out).__name__}{'' if not isinstance(out, tuple) else f' of {len(out)} items'}; "
-            "expected a tuple (loss, clip_ratio, ppo_kl, ...). This OpenRLHF version is not supported."
+            "expected a tuple (loss, clip_ratio, ppo_kl, ...). This OpenRLHF version is not "
+            "supported."
         )
     return tuple(o is not None for o in out)
 

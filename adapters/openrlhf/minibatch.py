@@ -49,10 +49,10 @@ from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
 import torch
+from discoloss.adapters.openrlhf.settings import DiscoSettings
 from torch import Tensor
 
 from discoloss.accumulation import ResponseStats, plan_minibatch, response_stats
-from discoloss.adapters.openrlhf.settings import DiscoSettings
 from discoloss.constraints import LagrangeMultiplier
 
 __all__ = [

@@ -58,7 +58,6 @@ from types import ModuleType
 from typing import Any
 
 import torch
-
 from discoloss.adapters.openrlhf.loss import (
     DiscoMicroBatch,
     DiscoPolicyLoss,
@@ -77,6 +76,7 @@ from discoloss.adapters.openrlhf.minibatch import (
     plan_window,
 )
 from discoloss.adapters.openrlhf.settings import ESTIMATOR, DiscoSettings, settings_from_args
+
 from discoloss.constraints import LagrangeMultiplier
 
 __all__ = [

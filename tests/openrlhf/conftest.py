@@ -41,7 +41,8 @@ def pytest_report_header(config: Any) -> str:
     from importlib.metadata import version
 
     return (f"openrlhf {version('openrlhf')}, deepspeed {version('deepspeed')}, "
-            f"ray {version('ray')}, transformers {version('transformers')}, torch {torch.__version__}")
+            f"ray {version('ray')}, transformers {version('transformers')}, "
+            f"torch {torch.__version__}")
 
 
 @pytest.fixture(scope="session")

@@ -31,6 +31,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 import torch.distributed as dist
+from discoloss.adapters.openrlhf import install
 from orlhf_testkit import (
     N,
     build_trainer,
@@ -40,8 +41,6 @@ from orlhf_testkit import (
     record_micro_batches,
     rollout_samples,
 )
-
-from discoloss.adapters.openrlhf import install
 
 SETTINGS = dict(score="log_likelihood", objective="disco", tau=0.5, delta=1e-4, beta=200.0,
                 normalize="valid", kl_estimator="k3")

@@ -11,10 +11,10 @@ from types import SimpleNamespace
 from typing import Any
 
 import torch
+from discoloss.adapters.openrlhf.patch import BATCH_ATTR
 
 from discoloss import disco_loss, kl_divergence
 from discoloss.constraints import constraint_penalty
-from discoloss.adapters.openrlhf.patch import BATCH_ATTR
 
 N = 4  # responses per question in the tests
 

@@ -4,7 +4,6 @@
 
 from __future__ import annotations
 
-
 import json
 import os
 import re
@@ -17,7 +16,6 @@ from types import SimpleNamespace
 from typing import Any
 
 import pytest
-
 from discoloss.adapters.openrlhf import HOOK, settings_from_args
 from discoloss.adapters.openrlhf.train_ppo_ray import main
 
@@ -78,7 +76,8 @@ def launch(monkeypatch: pytest.MonkeyPatch) -> Any:
 def test_disco_flags_reach_the_training_args(launch):
     flags = ["--algo.disco.score", "likelihood_ratio", "--algo.disco.objective", "disco_b",
              "--algo.disco.tau", "2.5", "--algo.disco.delta", "1e-3", "--algo.disco.beta", "7",
-             "--algo.disco.kl_estimator", "k3", "--algo.disco.threshold", "0", "--algo.disco.normalize",
+             "--algo.disco.kl_estimator", "k3", "--algo.disco.threshold", "0",
+             "--algo.disco.normalize",
              "valid"]
     out = launch(DISCO + flags)
     assert out.args.algo.advantage.estimator == "disco"
@@ -356,7 +355,8 @@ def _readme_command() -> list[str]:
     text = (ADAPTER.parents[1] / "docs" / "guides" / "openrlhf.md").read_text()
     block = re.search(r"```bash\n(.*?)```", text, re.S).group(1)
     joined = block.replace("\\\n", " ")
-    (line,) = [ln for ln in joined.splitlines() if "discoloss.adapters.openrlhf.train_ppo_ray" in ln]
+    launcher = "discoloss.adapters.openrlhf.train_ppo_ray"
+    (line,) = [ln for ln in joined.splitlines() if launcher in ln]
     tokens = shlex.split(line)
     return tokens[tokens.index("discoloss.adapters.openrlhf.train_ppo_ray") + 1:]
 
@@ -446,7 +446,8 @@ def test_job_level_hook_is_left_to_ray(monkeypatch):
 def test_example_reward_function():
     import importlib.util
 
-    spec = importlib.util.spec_from_file_location("math_reward", ADAPTER / "examples" / "math_reward.py")
+    path = ADAPTER / "examples" / "math_reward.py"
+    spec = importlib.util.spec_from_file_location("math_reward", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     prompts = ["Q: 1+1?", "Q: 1+1?", "Q: 1+1?", "Q: frac?"]

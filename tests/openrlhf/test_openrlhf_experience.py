@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from orlhf_testkit import N, load_actor, make_args, make_experiences, rollout_samples
-
 from discoloss.adapters.openrlhf.patch import GROUP_KEY
+from orlhf_testkit import N, load_actor, make_args, make_experiences, rollout_samples
 
 
 def test_experience_maker_carries_question_ids_and_rewards(tiny_model_path, standin_ray):
@@ -34,9 +33,8 @@ def test_experience_maker_carries_question_ids_and_rewards(tiny_model_path, stan
 def test_question_ids_survive_the_replay_buffer(tiny_model_path, standin_ray, monkeypatch):
     """The replay buffer splits experiences per sample and drops ``index``; the ids must
     survive in ``info`` and come back as one tensor per collated micro-batch."""
-    from openrlhf.trainer.ppo_utils import NaiveReplayBuffer
-
     from discoloss.adapters.openrlhf.patch import BATCH_ATTR, GroupedMicroBatches
+    from openrlhf.trainer.ppo_utils import NaiveReplayBuffer
 
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
     args = make_args(**{"rollout.micro_batch_size": 3})

@@ -48,7 +48,9 @@ SCRIPT = textwrap.dedent(
                 "training_step": hasattr(pa.ActorPPOTrainer.training_step, mark),
                 "__init__": hasattr(pa.ActorPPOTrainer.__init__, mark),
                 "windows": hasattr(pa.iter_grad_accum_global_norm, mark),
-                "advantages": hasattr(em.RemoteExperienceMaker.compute_advantages_and_returns, mark),
+                "advantages": hasattr(
+                    em.RemoteExperienceMaker.compute_advantages_and_returns, mark
+                ),
             },
         }
 

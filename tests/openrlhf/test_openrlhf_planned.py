@@ -131,7 +131,7 @@ def test_sampling_is_exact_at_the_first_step_and_its_stated_rule_after(tiny_mode
     assert len(strategy.step_grads) == 2
     probe = load_actor(tiny_model_path)
     drift = []
-    for s, (micro, params, got) in enumerate(_steps(strategy, seen)):
+    for micro, params, got in _steps(strategy, seen):
         probe.load_state_dict(params)
         exact = reference_gradient(probe, micro, SETTINGS, local_penalty=False)
         rule = _sampling_rule_gradient(probe, micro, SETTINGS)

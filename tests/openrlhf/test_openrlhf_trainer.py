@@ -16,6 +16,7 @@ from collections import Counter
 
 import pytest
 import torch
+from discoloss.adapters.openrlhf.loss import DiscoPolicyLoss
 from orlhf_testkit import (
     N,
     build_trainer,
@@ -29,8 +30,6 @@ from orlhf_testkit import (
 )
 
 from discoloss import kl_divergence, squared_hinge_penalty
-from discoloss.adapters.openrlhf.loss import DiscoPolicyLoss
-
 
 CASES = {
     # gas == 1: the adapter's loss is exactly disco_loss on the mini-batch, penalty included

@@ -3,10 +3,9 @@ the option and says what to do."""
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 from pathlib import Path
-
-import dataclasses
 from typing import Any
 
 import pytest
@@ -161,6 +160,7 @@ def test_config_round_trips_through_the_cli_parser(tmp_path: Any) -> None:
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/: the shared table
 import option_cases  # noqa: E402  (out-of-range values of every option)
+
 #: DisCOConfig's names of the shared options where GRPOConfig owns the plain one.
 FIELD = {"delta": "disco_delta", "beta": "disco_beta"}
 #: DisCOConfig's own options beyond the shared ones.

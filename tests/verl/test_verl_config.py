@@ -3,9 +3,8 @@ validate_config (wrapped by the adapter); bad values fail with the adapter's mes
 
 from __future__ import annotations
 
-import sys
-
 import re
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -502,6 +501,7 @@ def test_drpo_without_max_length_outside_the_driver_is_refused() -> None:
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/: the shared table
 import option_cases  # noqa: E402  (out-of-range values of every option)
+
 #: verl's own options beyond the shared ones.
 VERL_ONLY = {"validate": ("maybe", "2")}
 

@@ -32,7 +32,9 @@ def last_boxed(text: str) -> str | None:
 def normalise(answer: str) -> str:
     answer = re.sub(r"\\(left|right|,|!|;|:)", "", answer)
     answer = answer.replace("$", "").replace(" ", "").rstrip(".")
-    return answer.removeprefix("\\text{").removesuffix("}") if answer.startswith("\\text{") else answer
+    if answer.startswith("\\text{"):
+        return answer.removeprefix("\\text{").removesuffix("}")
+    return answer
 
 
 def reward_func(queries: list[str], prompts: list[str], labels: list[str]) -> dict:
