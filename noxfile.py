@@ -43,7 +43,7 @@ def verl(session: nox.Session) -> None:
     """The verl adapter against the real verl 0.9.x on CPU: registries, config, ppo_loss,
     layout, and main_ppo training end to end (stand-ins for vLLM and the GPU platform)."""
     session.install(TORCH)
-    session.install("-e", ".[verl,test]")
+    session.install("-e", ".[verl,test,bench]")  # bench: the layout benchmark's smoke test
     session.run("pytest", "tests/verl", *session.posargs)
 
 

@@ -368,7 +368,7 @@ def update_multiplier(multiplier: LagrangeMultiplier, local_kl: torch.Tensor | N
           else local_kl.detach().to(device=device, dtype=torch.float64).reshape(()).clone())
     if group is not None or dp > 1:
         torch.distributed.all_reduce(kl, group=group)
-    multiplier.update(kl, delta=delta)
+    multiplier.update(kl, delta=delta, validate=False)  # a non-finite KL_W leaves lambda as is
     return kl
 
 

@@ -117,10 +117,10 @@ def finish_step(
 
 
 def _update(m: LagrangeMultiplier, kl: Tensor, delta: float) -> Tensor:
-    """One dual-ascent step with the step's global KL; a non-finite KL leaves lambda as is."""
-    old = m.value.to(kl.device)
-    new = m.update(kl, delta=delta)
-    m.value = torch.where(torch.isfinite(kl), new, old)
+    """One dual-ascent step with the step's global KL; a non-finite KL leaves lambda as is
+    (``validate=False``: no host sync and no error here; the step's non-finite loss is what
+    verl's grad-norm guard and the adapter's fault checks act on)."""
+    m.update(kl, delta=delta, validate=False)
     return kl
 
 
