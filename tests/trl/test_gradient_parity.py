@@ -15,6 +15,7 @@ from typing import Any
 
 import pytest
 import torch
+from discoloss.adapters.trl import DisCOConfig
 from torch import Tensor
 from trl_support import (
     assert_grads_close,
@@ -76,6 +77,27 @@ def sampling_surrogate(
     return loss
 
 
+def reused_generation_run(
+    tmp_path: Any, weights: str, steps_per_generation: int, num_iterations: int, **options: Any
+) -> tuple[int, int, DisCOConfig]:
+    """The config of a run whose generation batches are reused for k = steps_per_generation / 2
+    optimizer steps (2 micro-batches each), num_iterations passes: (k, the number of optimizer
+    steps, the config)."""
+    ga = 2
+    k = steps_per_generation // ga
+    steps = k * num_iterations
+    config = tiny_config(
+        str(tmp_path),
+        gradient_accumulation_steps=ga,
+        steps_per_generation=steps_per_generation,
+        num_iterations=num_iterations,
+        max_steps=steps,
+        weights=weights,
+        **options,
+    )
+    return k, steps, config
+
+
 @pytest.mark.parametrize("weights", ["current", "sampling"])
 def test_first_update_equals_disco_loss(tmp_path: Any, weights: str) -> None:
     """TRL's default batching (steps_per_generation == gradient_accumulation_steps): the first
@@ -121,19 +143,9 @@ def test_sampling_weights_at_every_update(
     sampling policy over the whole generation batch (exact for disco_b), times k =
     steps_per_generation / gradient_accumulation_steps, plus each micro-batch's token share of
     the penalty of its own KL (the local approximation)."""
-    ga = 2
-    k = steps_per_generation // ga
-    steps = k * num_iterations
-    config = tiny_config(
-        str(tmp_path),
-        objective=objective,
-        score=score,
-        kl_estimator=kl_estimator,
-        gradient_accumulation_steps=ga,
-        steps_per_generation=steps_per_generation,
-        num_iterations=num_iterations,
-        max_steps=steps,
-        weights="sampling",
+    k, steps, config = reused_generation_run(
+        tmp_path, "sampling", steps_per_generation, num_iterations,
+        objective=objective, score=score, kl_estimator=kl_estimator,
     )
     trainer, rec = make_recording_trainer(config)
     trainer.train()
@@ -156,7 +168,7 @@ def test_sampling_weights_at_every_update(
     for step in range(steps):
         model = reference_model(rec.params[step])
         in_step = [j for j, mb in enumerate(mbs) if mb["optimizer_step"] == step]
-        assert len(in_step) == ga
+        assert len(in_step) == config.gradient_accumulation_steps
         chunks = [j % steps_per_generation for j in in_step]
         loss = sampling_surrogate(
             model, gen, old, w, chunks, b=b, k=k, score=score, kl_estimator=kl_estimator
@@ -201,19 +213,9 @@ def test_current_weights_are_exact_at_every_update(
     ``DisCOConfig(objective="drpo", lam=0.3)`` with ``max_length`` left to its default,
     ``max_completion_length`` (4); DisCO's gradient, DRPO's at the default lam and at another
     max_length each differ from the applied one (the completions' lengths differ)."""
-    ga = 2
-    k = steps_per_generation // ga
-    steps = k * num_iterations
-    config = tiny_config(
-        str(tmp_path),
-        objective=objective,
-        score=score,
-        kl_estimator=kl_estimator,
-        gradient_accumulation_steps=ga,
-        steps_per_generation=steps_per_generation,
-        num_iterations=num_iterations,
-        max_steps=steps,
-        weights="current",
+    k, steps, config = reused_generation_run(
+        tmp_path, "current", steps_per_generation, num_iterations,
+        objective=objective, score=score, kl_estimator=kl_estimator,
         **(DRPO_CONFIG if objective == "drpo" else {}),
     )
     # the reference's DRPO options beside objective (max_length: max_completion_length)
@@ -245,7 +247,7 @@ def test_current_weights_are_exact_at_every_update(
         model = reference_model(rec.params[step])
         in_step_mbs = [j for j, mb in enumerate(mbs) if mb["optimizer_step"] == step]
         chunks = [j % steps_per_generation for j in in_step_mbs]
-        assert len(chunks) == ga
+        assert len(chunks) == config.gradient_accumulation_steps
         in_step = torch.zeros(len(rewards), dtype=torch.bool)
         for c in chunks:
             in_step[c * b : (c + 1) * b] = True
