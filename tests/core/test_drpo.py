@@ -23,6 +23,7 @@ from conftest import KL_ESTIMATORS, NORMALIZES, SCORES, TOL, Batch, random_batch
 from dist_support import free_port, init_gloo, run_ranks
 from reference import (
     drpo_positive_weights,
+    ref_constraint_penalty,
     ref_disco,
     ref_groups,
     ref_kl,
@@ -230,18 +231,6 @@ def naive_clipped_scores(lp, old, mask, positive, eps):
     return torch.stack(out)
 
 
-def naive_penalty(kl, constraint, delta, beta, lam):
-    if constraint == "squared_hinge":
-        return beta / 2 * torch.clamp(kl - delta, min=0) ** 2
-    if constraint == "hinge":
-        return beta * torch.clamp(kl - delta, min=0)
-    if constraint == "kl_penalty":
-        return beta * kl
-    if constraint == "lagrangian":
-        return lam * (kl - delta)
-    return kl * 0
-
-
 VARIANT_CASES = [
     dict(constraint="hinge", delta=1e-3),
     dict(constraint="kl_penalty", beta=0.7),
@@ -289,7 +278,7 @@ def test_drpo_with_every_constraint_and_score(case, source):
         normalize=case.get("normalize", "all"), lam=opts["lam"], preferences=prefs,
     )  # fmt: skip
     kl = ref_kl(y, old, bmask.tolist(), case.get("kl_estimator", "k1"))
-    pen = naive_penalty(
+    pen = ref_constraint_penalty(
         kl, case.get("constraint", "squared_hinge"), case.get("delta", 1e-4),
         case.get("beta", 1e3), 0.3,
     )  # fmt: skip

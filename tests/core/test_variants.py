@@ -12,6 +12,7 @@ import math
 
 import pytest
 import torch
+from reference import ref_constraint_penalty
 
 from discoloss import (
     LagrangeMultiplier,
@@ -85,18 +86,6 @@ def ref_group_objective(pos, neg, objective, tau, alpha, margin):
     return -sum(losses) / len(pairs)
 
 
-def ref_penalty(kl, constraint, delta, beta, lam):
-    if constraint == "squared_hinge":
-        return beta / 2 * torch.clamp(kl - delta, min=0) ** 2
-    if constraint == "hinge":
-        return beta * torch.clamp(kl - delta, min=0)
-    if constraint == "kl_penalty":
-        return beta * kl
-    if constraint == "lagrangian":
-        return lam * (kl - delta)
-    return kl * 0
-
-
 def ref_loss(
     lp,
     old,
@@ -129,7 +118,8 @@ def ref_loss(
         old[i, t] - lp[i, t] for i in range(lp.shape[0]) for t in range(lp.shape[1]) if mask[i, t]
     ]
     kl = sum(kl_terms) / len(kl_terms)
-    return -objective_value + ref_penalty(kl, constraint, delta, beta, lam), objective_value, kl
+    penalty = ref_constraint_penalty(kl, constraint, delta, beta, lam)
+    return -objective_value + penalty, objective_value, kl
 
 
 CASES = [
