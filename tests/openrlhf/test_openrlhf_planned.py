@@ -51,6 +51,19 @@ def _steps(strategy, seen):
         start = end
 
 
+def _exact_step_kl(probe, micro, params, got) -> float:
+    """Assert that the step's applied gradient ``got`` is disco_loss's on its whole mini-batch
+    ``micro`` at the step's parameters (exact squared hinge); return the mini-batch's KL."""
+    probe.load_state_dict(params)
+    want = reference_gradient(probe, micro, SETTINGS, local_penalty=False)
+    assert relative_error(got, want) <= 1e-5
+    with torch.no_grad():
+        lps = [probe(m["sequences"], m["action_mask"], attention_mask=m["attention_mask"])
+               for m in micro]
+    return float(kl_divergence(pad_cat(lps), pad_cat([m["old"] for m in micro]),
+                               pad_cat([m["action_mask"] for m in micro]).bool()))
+
+
 def _run(tiny_model_path, monkeypatch, *, weights, micro, batch, settings=SETTINGS, lr=0.5,
          samples=None):
     args = make_args(**{
@@ -89,14 +102,7 @@ def test_current_every_step_is_disco_on_its_mini_batch(tiny_model_path, standin_
         # whole questions per mini-batch (the question order is shared, not the sample order)
         counts = Counter(int(g) for m in micro for g in m["group_ids"])
         assert set(counts.values()) == {N}, counts
-        probe.load_state_dict(params)
-        want = reference_gradient(probe, micro, SETTINGS, local_penalty=False)
-        assert relative_error(got, want) <= 1e-5
-        with torch.no_grad():
-            lps = [probe(m["sequences"], m["action_mask"], attention_mask=m["attention_mask"])
-                   for m in micro]
-        kls.append(float(kl_divergence(pad_cat(lps), pad_cat([m["old"] for m in micro]),
-                                       pad_cat([m["action_mask"] for m in micro]).bool())))
+        kls.append(_exact_step_kl(probe, micro, params, got))
     assert abs(kls[0]) < 1e-6  # theta = theta_old at the first step
     assert max(kls) > SETTINGS["delta"] * 10, kls  # the squared hinge is active
     assert status["disco/kl"] > SETTINGS["delta"]
@@ -314,13 +320,6 @@ def test_dynamic_batch_every_step_is_disco_on_its_mini_batch(tiny_model_path, st
             for g in m["group_ids"].tolist():
                 firsts.setdefault(g, set()).add(k)
         split += sum(len(ks) > 1 for ks in firsts.values())
-        probe.load_state_dict(params)
-        want = reference_gradient(probe, micro, SETTINGS, local_penalty=False)
-        assert relative_error(got, want) <= 1e-5
-        with torch.no_grad():
-            lps = [probe(m["sequences"], m["action_mask"], attention_mask=m["attention_mask"])
-                   for m in micro]
-        kls.append(float(kl_divergence(pad_cat(lps), pad_cat([m["old"] for m in micro]),
-                                       pad_cat([m["action_mask"] for m in micro]).bool())))
+        kls.append(_exact_step_kl(probe, micro, params, got))
     assert split > 0  # questions split across micro-batches
     assert max(kls) > SETTINGS["delta"], kls
